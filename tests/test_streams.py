@@ -1,0 +1,154 @@
+"""The batch contract: layout, interleaving and packing checked against hand-computed positions."""
+
+import math
+
+import pytest
+import torch
+
+from tml.audio.dmel import DMelTokenizer
+from tml.streams import BackgroundEvent, Batch, BatchError, ConfigError, Episode, Kind, LayoutConfig, MicroTurnLayout
+from tml.streams import SlotConfig, Stream, Word
+from tml.streams.interleave import interleave, place_text
+from tml.streams.pack import collate, pack_rows
+from tml.text.tokenizer import train_bpe
+
+SR = 16000
+# Default layout, one micro-turn: [user audio 0-4][video 5-8][background text 9-10][model text 11-14][model audio 15-19]
+U_AUDIO, VIDEO, BG, M_TEXT, M_AUDIO, TURN = 0, 5, 9, 11, 15, 20
+
+
+@pytest.fixture(scope="module")
+def layout():
+    return MicroTurnLayout(LayoutConfig())
+
+
+@pytest.fixture(scope="module")
+def dmel():
+    return DMelTokenizer()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    words = "hello there how are you doing today fine thanks result forty two let me check".split()
+    return train_bpe([" ".join(words)] * 20, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def make_episode(duration=1.2, burst=None, model_words=(), user_words=(), background=(), video_frames=None,
+                 key="ep"):
+    n = int(duration * SR)
+    user = torch.zeros(n)
+    if burst is not None:  # a 1 kHz tone between burst[0] and burst[1] seconds
+        a, b = int(burst[0] * SR), int(burst[1] * SR)
+        user[a:b] = 0.5 * torch.sin(2 * math.pi * 1000 * torch.arange(b - a) / SR)
+    return Episode(
+        key=key, duration=duration, sample_rate=SR, audio={"user": user, "model": torch.zeros(n)},
+        words={"user": [Word(*w) for w in user_words], "model": [Word(*w) for w in model_words]},
+        video=video_frames, video_fps=5.0, background=[BackgroundEvent(*e) for e in background],
+    )
+
+
+def test_default_layout_positions(layout):
+    assert layout.length == TURN
+    assert layout.describe() == "[user audio x5][video patch x4][background text x2][model text x4][model audio x5]"
+    assert layout.kinds[U_AUDIO:VIDEO] == [Kind.AUDIO] * 5 and layout.kinds[M_TEXT:M_AUDIO] == [Kind.TEXT] * 4
+    assert layout.streams[M_AUDIO:] == [Stream.MODEL] * 5 and layout.streams[BG:M_TEXT] == [Stream.BACKGROUND] * 2
+    assert layout.num_turns(1.2) == 6 and layout.num_turns(1.19) == 5 and layout.turn_of(0.399) == 1
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(micro_turn_ms=210), "micro_turn_ms"),
+    (dict(frame_width=100), "frame_width"),
+    (dict(slots=[SlotConfig("user", "audio", 4), SlotConfig("model", "text", 2)]), "slots[0].count"),
+    (dict(slots=[SlotConfig("model", "text", 2), SlotConfig("user", "audio", 5)]), "input slot"),
+    (dict(slots=[SlotConfig("user", "audio", 5)]), "no model"),
+])
+def test_impossible_layouts_name_the_key(change, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        MicroTurnLayout(LayoutConfig(**change))
+
+
+def test_place_text_spills_overflow_by_hand():
+    # Two slots per turn. Turn 0 gets a word of 3 tokens (one spills into turn 1), a word at 0.25 s lands in turn 1
+    # behind the spill, a word at 0.61 s in turn 3; turn 2 stays empty.
+    ids, dropped = place_text([(0.25, [7]), (0.05, [4, 5, 6]), (0.61, [8, 9, 10])], num_turns=4, slots=2,
+                              turn_s=0.2, pad_id=0)
+    assert ids.tolist() == [[4, 5], [6, 7], [0, 0], [8, 9]]
+    assert dropped == 1  # token 10 did not fit before the end
+
+
+def test_interleave_places_audio_words_and_frames(layout, dmel, text):
+    # Tone from 0.45 to 0.50 s: mel frames 44..51 (25 ms windows centred every 10 ms) = turn 2, audio slots 1 and 2.
+    frames = torch.stack([torch.full((80, 80, 3), 10 * i, dtype=torch.uint8) for i in range(6)])
+    ep = make_episode(burst=(0.45, 0.50), model_words=[("hello", 0.21, 0.4), ("there", 0.9, 1.1)],
+                      background=[(0.65, "result forty two")], video_frames=frames)
+    tok = interleave(ep, layout, dmel, text)
+    assert tok.num_turns == 6 and tok.kind.numel() == 6 * TURN
+    # Audio: which user audio positions are not silence.
+    silence = dmel.silence_bins(4)
+    user_audio = tok.audio_bins.reshape(6, 2, 5, 4, 80)[:, 0]  # [turn, slot, 4, 80] (user stream first)
+    loud = {(t, s) for t in range(6) for s in range(5) if not torch.equal(user_audio[t, s], silence)}
+    assert loud == {(2, 1), (2, 2)}
+    model_audio = tok.audio_bins.reshape(6, 2, 5, 4, 80)[:, 1]
+    assert all(torch.equal(model_audio[t, s], silence) for t in range(6) for s in range(5))
+    # Model words: "hello" starts at 0.21 s -> turn 1, first model text slot; "there" at 0.9 s -> turn 4.
+    ids = tok.text_ids.reshape(6, TURN)
+    hello, there = text.word_ids("hello"), text.word_ids("there")
+    assert ids[1, M_TEXT : M_TEXT + len(hello)].tolist() == hello
+    assert ids[4, M_TEXT : M_TEXT + len(there)].tolist() == there
+    assert (ids[[0, 2, 3, 5], M_TEXT:M_AUDIO] == text.pad_id).all()
+    # Background event at 0.65 s -> turn 3, two slots, the rest spills to turn 4.
+    bg = [i for w in "result forty two".split() for i in text.word_ids(w)]
+    assert ids[3, BG:M_TEXT].tolist() == bg[:2]
+    assert ids[4, BG:M_TEXT].tolist() == (bg[2:4] + [0, 0])[:2]
+    # Video: one 80x80 frame per turn -> 4 patches whose pixels equal 10 * frame index.
+    assert (tok.kind.reshape(6, TURN)[:, VIDEO:BG] == Kind.PATCH).all()
+    assert tok.patches.reshape(6, 4, -1)[:, :, 0].tolist() == [[10 * t] * 4 for t in range(6)]
+    assert tok.patch_rc[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_video_stride_leaves_empty_slots(dmel, text):
+    lay = MicroTurnLayout(LayoutConfig(video_stride=2))
+    frames = torch.zeros(6, 80, 80, 3, dtype=torch.uint8)
+    tok = interleave(make_episode(video_frames=frames), lay, dmel, text)
+    video_kinds = tok.kind.reshape(6, TURN)[:, VIDEO]
+    assert video_kinds.tolist() == [Kind.PATCH, Kind.PAD] * 3
+    assert tok.patches.shape[0] == 3 * 4
+
+
+def test_pack_targets_and_document_mask(layout, dmel, text):
+    a = interleave(make_episode(1.0, model_words=[("hello", 0.0, 0.2)], key="a"), layout, dmel, text)
+    b = interleave(make_episode(0.6, model_words=[("fine", 0.2, 0.4)], key="b"), layout, dmel, text)
+    rows = pack_rows(iter([((0,), a), ((1,), b), ((2,), b)]), seq_len=200, turn_length=TURN)
+    pieces, cursor = next(rows)
+    assert [p.key for p in pieces] == ["a", "b", "b"] and [p.num_turns for p in pieces] == [5, 3, 2]
+    assert cursor.position == (2,) and cursor.turn_offset == 2  # the second "b" continues in the next row
+    batch = collate([pieces], 200)
+    assert batch.shape == (1, 200)
+    assert batch.doc_ids[0, :100].eq(0).all() and batch.doc_ids[0, 100:160].eq(1).all()
+    assert batch.position_ids[0, 100].item() == 0 and batch.micro_turn[0, 100 + TURN].item() == 1
+    tk = batch.target_kind[0]
+    # Within a turn: bg text slot 1 (10) predicts model text 0; model text 3 (14) predicts model audio 0;
+    # model audio 4 (19) predicts nothing; input slots before 10 predict nothing.
+    assert tk[:10].eq(Kind.PAD).all()
+    assert tk[10:14].eq(Kind.TEXT).all() and tk[14:19].eq(Kind.AUDIO).all() and tk[19] == Kind.PAD
+    assert batch.target_text[0, 10].item() == text.word_ids("hello")[0]
+    assert tk[99] == Kind.PAD  # last position of document 0 predicts nothing across the boundary
+    assert torch.equal(batch.target_audio[0], batch.audio_bins[5])  # position 15 = 6th audio position of the row
+    assert int(batch.loss_mask.sum()) == 10 * 9
+    m = batch.attention_mask()[0, 0]
+    assert not m[100:, :100].any() and m[150, 100:151].all() and not m[150, 151:].any()
+    assert not m[:100, 100:].any()
+
+
+def test_validate_rejects_broken_batches(layout, dmel, text):
+    tok = interleave(make_episode(0.4), layout, dmel, text)
+    good = collate([[tok]], 60)
+    target_kind = good.target_kind.clone()
+    target_kind[0, 19] = Kind.AUDIO  # position 20 is user audio of the next turn, not a model output
+    target_audio = torch.cat([good.target_audio[:4], good.audio_bins[5:6], good.target_audio[4:]])
+    bad = Batch(**{**good.__dict__, "target_kind": target_kind, "target_audio": target_audio})
+    with pytest.raises(BatchError, match="not the next MODEL position"):
+        bad.validate()
+    with pytest.raises(BatchError, match="audio_bins"):
+        Batch(**{**good.__dict__, "audio_bins": good.audio_bins[1:]}).validate()
+    assert good.doc_ids[0, 40:].eq(-1).all() and good.kind[0, 40:].eq(Kind.PAD).all()

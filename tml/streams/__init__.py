@@ -1,0 +1,13 @@
+"""Streams on one clock: micro-turn layout, the Episode record, interleaving, packing, and the Batch contract.
+
+Read ``batch.py`` for the contract and the prediction convention, ``layout.py`` for the clock and slot layout.
+"""
+
+from tml.streams.batch import IGNORE_INDEX, Batch, BatchError
+from tml.streams.episode import BackgroundEvent, Episode, EpisodeError, Word
+from tml.streams.layout import ConfigError, Kind, LayoutConfig, MicroTurnLayout, SlotConfig, Stream
+
+__all__ = [
+    "IGNORE_INDEX", "Batch", "BatchError", "BackgroundEvent", "Episode", "EpisodeError", "Word", "ConfigError",
+    "Kind", "LayoutConfig", "MicroTurnLayout", "SlotConfig", "Stream",
+]

@@ -1,0 +1,151 @@
+"""The batch contract: the one seam where data, model and tests meet.
+
+A packed ``Batch`` is ``B`` rows of ``L`` positions. Each position has a modality ``kind`` (PAD, TEXT, AUDIO,
+PATCH), a ``stream`` (USER, MODEL, BACKGROUND, VIDEO), a ``micro_turn`` index and a ``position_ids`` entry
+(both counted from the start of its episode piece), a ``doc_ids`` entry (which piece of the row it belongs to;
+-1 for packing padding) and the payload for its kind. Payloads of AUDIO and PATCH positions are stored
+compactly, in row-major order of the positions that carry them (``kind.flatten() == AUDIO`` selects the rows of
+``audio_bins`` one to one).
+
+Prediction convention (next-position prediction on one clock)
+-------------------------------------------------------------
+The hidden state at position ``i`` predicts the payload of position ``i + 1`` whenever position ``i + 1`` is a
+MODEL-stream TEXT or AUDIO position of the same document. So:
+
+* ``target_kind[b, i]`` is ``kind[b, i + 1]`` for such positions and PAD everywhere else (the last position of a
+  document, positions followed by input slots, padding);
+* ``target_text[b, i]`` is ``text_ids[b, i + 1]`` where ``target_kind == TEXT``, else -100 (ignored);
+* ``target_audio`` holds ``audio_bins`` of position ``i + 1`` for every ``target_kind == AUDIO`` position, in
+  row-major order of ``i``.
+
+Within a micro-turn ``[inputs t][model text t][model audio t]`` this means: the last input slot of micro-turn
+``t`` predicts the first model text token of ``t``; each model text slot predicts the next; the last model text
+slot predicts the first model audio position of ``t``; each model audio position predicts the next. The last
+model audio position of ``t`` predicts nothing (the next position is an input, which the model does not
+choose). Loss is therefore only ever taken on model-output content, and attention plus targets never cross a
+document boundary (document masking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from tml.streams.layout import Kind, Stream
+
+IGNORE_INDEX = -100
+
+
+class BatchError(ValueError):
+    """A Batch breaks the contract; the message names the field."""
+
+
+@dataclass
+class Batch:
+    """A packed batch of ``B`` rows x ``L`` positions. ``S`` = mel frames per audio position (4), ``C`` = mel
+    channels (80), ``P`` = patch size (40).
+
+    Fields (all int64 unless noted):
+      kind          [B, L]        Kind of each position
+      stream        [B, L]        Stream of each position
+      micro_turn    [B, L]        micro-turn index within the position's episode piece (0 for padding)
+      position_ids  [B, L]        index within the position's episode piece (RoPE position; 0 for padding)
+      doc_ids       [B, L]        document (episode piece) index within the row, -1 for padding
+      text_ids      [B, L]        token id where kind == TEXT, else 0
+      audio_bins    [N_audio, S, C]   dMel bin ids of the AUDIO positions, row-major order
+      patches       uint8 [N_patch, P, P, 3]  RGB pixels of the PATCH positions, row-major order
+      patch_rc      [N_patch, 2]  (row, col) of each patch in its frame
+      target_kind   [B, L]        kind of the target of position i (see module docstring), PAD if none
+      target_text   [B, L]        target token id where target_kind == TEXT, else -100
+      target_audio  [M, S, C]     target dMel bins of the target_kind == AUDIO positions, row-major order
+    """
+
+    kind: torch.Tensor
+    stream: torch.Tensor
+    micro_turn: torch.Tensor
+    position_ids: torch.Tensor
+    doc_ids: torch.Tensor
+    text_ids: torch.Tensor
+    audio_bins: torch.Tensor
+    patches: torch.Tensor
+    patch_rc: torch.Tensor
+    target_kind: torch.Tensor
+    target_text: torch.Tensor
+    target_audio: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.kind.shape)  # type: ignore[return-value]
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """bool [B, L]: positions that carry a target."""
+        return self.target_kind != Kind.PAD
+
+    def attention_mask(self) -> torch.Tensor:
+        """bool [B, 1, L, L]: True where query i may attend key j (causal, same document). Padding positions
+        attend only to themselves so no row of the mask is empty."""
+        L = self.kind.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=self.kind.device).tril()
+        same = self.doc_ids[:, :, None] == self.doc_ids[:, None, :]
+        mask = causal & same & (self.doc_ids[:, None, :] >= 0)
+        eye = torch.eye(L, dtype=torch.bool, device=self.kind.device)
+        mask = mask | (eye & (self.doc_ids[:, :, None] < 0))
+        return mask[:, None]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def num_tokens(self) -> int:
+        """Non-padding positions (what tokens/s counts)."""
+        return int((self.doc_ids >= 0).sum())
+
+    def validate(self) -> "Batch":
+        """Check shapes, dtypes and the internal consistency of the contract; raise BatchError naming the field."""
+        B, L = self.kind.shape
+        for name in ("stream", "micro_turn", "position_ids", "doc_ids", "text_ids", "target_kind", "target_text"):
+            t = getattr(self, name)
+            if t.shape != (B, L):
+                raise BatchError(f"Batch.{name} has shape {tuple(t.shape)}, expected {(B, L)}")
+        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "text_ids", "audio_bins",
+                     "patch_rc", "target_kind", "target_text", "target_audio"):
+            if getattr(self, name).dtype != torch.int64:
+                raise BatchError(f"Batch.{name} has dtype {getattr(self, name).dtype}, expected torch.int64")
+        if self.patches.dtype != torch.uint8:
+            raise BatchError(f"Batch.patches has dtype {self.patches.dtype}, expected torch.uint8")
+        if not ((self.kind >= 0) & (self.kind <= max(Kind))).all():
+            raise BatchError("Batch.kind holds a value outside Kind")
+        if not ((self.stream >= 0) & (self.stream <= max(Stream))).all():
+            raise BatchError("Batch.stream holds a value outside Stream")
+        n_audio = int((self.kind == Kind.AUDIO).sum())
+        if self.audio_bins.ndim != 3 or self.audio_bins.shape[0] != n_audio:
+            raise BatchError(f"Batch.audio_bins has shape {tuple(self.audio_bins.shape)}, expected "
+                             f"[{n_audio} AUDIO positions, S, C]")
+        n_patch = int((self.kind == Kind.PATCH).sum())
+        if self.patches.ndim != 4 or self.patches.shape[0] != n_patch or self.patches.shape[-1] != 3:
+            raise BatchError(f"Batch.patches has shape {tuple(self.patches.shape)}, expected "
+                             f"[{n_patch} PATCH positions, P, P, 3]")
+        if self.patch_rc.shape != (n_patch, 2):
+            raise BatchError(f"Batch.patch_rc has shape {tuple(self.patch_rc.shape)}, expected ({n_patch}, 2)")
+        n_ta = int((self.target_kind == Kind.AUDIO).sum())
+        if self.target_audio.shape != (n_ta, *self.audio_bins.shape[1:]):
+            raise BatchError(f"Batch.target_audio has shape {tuple(self.target_audio.shape)}, expected "
+                             f"({n_ta}, {', '.join(map(str, self.audio_bins.shape[1:]))})")
+        pad = self.doc_ids < 0
+        if (self.kind[pad] != Kind.PAD).any():
+            raise BatchError("Batch.kind: padding positions (doc_ids == -1) must have kind PAD")
+        text_t = self.target_kind == Kind.TEXT
+        if ((self.target_text != IGNORE_INDEX) != text_t).any():
+            raise BatchError("Batch.target_text must be set exactly where target_kind == TEXT")
+        if (self.target_kind[:, -1] != Kind.PAD).any():
+            raise BatchError("Batch.target_kind: the last position of a row has nothing to predict")
+        has_t = self.target_kind[:, :-1] != Kind.PAD
+        nxt_model = (self.stream[:, 1:] == Stream.MODEL) & (self.kind[:, 1:] == self.target_kind[:, :-1])
+        same_doc = (self.doc_ids[:, 1:] == self.doc_ids[:, :-1]) & (self.doc_ids[:, :-1] >= 0)
+        if (has_t & ~(nxt_model & same_doc)).any():
+            raise BatchError("Batch.target_kind marks a target that is not the next MODEL position of the "
+                             "same document")
+        if ((self.text_ids != 0) & (self.kind != Kind.TEXT)).any():
+            raise BatchError("Batch.text_ids must be 0 where kind != TEXT")
+        return self

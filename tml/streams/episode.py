@@ -1,0 +1,125 @@
+"""The ``Episode`` record: one time-aligned conversation with every stream on one clock (seconds from 0).
+
+On disk an episode is one webdataset sample (``to_sample`` / ``from_sample``)::
+
+    KEY.user.wav    16-bit PCM mono at ``sample_rate`` (what the user says)
+    KEY.model.wav   16-bit PCM mono at ``sample_rate`` (what the model should say)
+    KEY.video.npy   uint8 [frames, H, W, 3] at ``video_fps`` (optional)
+    KEY.json        {"key", "duration", "sample_rate", "video_fps", "words": {"user": [...], "model": [...]},
+                     "background": [{"time", "text"}], "meta": {...}}
+
+Words carry ``text``, ``start`` and ``end`` in seconds; ``meta`` holds anything else a generator wants to keep
+(voices, event labels, provenance).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tml.audio.wav import AudioFormatError, decode_wav, encode_wav
+
+AUDIO_STREAMS = ("user", "model")
+
+
+class EpisodeError(ValueError):
+    """A stored episode is malformed; the message names the sample key and the field."""
+
+
+@dataclass
+class Word:
+    text: str
+    start: float
+    end: float
+
+
+@dataclass
+class BackgroundEvent:
+    """A background-model result that arrives at ``time`` seconds and is read as text."""
+
+    time: float
+    text: str
+
+
+@dataclass
+class Episode:
+    key: str
+    duration: float
+    sample_rate: int
+    audio: dict[str, torch.Tensor]  # "user" / "model" -> float32 [samples] at sample_rate
+    words: dict[str, list[Word]] = field(default_factory=dict)  # "user" / "model" -> words with times
+    video: torch.Tensor | None = None  # uint8 [frames, H, W, 3]
+    video_fps: float = 5.0
+    background: list[BackgroundEvent] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_sample(self) -> dict[str, Any]:
+        """Episode -> webdataset sample dict (``__key__`` plus one bytes entry per file)."""
+        info = {
+            "key": self.key,
+            "duration": self.duration,
+            "sample_rate": self.sample_rate,
+            "video_fps": self.video_fps,
+            "words": {s: [asdict(w) for w in ws] for s, ws in self.words.items()},
+            "background": [asdict(e) for e in self.background],
+            "meta": self.meta,
+        }
+        sample: dict[str, Any] = {"__key__": self.key, "json": json.dumps(info).encode()}
+        for s in AUDIO_STREAMS:
+            sample[f"{s}.wav"] = encode_wav(self.audio[s], self.sample_rate)
+        if self.video is not None:
+            buf = io.BytesIO()
+            np.save(buf, self.video.numpy().astype(np.uint8))
+            sample["video.npy"] = buf.getvalue()
+        return sample
+
+    @classmethod
+    def from_sample(cls, sample: dict[str, Any]) -> "Episode":
+        """webdataset sample dict (raw bytes per extension) -> Episode. Raises EpisodeError naming the sample."""
+        key = sample.get("__key__", "<unknown>")
+        where = f"{sample.get('__url__', '<stream>')}:{key}"
+        if "json" not in sample:
+            raise EpisodeError(f"sample {where} has no .json metadata")
+        try:
+            info = json.loads(sample["json"])
+        except json.JSONDecodeError as e:
+            raise EpisodeError(f"sample {where}: .json is not valid JSON ({e})") from e
+        sr = int(info.get("sample_rate", 16000))
+        audio = {}
+        for s in AUDIO_STREAMS:
+            name = f"{s}.wav"
+            if name not in sample:
+                raise EpisodeError(f"sample {where} has no {name}")
+            try:
+                w, file_sr = decode_wav(sample[name], f"{where}.{name}")
+            except AudioFormatError as e:
+                raise EpisodeError(str(e)) from e
+            if file_sr != sr:
+                raise EpisodeError(f"sample {where}.{name} is at {file_sr} Hz but its .json says {sr} Hz")
+            audio[s] = w.mean(0)
+        video = None
+        if "video.npy" in sample:
+            arr = np.load(io.BytesIO(sample["video.npy"]), allow_pickle=False)
+            if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+                raise EpisodeError(f"sample {where}.video.npy must be uint8 [frames, H, W, 3], got "
+                                   f"{arr.dtype} {arr.shape}")
+            video = torch.from_numpy(arr.copy())
+        try:
+            return cls(
+                key=key,
+                duration=float(info["duration"]),
+                sample_rate=sr,
+                audio=audio,
+                words={s: [Word(**w) for w in ws] for s, ws in info.get("words", {}).items()},
+                video=video,
+                video_fps=float(info.get("video_fps", 5.0)),
+                background=[BackgroundEvent(**e) for e in info.get("background", [])],
+                meta=info.get("meta", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise EpisodeError(f"sample {where}: malformed .json field ({e})") from e
