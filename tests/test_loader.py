@@ -5,41 +5,12 @@ import logging
 
 import pytest
 import torch
-import webdataset as wds
 
 from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import DataError, LoaderConfig, PackedBatchLoader, read_manifest
-from tml.streams import Episode, LayoutConfig, MicroTurnLayout, Word
-from tml.text.tokenizer import train_bpe
+from tml.streams import LayoutConfig, MicroTurnLayout
 
-SR = 16000
-WORDS = "alpha beta gamma delta epsilon zeta eta theta".split()
-
-
-def episode(i: int) -> Episode:
-    g = torch.Generator().manual_seed(i)
-    dur = 0.6 + 0.2 * (i % 4)  # 3..6 micro-turns
-    n = int(dur * SR)
-    return Episode(key=f"ep{i:03d}", duration=dur, sample_rate=SR,
-                   audio={"user": 0.1 * torch.randn(n, generator=g), "model": 0.1 * torch.randn(n, generator=g)},
-                   words={"user": [], "model": [Word(WORDS[i % len(WORDS)], 0.1, 0.3)]})
-
-
-def write_dataset(path, n_episodes, per_shard, corrupt=()):
-    path.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s in range(0, n_episodes, per_shard):
-        name = f"shard-{s // per_shard:06d}.tar"
-        with wds.TarWriter(str(path / name)) as w:
-            for i in range(s, min(s + per_shard, n_episodes)):
-                sample = episode(i).to_sample()
-                if i in corrupt:
-                    sample["user.wav"] = b"RIFF not really a wav"
-                w.write(sample)
-        shards.append({"name": name, "episodes": min(per_shard, n_episodes - s)})
-    train_bpe([" ".join(WORDS)] * 10, 300, path / "tokenizer.json")
-    (path / "manifest.json").write_text(json.dumps({"shards": shards, "tokenizer": "tokenizer.json"}))
-    return path
+from handmade import write_dataset
 
 
 def make_loader(path, rank=0, world=1, seq_len=100, mbs=2):

@@ -1,0 +1,119 @@
+"""Structured configs of a pretraining run. Hydra composes ``configs/`` into ``PretrainConfig`` (types checked on
+every override); ``validate_config`` rejects impossible combinations before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tml.audio.dmel import DMelConfig
+from tml.data.loader import LoaderConfig
+from tml.model.config import ModelConfig
+from tml.parallel.engine import ParallelConfig
+from tml.streams.layout import ConfigError, LayoutConfig, MicroTurnLayout
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic_tiny"  # a directory with manifest.json, tokenizer.json and shard-*.tar
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    dmel: DMelConfig = field(default_factory=DMelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100  # optimizer steps
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    text_loss_weight: float = 1.0
+    audio_loss_weight: float = 1.0
+    log_every: int = 1
+    save_every: int = 50  # a checkpoint every N steps, and always at the last step
+    resume: bool = False  # continue from the run dir's latest checkpoint
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per process on CPU; 0 = leave torch's default
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled; online needs WANDB_API_KEY
+    project: str = "tml"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    console_every: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
+    """Check every section and their agreement; raise ConfigError naming the key and the fix. Returns the layout."""
+    layout = MicroTurnLayout(cfg.data.layout)
+    cfg.model.validate()
+    cfg.parallel.validate()
+    t, lay, m, d = cfg.trainer, cfg.data.layout, cfg.model, cfg.data.dmel
+    if t.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={t.max_steps}: must be positive")
+    if t.grad_accum_steps <= 0:
+        raise ConfigError(f"trainer.grad_accum_steps={t.grad_accum_steps}: must be positive")
+    if t.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision={t.precision!r}: choose fp32 or bf16")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"trainer.warmup_steps={t.warmup_steps}: must be >= 0")
+    if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("trainer.lr must be positive and trainer.min_lr_ratio in [0, 1]")
+    if t.save_every <= 0 or t.log_every <= 0:
+        raise ConfigError("trainer.save_every and trainer.log_every must be positive")
+    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
+    pairs = [
+        ("model.n_mels", m.n_mels, "data.layout.n_mels", lay.n_mels),
+        ("model.frames_per_audio_position", m.frames_per_audio_position,
+         "data.layout.frames_per_audio_position", lay.frames_per_audio_position),
+        ("model.dmel_bins", m.dmel_bins, "data.layout.dmel_bins", lay.dmel_bins),
+        ("model.patch_size", m.patch_size, "data.layout.patch_size", lay.patch_size),
+        ("data.dmel.n_mels", d.n_mels, "data.layout.n_mels", lay.n_mels),
+        ("data.dmel.n_bins", d.n_bins, "data.layout.dmel_bins", lay.dmel_bins),
+        ("data.dmel.sample_rate", d.sample_rate, "data.layout.sample_rate", lay.sample_rate),
+        ("data.dmel.hop_length", d.hop_length, "data.layout.mel_hop_ms * sample_rate / 1000",
+         lay.sample_rate * lay.mel_hop_ms // 1000),
+    ]
+    for ka, a, kb, b in pairs:
+        if a != b:
+            raise ConfigError(f"{ka}={a} disagrees with {kb}={b}; set them equal")
+    grid = max(lay.frame_height, lay.frame_width) // lay.patch_size
+    if grid > m.max_patch_grid:
+        raise ConfigError(f"data.layout frames give a {grid}-patch grid side but model.max_patch_grid="
+                          f"{m.max_patch_grid}; raise model.max_patch_grid")
+    if cfg.data.loader.seq_len < layout.length:
+        raise ConfigError(f"data.loader.seq_len={cfg.data.loader.seq_len} is shorter than one micro-turn "
+                          f"({layout.length} positions); raise it")
+    return layout
+
+
+def register_hydra_schema() -> None:
+    """Register ``PretrainConfig`` as ``pretrain_schema`` so ``configs/pretrain.yaml`` is type-checked by Hydra."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)

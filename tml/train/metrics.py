@@ -1,0 +1,79 @@
+"""Where metrics go: ``metrics.jsonl`` in the run dir (always), Weights & Biases (offline unless asked), console.
+
+Only rank 0 writes. On resume, lines past the resumed step are dropped first, so the file reads like one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tml.train.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records with ``step <= last_step`` (those a resumed run will not write again)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, config_dict: dict, enabled: bool, resume_step: int = 0,
+                 max_steps: int = 0):
+        self.enabled, self.cfg, self.max_steps = enabled, cfg, max_steps
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        self.t0 = time.time()
+        if not enabled:
+            return
+        truncate_metrics(self.path, resume_step)
+        self.file = self.path.open("a")
+        if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
+            self.wandb = self._init_wandb(run_dir, config_dict, resume_step > 0)
+
+    def _init_wandb(self, run_dir: Path, config_dict: dict, resume: bool):
+        import wandb
+
+        mode = self.cfg.wandb.mode
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            log.warning("logger.wandb.mode=online but WANDB_API_KEY is not set: logging offline instead")
+            mode = "offline"
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        return wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, name=self.cfg.wandb.name,
+                          id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config_dict)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        step = record["step"]
+        if step == 1 or step % self.cfg.console_every == 0 or step == self.max_steps:
+            done = step / max(self.max_steps, 1)
+            elapsed = time.time() - self.t0
+            print(f"step {step:>6}/{self.max_steps} ({100 * done:5.1f}%) loss {record['loss']:.4f} "
+                  f"text {record['loss/text']:.4f} audio {record['loss/audio']:.4f} lr {record['lr']:.2e} "
+                  f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s elapsed {elapsed:.0f}s",
+                  flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
