@@ -1,0 +1,220 @@
+"""InteractionModel end to end on hand-built multimodal batches: shapes, embedding placement, init losses,
+packing invariance, overfitting one batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tml.model import (DMelBagEmbedding, InteractionModel, ModelConfig, MoE, MoEConfig, compute_losses,
+                       param_counts)
+from tml.streams.batch import IGNORE_INDEX, Batch
+from tml.streams.layout import ConfigError, Kind, Stream
+
+S, C, NB, P = 4, 80, 16, 40
+# The tiny layout: [user audio x5][video patch x4][background text x2] -> [model text x4][model audio x5]
+SLOTS = [(Stream.USER, Kind.AUDIO, 5), (Stream.VIDEO, Kind.PATCH, 4), (Stream.BACKGROUND, Kind.TEXT, 2),
+         (Stream.MODEL, Kind.TEXT, 4), (Stream.MODEL, Kind.AUDIO, 5)]
+TURN = sum(c for _, _, c in SLOTS)
+
+
+def make_batch(rows: list[list[int]], L: int, vocab: int, seed: int = 0, empty_text: float = 0.3,
+               slots: list[tuple[Stream, Kind, int]] = SLOTS) -> Batch:
+    """Pack documents of the given micro-turn counts into rows of length L, with random payloads; one micro-turn
+    is ``slots``, text slots are empty (PAD) with probability ``empty_text``. Targets follow the contract: position
+    i predicts position i+1 when that is a MODEL TEXT/AUDIO position of the same document."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(rows)
+    kind = torch.zeros(B, L, dtype=torch.long)
+    stream, turn, pos, text = kind.clone(), kind.clone(), kind.clone(), kind.clone()
+    doc = torch.full((B, L), -1)
+    rc = []
+    for b, docs in enumerate(rows):
+        at = 0
+        for d, n_turns in enumerate(docs):
+            start = at
+            for t in range(n_turns):
+                for s, k, count in slots:
+                    for j in range(count):
+                        empty = k == Kind.TEXT and torch.rand((), generator=g) < empty_text
+                        kind[b, at] = Kind.PAD if empty else k
+                        stream[b, at], turn[b, at], doc[b, at], pos[b, at] = s, t, d, at - start
+                        if kind[b, at] == Kind.TEXT:
+                            text[b, at] = torch.randint(1, vocab, (), generator=g)
+                        if k == Kind.PATCH:
+                            rc.append((j // 2, j % 2))
+                        at += 1
+            assert at <= L, "documents do not fit in the row"
+    n_audio, n_patch = int((kind == Kind.AUDIO).sum()), int((kind == Kind.PATCH).sum())
+    audio = torch.randint(0, NB, (n_audio, S, C), generator=g)
+    patches = torch.randint(0, 256, (n_patch, P, P, 3), generator=g).to(torch.uint8)
+
+    nxt_ok = ((stream[:, 1:] == Stream.MODEL) & ((kind[:, 1:] == Kind.TEXT) | (kind[:, 1:] == Kind.AUDIO))
+              & (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0))
+    target_kind = torch.zeros(B, L, dtype=torch.long)
+    target_kind[:, :-1] = torch.where(nxt_ok, kind[:, 1:], Kind.PAD)
+    target_text = torch.full((B, L), IGNORE_INDEX)
+    target_text[:, :-1] = torch.where(target_kind[:, :-1] == Kind.TEXT, text[:, 1:], IGNORE_INDEX)
+    # row of audio_bins for each position (row-major), then the one of position i + 1 for each audio target
+    audio_row = ((kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)
+    target_audio = audio[audio_row[:, 1:][target_kind[:, :-1] == Kind.AUDIO]]
+    return Batch(kind=kind, stream=stream, micro_turn=turn, position_ids=pos, doc_ids=doc, text_ids=text,
+                 audio_bins=audio, patches=patches, patch_rc=torch.tensor(rc, dtype=torch.long).view(-1, 2),
+                 target_kind=target_kind, target_text=target_text, target_audio=target_audio).validate()
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, dense_layers=1, dense_hidden_dim=128,
+                moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))
+    return ModelConfig(**{**base, **overrides})
+
+
+def test_forward_backward_shapes_and_init_losses():
+    torch.manual_seed(0)
+    cfg = ModelConfig()  # the default tiny config: vocab 512, 8 experts top-2, all layers MoE
+    model = InteractionModel(cfg)
+    batch = make_batch([[3, 2], [4]], L=5 * TURN, vocab=cfg.vocab_size)
+    out = model(batch)
+    n_text, n_audio = int((batch.target_kind == Kind.TEXT).sum()), int((batch.target_kind == Kind.AUDIO).sum())
+    # 9 micro-turns; every model audio slot is a target (the slot before it predicts it, whatever its kind)
+    assert n_text > 0 and n_audio == 9 * 5
+    assert out.hidden.shape == (2, batch.shape[1], cfg.dim)
+    assert out.text_logits.shape == (n_text, cfg.vocab_size)
+    assert out.audio_logits.shape == (n_audio, S, C, NB)
+    assert out.expert_counts.shape == (cfg.n_layers, cfg.moe.num_experts)
+    assert (out.expert_counts.sum(1) == 2 * batch.shape[1] * cfg.moe.top_k).all()
+    losses = compute_losses(out, batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # At init the logits are small (std ~ init_std * sqrt(dim) ~ 0.2), so each prediction is close to uniform:
+    # CE ~ ln(classes) + var/2.
+    assert losses["loss/text"].item() == pytest.approx(math.log(cfg.vocab_size), abs=0.1)
+    assert losses["loss/audio"].item() == pytest.approx(math.log(NB), abs=0.1)
+    # aux: per layer coeff * (>= 1, ~1 near-uniform routing at init)
+    assert cfg.n_layers * 0.01 <= losses["loss/aux"].item() < cfg.n_layers * 0.01 * 1.5
+    torch.testing.assert_close(losses["loss"], losses["loss/text"] + losses["loss/audio"] + losses["loss/aux"])
+    losses["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no or non-finite grad: {missing}"
+
+
+def test_audio_target_count_is_hand_derivable():
+    """With no empty slots each micro-turn has 4 text targets (the last input slot predicts text 0, text j predicts
+    text j+1) and 5 audio targets (text 3 predicts audio 0, audio j predicts audio j+1); 3 micro-turns in all."""
+    batch = make_batch([[2], [1]], L=3 * TURN, vocab=50, empty_text=0.0)
+    assert int((batch.target_kind == Kind.TEXT).sum()) == 3 * 4
+    assert int((batch.target_kind == Kind.AUDIO).sum()) == 3 * 5
+
+
+def test_embedding_places_each_payload_at_its_position():
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    batch = make_batch([[2, 1], [2]], L=3 * TURN + 5, vocab=128)
+    emb = model.embed
+    x = emb(batch) - emb.stream(batch.stream)
+    torch.testing.assert_close(x[batch.kind == Kind.AUDIO], emb.audio(batch.audio_bins))
+    torch.testing.assert_close(x[batch.kind == Kind.PATCH], emb.patch(batch.patches, batch.patch_rc))
+    torch.testing.assert_close(x[batch.kind == Kind.TEXT], emb.text(batch.text_ids[batch.kind == Kind.TEXT]))
+    pad = batch.kind == Kind.PAD
+    torch.testing.assert_close(x[pad], emb.pad.expand(int(pad.sum()), -1))
+
+
+def test_dmel_bag_is_sum_of_per_channel_tables():
+    torch.manual_seed(0)
+    bag = DMelBagEmbedding(frames=S, n_mels=C, bins=NB, dim=8)
+    bins = torch.randint(0, NB, (3, S, C))
+    tables = bag.table.weight.view(S, C, NB, 8)
+    expected = torch.stack([sum(tables[s, c, bins[n, s, c]] for s in range(S) for c in range(C)) for n in range(3)])
+    torch.testing.assert_close(bag(bins), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_documents_are_independent():
+    """Document 1 of a packed row gives the same hidden states and logits as the same document alone."""
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    alone = make_batch([[2]], L=2 * TURN, vocab=128, seed=3)
+    first = make_batch([[1]], L=TURN, vocab=128, seed=4)
+    packed = Batch(**{f: torch.cat([getattr(first, f), getattr(alone, f)], dim=0 if getattr(first, f).ndim != 2
+                                   or f == "patch_rc" else 1) for f in Batch.__dataclass_fields__})
+    packed.doc_ids[0, TURN:] = 1  # the seam needs no target fix: doc 1 starts with an input slot
+    packed.validate()
+    out_p, out_a = model(packed), model(alone)
+    torch.testing.assert_close(out_p.hidden[0, TURN:], out_a.hidden[0], atol=1e-5, rtol=1e-5)
+    n_text_first = int((first.target_kind == Kind.TEXT).sum())
+    n_audio_first = int((first.target_kind == Kind.AUDIO).sum())
+    torch.testing.assert_close(out_p.text_logits[n_text_first:], out_a.text_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_p.audio_logits[n_audio_first:], out_a.audio_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots, has_text, has_audio", [
+    (SLOTS, False, True),  # every text slot empty
+    ([(Stream.USER, Kind.AUDIO, 5), (Stream.MODEL, Kind.TEXT, 3)], True, False),  # a text-only output layout
+    ([(Stream.USER, Kind.AUDIO, 5), (Stream.BACKGROUND, Kind.TEXT, 2)], False, False),  # inputs only
+])
+def test_batch_without_text_or_audio_targets(slots, has_text, has_audio):
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    empty_text = 1.0 if slots is SLOTS else 0.0
+    batch = make_batch([[2]], L=2 * sum(c for _, _, c in slots), vocab=128, slots=slots, empty_text=empty_text)
+    out = model(batch)
+    assert (out.text_logits.shape[0] > 0) == has_text and (out.audio_logits.shape[0] > 0) == has_audio
+    losses = compute_losses(out, batch)
+    assert (losses["loss/text"].item() != 0.0) == has_text and (losses["loss/audio"].item() != 0.0) == has_audio
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()  # differentiable even with no targets at all (through the aux loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    batch = make_batch([[2, 1], [3]], L=3 * TURN, vocab=128, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(15):
+        losses = compute_losses(model(batch), batch)
+        first = first or {k: v.item() for k, v in losses.items()}
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    last = {k: v.item() for k, v in compute_losses(model(batch), batch).items()}
+    assert last["loss/text"] < 0.5 * first["loss/text"], (first, last)
+    assert last["loss/audio"] < 0.9 * first["loss/audio"], (first, last)
+
+
+def test_tied_text_embeddings_share_one_parameter():
+    model = InteractionModel(tiny_cfg(tie_text_embeddings=True))
+    assert model.text_head.proj.weight is model.embed.text.weight
+    untied = InteractionModel(tiny_cfg())
+    assert param_counts(untied)["total"] - param_counts(model)["total"] == 128 * 64
+
+
+def test_param_counts_by_hand():
+    cfg = ModelConfig()
+    counts = param_counts(InteractionModel(cfg))
+    d, h, E, k = cfg.dim, cfg.moe.hidden_dim, cfg.moe.num_experts, cfg.moe.top_k
+    attn = 4 * d * d  # n_kv_heads == n_heads
+    moe = d * E + E * 3 * h * d
+    block = attn + moe + 2 * d
+    w = d // 4
+    hmlp = (3 * 100 * w + w) + 2 * w + (w * 4 * w + w) + 2 * w + (w * 4 * d + d) + 2 * d + 2 * cfg.max_patch_grid * d
+    embed = cfg.vocab_size * d + S * C * NB * d + hmlp + d + len(Stream) * d
+    total = embed + cfg.n_layers * block + d + d * cfg.vocab_size + d * S * C * NB
+    assert counts["total"] == total
+    assert counts["active"] == total - cfg.n_layers * (E - k) * 3 * h * d
+
+
+def test_meta_device_build_and_errors():
+    with torch.device("meta"):
+        big = InteractionModel(ModelConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, vocab_size=32000,
+                                           moe=MoEConfig(hidden_dim=512, num_experts=64, top_k=4)))
+    c = param_counts(big)
+    assert c["total"] > c["active"] > 0
+    model = InteractionModel(tiny_cfg(max_positions=TURN))
+    with pytest.raises(ConfigError, match="model.max_positions"):
+        model(make_batch([[2]], L=2 * TURN, vocab=128))
+    with pytest.raises(ConfigError, match="model.n_mels"):
+        InteractionModel(tiny_cfg(n_mels=40))(make_batch([[1]], L=TURN, vocab=128))
+    assert len(model.moe_layers()) == 1 and isinstance(model.layers[1].mlp, MoE)

@@ -1,0 +1,157 @@
+"""MoE: grouped_mm forward/backward against a naive dense-gate reference, routing invariants, aux loss by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tml.model import ModelConfig, MoE, MoEConfig
+from tml.streams.layout import ConfigError
+
+DIM, HIDDEN, E = 16, 24, 4
+
+
+def reference_moe(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive MoE written from the definition: every expert runs on every token with plain matmuls, and a dense
+    [N, E] gate matrix (zero for unchosen experts) weights the results. Returns (output, aux_loss)."""
+    xf = x.reshape(-1, x.shape[-1])
+    logits = xf @ moe.gate.weight.T
+    scores = logits.softmax(-1) if moe.score_func == "softmax" else logits.sigmoid()
+    top, idx = scores.topk(moe.top_k, dim=-1)
+    if moe.route_norm:
+        top = top / top.sum(-1, keepdim=True)
+    top = top * moe.route_scale
+    gates = torch.zeros_like(scores).scatter(1, idx, top)  # [N, E]
+    out = torch.zeros_like(xf)
+    ex = moe.experts
+    for e in range(moe.num_experts):
+        h = F.silu(xf @ ex.w1[e].T) * (xf @ ex.w3[e].T)
+        out = out + gates[:, e:e + 1] * (h @ ex.w2[e].T)
+    if moe.shared_experts is not None:
+        s = moe.shared_experts
+        out = out + (F.silu(xf @ s.w1.weight.T) * (xf @ s.w3.weight.T)) @ s.w2.weight.T
+    probs = scores / scores.sum(-1, keepdim=True)
+    frac = torch.zeros(moe.num_experts).scatter_add(0, idx.reshape(-1), torch.ones(idx.numel())) / idx.numel()
+    aux = moe.aux_loss_coeff * moe.num_experts * (frac * probs.mean(0)).sum()
+    aux = aux + moe.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).mean()
+    return out.view_as(x), aux
+
+
+def make_moe(**overrides) -> MoE:
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_dim=HIDDEN, num_experts=E, **overrides)
+    moe = MoE(DIM, cfg)
+    with torch.no_grad():  # larger than the 0.02 init so routing and outputs are far from zero
+        for p in moe.parameters():
+            p.normal_(std=0.3)
+    return moe
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("route_norm", [False, True])
+def test_matches_naive_reference_forward_and_grads(score_func, top_k, shared, route_norm):
+    moe = make_moe(score_func=score_func, top_k=top_k, num_shared_experts=shared, route_norm=route_norm,
+                   route_scale=1.5, z_loss_coeff=1e-3)
+    x = torch.randn(3, 7, DIM, requires_grad=True)
+    r = torch.randn(3, 7, DIM)  # random cotangent: exercises a generic (non-broadcast) output gradient
+
+    out = moe(x)
+    ((out * r).sum() + moe.last_aux_loss).backward()
+    got = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    got_x = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+
+    ref, ref_aux = reference_moe(moe, x)
+    ((ref * r).sum() + ref_aux).backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.last_aux_loss, ref_aux, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-5, msg=f"grad of {n}")
+
+
+def test_backward_through_plain_sum():
+    """out.sum() sends a broadcast (stride-0) gradient, which grouped_mm's backward rejects unless handled."""
+    moe = make_moe(top_k=2)
+    moe(torch.randn(1, 6, DIM)).sum().backward()
+    assert moe.experts.w1.grad is not None and torch.isfinite(moe.experts.w2.grad).all()
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_each_token_gets_exactly_top_k_distinct_experts(top_k):
+    moe = make_moe(top_k=top_k, route_norm=True)
+    x = torch.randn(50, DIM)
+    weights, experts, probs, _ = moe.route(x)
+    assert experts.shape == (50, top_k) and weights.shape == (50, top_k)
+    assert all(len(set(row.tolist())) == top_k for row in experts)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))  # route_norm on, route_scale 1
+    torch.testing.assert_close(probs.sum(-1), torch.ones(50))
+    moe(x.view(5, 10, DIM))
+    counts = moe.last_expert_counts
+    assert counts.shape == (E,) and int(counts.sum()) == 50 * top_k
+    assert torch.equal(counts, torch.bincount(experts.reshape(-1), minlength=E))
+
+
+def test_aux_loss_is_one_times_coeff_for_uniform_router():
+    """All-zero router logits: P_e = 1/E for every expert. Whatever experts the tie-break picks, the assignment
+    fractions f_e sum to 1, so E * sum_e f_e * P_e = E * (1/E) * 1 = 1, for any top_k."""
+    for top_k in (1, 2, 3):
+        moe = make_moe(top_k=top_k, aux_loss_coeff=0.01)
+        with torch.no_grad():
+            moe.gate.weight.zero_()
+        moe(torch.randn(2, 9, DIM))
+        assert moe.last_aux_loss.item() == pytest.approx(0.01, rel=1e-6)
+
+
+def test_aux_and_z_loss_by_hand():
+    """E = 2, top_1, 3 tokens. Router logits (ln 3, 0), (ln 3, 0), (0, ln 3) give softmax (3/4, 1/4), (3/4, 1/4),
+    (1/4, 3/4): expert 0 gets 2 of 3 tokens, expert 1 gets 1.
+      f = (2/3, 1/3); P = (7/12, 5/12); aux = 2 * (2/3 * 7/12 + 1/3 * 5/12) = 19/18.
+      every token's logsumexp is ln(3 + 1) = ln 4, so z = (ln 4)^2."""
+    moe = MoE(4, MoEConfig(hidden_dim=4, num_experts=2, top_k=1, aux_loss_coeff=0.1, z_loss_coeff=0.01))
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.tensor([[math.log(3), 0, 0, 0], [0, math.log(3), 0, 0]]))
+    x = torch.tensor([[[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]]])
+    moe(x)
+    assert moe.last_expert_counts.tolist() == [2, 1]
+    expected = 0.1 * 19 / 18 + 0.01 * math.log(4) ** 2
+    assert moe.last_aux_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_empty_input():
+    moe = make_moe(top_k=2)
+    x = torch.randn(1, 0, DIM, requires_grad=True)
+    out = moe(x)
+    (out.sum() + moe.last_aux_loss).backward()
+    assert out.shape == (1, 0, DIM) and moe.last_expert_counts.sum() == 0
+    assert moe.last_aux_loss.item() == 0.0
+
+
+def test_top_k_above_num_experts_is_a_config_error():
+    cfg = ModelConfig(moe=MoEConfig(num_experts=8, top_k=9))
+    with pytest.raises(ConfigError, match=r"model\.moe\.top_k=9 > model\.moe\.num_experts=8"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(dim=130, n_heads=1), r"model\.dim=130"),
+    (dict(moe=MoEConfig(hidden_dim=6)), r"model\.moe\.hidden_dim=6"),
+    (dict(moe=MoEConfig(score_func="relu")), r"model\.moe\.score_func"),
+    (dict(dim=128, n_heads=4, n_kv_heads=3), r"model\.n_kv_heads=3"),
+    (dict(dim=96, n_heads=32), r"head dim"),
+    (dict(dense_layers=5), r"model\.dense_layers=5"),
+    (dict(moe=MoEConfig(top_k=1, route_norm=True)), r"model\.moe\.route_norm=true with model\.moe\.top_k=1"),
+])
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        ModelConfig(**overrides).validate()
+
+
+def test_dense_dims_not_multiple_of_four_are_fine_without_moe():
+    ModelConfig(dim=130, n_heads=1, n_layers=2, dense_layers=2).validate()

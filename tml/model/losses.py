@@ -1,0 +1,35 @@
+"""Training losses from a ModelOutput and its Batch: text CE, dMel per-channel CE, router auxiliary loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tml.model.transformer import ModelOutput
+from tml.streams.batch import Batch
+from tml.streams.layout import Kind
+
+
+def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [N, C] against targets [N], in fp32. With N == 0 it returns a zero that is
+    still attached to the graph (cross_entropy's mean over nothing would be NaN)."""
+    if logits.shape[0] == 0:
+        return logits.float().sum()
+    return F.cross_entropy(logits.float(), targets)
+
+
+def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0,
+                   audio_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """
+    Returns scalars:
+      loss        text_weight * loss/text + audio_weight * loss/audio + loss/aux  (what to backpropagate)
+      loss/text   mean CE over the TEXT targets (nats per token)
+      loss/audio  mean CE over every (frame, mel channel) bin prediction of the AUDIO targets (nats per channel)
+      loss/aux    router losses summed over MoE layers (already weighted by their coefficients)
+    """
+    text = _mean_ce(out.text_logits, batch.target_text[batch.target_kind == Kind.TEXT])
+    bins = out.audio_logits.shape[-1]
+    audio = _mean_ce(out.audio_logits.reshape(-1, bins), batch.target_audio.reshape(-1))
+    aux = out.aux_loss.float()
+    return {"loss": text_weight * text + audio_weight * audio + aux, "loss/text": text, "loss/audio": audio,
+            "loss/aux": aux}

@@ -1,0 +1,119 @@
+"""The interaction model: multimodal embedding -> pre-norm transformer blocks (attention + dense/MoE FFN) -> heads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tml.model.attention import Attention, RMSNorm, rope_cos_sin
+from tml.model.config import ModelConfig
+from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
+from tml.model.heads import DMelHead, TextHead
+from tml.model.mlp import SwiGLU
+from tml.model.moe import MoE, GroupedExperts
+from tml.streams.batch import Batch
+from tml.streams.layout import ConfigError, Kind
+
+
+@dataclass
+class ModelOutput:
+    """What one forward returns. ``N_text`` / ``N_audio`` count positions whose target_kind is TEXT / AUDIO,
+    in row-major order (the order of ``Batch.target_audio`` and of ``target_text[target_kind == TEXT]``)."""
+
+    hidden: torch.Tensor  # [B, L, dim] final-norm hidden states
+    text_logits: torch.Tensor  # [N_text, vocab]
+    audio_logits: torch.Tensor  # [N_audio, frames, n_mels, bins]
+    aux_loss: torch.Tensor  # scalar: router losses summed over MoE layers (already times their coefficients)
+    expert_counts: torch.Tensor  # long [n_moe_layers, E]: tokens routed to each expert in this forward
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``; ``mlp`` is a dense SwiGLU for
+    the first ``dense_layers`` blocks and an MoE after (the name ``layers.<i>.mlp`` is what AutoEP matches)."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads, cfg.num_kv_heads)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp: nn.Module = (SwiGLU(cfg.dim, cfg.dense_hidden_dim) if layer_id < cfg.dense_layers
+                               else MoE(cfg.dim, cfg.moe))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, dim]; cos, sin: [B, 1, L, head_dim]; mask: bool [B, 1, L, L] -> [B, L, dim]."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class InteractionModel(nn.Module):
+    """Consumes a ``Batch`` (any stream layout) and returns a ``ModelOutput``.
+
+    Logits are computed only where the batch has targets: the hidden state at position i predicts the payload
+    of position i + 1 (see ``tml.streams.batch``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):  # e.g. a Hydra DictConfig: properties and validate() need the object
+            raise TypeError(f"InteractionModel needs a ModelConfig, got {type(cfg).__name__}; pass "
+                            f"OmegaConf.to_object(cfg.model)")
+        self.cfg = cfg.validate()
+        self.embed = MultimodalEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.text_head = TextHead(cfg.dim, cfg.vocab_size,
+                                  self.embed.text.weight if cfg.tie_text_embeddings else None)
+        self.audio_head = DMelHead(cfg.dim, cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(init_std) everywhere; residual output projections (attn.wo, the FFNs' w2) scaled by
+        1/sqrt(2 * n_layers) as in GPT-2, so the residual stream's variance does not grow with depth. Initialises
+        every parameter, so a model built on the meta device can be ``to_empty``-ed and then initialised."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=out_std if name.endswith(("attn.wo", ".w2")) else std)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, GroupedExperts):
+                m.reset_parameters(std, out_std)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm, nn.Conv2d)):
+                m.reset_parameters()  # ones / zeros; convs keep PyTorch's fan-in init (the hMLP stem has GELUs)
+        # After the loop, which visits the bag's inner nn.Embedding after the bag itself.
+        for m in self.modules():
+            if isinstance(m, DMelBagEmbedding):
+                m.reset_parameters(std)
+        nn.init.normal_(self.embed.pad, std=std)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        B, L = batch.shape
+        if L > self.cfg.max_positions:
+            raise ConfigError(f"batch length {L} > model.max_positions={self.cfg.max_positions}: raise "
+                              f"model.max_positions or pack shorter rows")
+        x = self.embed(batch)
+        cos, sin = rope_cos_sin(batch.position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype)
+        mask = batch.attention_mask()
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        h = self.norm(x)
+        text_logits = self.text_head(h[batch.target_kind == Kind.TEXT])
+        audio_logits = self.audio_head(h[batch.target_kind == Kind.AUDIO])
+        aux_loss, expert_counts = self._router_stats(h)
+        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts)
+
+    def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moes = self.moe_layers()
+        if not moes:
+            return h.new_zeros((), dtype=torch.float32), torch.zeros(0, self.cfg.moe.num_experts, dtype=torch.long,
+                                                                     device=h.device)
+        aux = torch.stack([m.last_aux_loss for m in moes]).sum()
+        return aux, torch.stack([m.last_expert_counts for m in moes])
