@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class MetricsLogger:
             log.warning("logger.wandb.mode=online but WANDB_API_KEY is not set: logging offline instead")
             mode = "offline"
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         return wandb.init(project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, name=self.cfg.wandb.name,
                           id=run_id, resume="allow", mode=mode, dir=str(run_dir), config=config_dict)
