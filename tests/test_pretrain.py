@@ -15,7 +15,7 @@ from tml.train import config_from_dict, validate_config
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.hidden_dim=64",
         "model.moe.num_experts=4", "data.loader.seq_len=200", "data.loader.micro_batch_size=2",
-        "trainer.warmup_steps=2", "trainer.lr=3e-3", "logger.console_every=1"]
+        "trainer.warmup_steps=2", "trainer.decay_steps=16", "trainer.lr=3e-3", "logger.console_every=1"]
 COMPARED = ("loss", "loss/text", "loss/audio", "loss/aux", "lr", "grad_norm")
 
 

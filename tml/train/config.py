@@ -28,6 +28,9 @@ class TrainerConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
+    # Cosine horizon, deliberately not tied to max_steps: a run stopped at step 20 and extended to 40 follows the
+    # same schedule as a straight 40-step run. Set it to the planned length of the run.
+    decay_steps: int = 150
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -81,6 +84,8 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
         raise ConfigError(f"trainer.precision={t.precision!r}: choose fp32 or bf16")
     if t.warmup_steps < 0:
         raise ConfigError(f"trainer.warmup_steps={t.warmup_steps}: must be >= 0")
+    if t.decay_steps <= t.warmup_steps:
+        raise ConfigError(f"trainer.decay_steps={t.decay_steps} must exceed trainer.warmup_steps={t.warmup_steps}")
     if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("trainer.lr must be positive and trainer.min_lr_ratio in [0, 1]")
     if t.save_every <= 0 or t.log_every <= 0:

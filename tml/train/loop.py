@@ -62,6 +62,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     dist = setup_distributed(cfg.parallel)
     run_dir = _broadcast_run_dir(run_dir, dist.rank)
     is_main = dist.rank == 0
+    if is_main and t.max_steps > t.decay_steps:
+        log.warning("trainer.max_steps=%d > trainer.decay_steps=%d: the lr stays at its minimum after step %d",
+                    t.max_steps, t.decay_steps, t.decay_steps)
     torch.manual_seed(t.seed)
 
     model = InteractionModel(cfg.model)
@@ -69,7 +72,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     ds_config = deepspeed_config(micro_batch_size=cfg.data.loader.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                                  world_size=dist.world_size, grad_clip=t.grad_clip, precision=t.precision,
                                  zero_stage=cfg.parallel.zero_stage)
-    schedule = warmup_cosine(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    schedule = warmup_cosine(t.warmup_steps, t.decay_steps, t.min_lr_ratio)
     engine, optimizer, _ = build_engine(
         model, ds_config, param_groups(model, t.weight_decay),
         optimizer_fn=lambda groups: torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),

@@ -18,13 +18,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup to 1, cosine to min_lr_ratio."""
+def warmup_cosine(warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warmup to 1, cosine down to
+    ``min_lr_ratio`` at ``decay_steps``, constant after."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / (decay_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
