@@ -218,3 +218,19 @@ def test_meta_device_build_and_errors():
     with pytest.raises(ConfigError, match="model.n_mels"):
         InteractionModel(tiny_cfg(n_mels=40))(make_batch([[1]], L=TURN, vocab=128))
     assert len(model.moe_layers()) == 1 and isinstance(model.layers[1].mlp, MoE)
+
+
+def test_word_text_loss_skips_empty_slots_by_hand():
+    # Call the first target's token the empty-slot token: loss/text_words is the CE over the other targets alone.
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    batch = make_batch([[2]], L=2 * TURN, vocab=128, seed=3, empty_text=0.0)
+    out = model(batch)
+    targets = batch.target_text[batch.target_kind == Kind.TEXT]
+    pad = int(targets[0])
+    words = targets != pad
+    assert words.any() and (~words).any()
+    want = torch.nn.functional.cross_entropy(out.text_logits[words], targets[words])
+    got = compute_losses(out, batch, text_pad_id=pad)
+    assert got["loss/text_words"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert "loss/text_words" not in compute_losses(out, batch)

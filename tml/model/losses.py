@@ -18,18 +18,27 @@ def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0,
-                   audio_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, audio_weight: float = 1.0,
+                   text_pad_id: int | None = None) -> dict[str, torch.Tensor]:
     """
     Returns scalars:
       loss        text_weight * loss/text + audio_weight * loss/audio + loss/aux  (what to backpropagate)
       loss/text   mean CE over the TEXT targets (nats per token)
       loss/audio  mean CE over every (frame, mel channel) bin prediction of the AUDIO targets (nats per channel)
       loss/aux    router losses summed over MoE layers (already weighted by their coefficients)
+      loss/text_words  (only with ``text_pad_id``; a metric, not trained on separately) mean CE over the TEXT
+                  targets that are not the empty-slot token: most model text slots are ``<pad>``, which is easy
+                  to predict, so loss/text alone overstates how well the model writes words
     """
-    text = _mean_ce(out.text_logits, batch.target_text[batch.target_kind == Kind.TEXT])
+    text_targets = batch.target_text[batch.target_kind == Kind.TEXT]
+    text = _mean_ce(out.text_logits, text_targets)
     bins = out.audio_logits.shape[-1]
     audio = _mean_ce(out.audio_logits.reshape(-1, bins), batch.target_audio.reshape(-1))
     aux = out.aux_loss.float()
-    return {"loss": text_weight * text + audio_weight * audio + aux, "loss/text": text, "loss/audio": audio,
-            "loss/aux": aux}
+    losses = {"loss": text_weight * text + audio_weight * audio + aux, "loss/text": text, "loss/audio": audio,
+              "loss/aux": aux}
+    if text_pad_id is not None:
+        words = text_targets != text_pad_id
+        with torch.no_grad():
+            losses["loss/text_words"] = _mean_ce(out.text_logits[words], text_targets[words])
+    return losses

@@ -28,7 +28,7 @@ from tml.train.optim import param_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
 
-LOGGED = ("loss", "loss/text", "loss/audio", "loss/aux")
+LOGGED = ("loss", "loss/text", "loss/audio", "loss/aux", "loss/text_words")
 
 
 def _broadcast_run_dir(run_dir: Path, rank: int) -> Path:
@@ -106,7 +106,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         for _ in range(t.grad_accum_steps):
             batch = next(loader).to(dist.device)
             out = engine(batch)
-            losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight)
+            losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
+                                    text_pad_id=text.pad_id)
             engine.backward(losses["loss"])
             if engine.is_gradient_accumulation_boundary() and cfg.parallel.zero_stage == 0:
                 grad_norm = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO >= 1 and bf16
