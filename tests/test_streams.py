@@ -34,14 +34,14 @@ def text(tmp_path_factory):
 
 
 def make_episode(duration=1.2, burst=None, model_words=(), user_words=(), background=(), video_frames=None,
-                 key="ep"):
-    n = int(duration * SR)
+                 key="ep", sr=SR):
+    n = int(duration * sr)
     user = torch.zeros(n)
     if burst is not None:  # a 1 kHz tone between burst[0] and burst[1] seconds
-        a, b = int(burst[0] * SR), int(burst[1] * SR)
-        user[a:b] = 0.5 * torch.sin(2 * math.pi * 1000 * torch.arange(b - a) / SR)
+        a, b = int(burst[0] * sr), int(burst[1] * sr)
+        user[a:b] = 0.5 * torch.sin(2 * math.pi * 1000 * torch.arange(b - a) / sr)
     return Episode(
-        key=key, duration=duration, sample_rate=SR, audio={"user": user, "model": torch.zeros(n)},
+        key=key, duration=duration, sample_rate=sr, audio={"user": user, "model": torch.zeros(n)},
         words={"user": [Word(*w) for w in user_words], "model": [Word(*w) for w in model_words]},
         video=video_frames, video_fps=5.0, background=[BackgroundEvent(*e) for e in background],
     )
@@ -76,11 +76,13 @@ def test_place_text_spills_overflow_by_hand():
     assert dropped == 1  # token 10 did not fit before the end
 
 
-def test_interleave_places_audio_words_and_frames(layout, dmel, text):
+@pytest.mark.parametrize("sr", [SR, 22050])
+def test_interleave_places_audio_words_and_frames(layout, dmel, text, sr):
     # Tone from 0.45 to 0.50 s: mel frames 44..51 (25 ms windows centred every 10 ms) = turn 2, audio slots 1 and 2.
+    # A 22.05 kHz recording is resampled onto the same clock.
     frames = torch.stack([torch.full((80, 80, 3), 10 * i, dtype=torch.uint8) for i in range(6)])
     ep = make_episode(burst=(0.45, 0.50), model_words=[("hello", 0.21, 0.4), ("there", 0.9, 1.1)],
-                      background=[(0.65, "result forty two")], video_frames=frames)
+                      background=[(0.65, "result forty two")], video_frames=frames, sr=sr)
     tok = interleave(ep, layout, dmel, text)
     assert tok.num_turns == 6 and tok.kind.numel() == 6 * TURN
     # Audio: which user audio positions are not silence.

@@ -4,7 +4,8 @@ Micro-turn ``t`` covers ``[t * 0.2, (t + 1) * 0.2)`` seconds and becomes ``layou
 layout's slot order. Per stream:
 
 * audio: audio slot ``k`` of micro-turn ``t`` holds mel frames ``[t*20 + 4k, t*20 + 4k + 4)`` (10 ms hop) of that
-  stream's wave, as dMel bins; audio past the end of the wave is digital silence;
+  stream's wave (resampled to the layout's rate first if needed), as dMel bins; audio past the end of the wave is
+  digital silence;
 * text: every word is placed in the micro-turn in which it starts; its tokens queue up and fill that stream's
   slots in order, spilling into later micro-turns when a micro-turn has more tokens than slots; unused slots hold
   the ``<pad>`` token (the model learns when *not* to write); background events arrive as text at their time;
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torchaudio
 
 from tml.audio.dmel import DMelTokenizer
 from tml.streams.episode import Episode
@@ -107,7 +109,10 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
             name = slot.stream.name.lower()
             if name not in episode.audio:
                 raise KeyError(f"episode {episode.key} has no {name} audio but the layout has {name} audio slots")
-            bins = dmel.encode(episode.audio[name])
+            wave = episode.audio[name]
+            if episode.sample_rate != cfg.sample_rate:  # recordings at any rate land on the layout's clock
+                wave = torchaudio.functional.resample(wave, episode.sample_rate, cfg.sample_rate)
+            bins = dmel.encode(wave)
             need = T * layout.frames_per_turn
             if bins.shape[0] < need:
                 bins = torch.cat([bins, dmel.silence_bins(need - bins.shape[0])])
