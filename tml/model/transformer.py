@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from tml.model.attention import Attention, RMSNorm, rope_cos_sin
@@ -103,7 +104,10 @@ class InteractionModel(nn.Module):
         cos, sin = rope_cos_sin(batch.position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype)
         mask = batch.attention_mask()
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            if self.cfg.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         h = self.norm(x)
         text_logits = self.text_head(h[batch.target_kind == Kind.TEXT])
         audio_logits = self.audio_head(h[batch.target_kind == Kind.AUDIO])

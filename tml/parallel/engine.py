@@ -21,8 +21,11 @@ from tml.streams.layout import ConfigError
 class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    expert_parallel_size: int = 1  # GPUs that share one copy of the routed experts (must divide world and experts)
 
     def validate(self) -> None:
+        if self.expert_parallel_size < 1:
+            raise ConfigError(f"parallel.expert_parallel_size={self.expert_parallel_size}: must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage}: choose 0, 1, 2 or 3")
         if self.backend not in ("auto", "gloo", "nccl"):

@@ -1,0 +1,66 @@
+"""Analytic parameter and FLOP counts from a ``ModelConfig`` alone (no model built), for planning big configs.
+
+``tests/test_model_ladder.py`` checks these against models built on the meta device, so the formulas below are
+the model's own structure written out: if a module changes, that test fails until this file follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tml.model.config import ModelConfig
+from tml.streams.layout import Stream
+
+
+@dataclass
+class ParamCounts:
+    embed: int  # text embedding, dMel bag, hMLP stem, patch row/col tables, pad and stream vectors
+    attention: int  # all layers' attention projections
+    norms: int  # RMSNorm gains
+    dense_ffn: int  # SwiGLU of the first ``dense_layers`` layers
+    router: int
+    shared_experts: int
+    routed_experts: int  # all routed experts of all MoE layers
+    heads: int  # text head (0 extra when tied) and dMel head
+    total: int
+    active: int  # parameters one token uses: routed experts count top_k of num_experts
+
+    @property
+    def expert(self) -> int:
+        """Parameters that expert parallelism shards (routed experts only)."""
+        return self.routed_experts
+
+
+def count_params(cfg: ModelConfig) -> ParamCounts:
+    d, L, m = cfg.dim, cfg.n_layers, cfg.moe
+    hd = cfg.head_dim
+    # Embeddings (tml.model.embed).
+    w, k = max(d // 4, 1), cfg.patch_size // 4
+    hmlp = (3 * w * k * k + w) + 2 * w + (w * w * 4 + w) + 2 * w + (w * d * 4 + d) + 2 * d
+    embed = (cfg.vocab_size * d + cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins * d + hmlp
+             + 2 * cfg.max_patch_grid * d + d + len(Stream) * d)
+    attention = L * (d * cfg.n_heads * hd + 2 * d * cfg.num_kv_heads * hd + cfg.n_heads * hd * d)
+    norms = L * 2 * d + d
+    n_moe = cfg.n_moe_layers
+    dense_ffn = cfg.dense_layers * 3 * d * cfg.dense_hidden_dim
+    router = n_moe * d * m.num_experts
+    shared = n_moe * 3 * d * m.num_shared_experts * m.hidden_dim
+    per_expert = 3 * d * m.hidden_dim
+    routed = n_moe * m.num_experts * per_expert
+    heads = (0 if cfg.tie_text_embeddings else cfg.vocab_size * d) + \
+        d * cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins
+    total = embed + attention + norms + dense_ffn + router + shared + routed + heads
+    active = total - n_moe * (m.num_experts - m.top_k) * per_expert
+    return ParamCounts(embed, attention, norms, dense_ffn, router, shared, routed, heads, total, active)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per position (forward + backward = 3x forward), PaLM-style: ``6 * N_matmul + 12 * L * d_attn
+    * s_eff``. ``N_matmul`` counts the active weights used in matmuls (embedding lookups are free; heads count as
+    if every position ran them, an upper bound); ``s_eff = seq_len / 2`` because causal attention reads on average
+    half the row (document masking only lowers it further)."""
+    c = count_params(cfg)
+    lookups = cfg.vocab_size * cfg.dim + cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins * cfg.dim
+    matmul_active = c.active - lookups - c.norms
+    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (seq_len / 2)
+    return 6 * matmul_active + attn
