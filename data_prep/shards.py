@@ -7,7 +7,8 @@
 
 Shards go to ``out/.partial`` and move in only when all are written; ``manifest.json`` is removed first and written
 last, so a data set with a manifest is complete. The manifest records per shard its sha256, episode count and
-hours; for the set the hours per stream (audio and speech, i.e. inside word spans), the sources with their licences
+hours; ``dmel_ranges.json`` (per-channel dMel ranges, ``data_prep.fit_dmel``) is written beside them; for the set
+the hours per stream (audio and speech, i.e. inside word spans), the sources with their licences
 and episode counts, and every skipped input with its reason. Files already in ``out`` other than old shards and the
 manifest are left alone.
 """
@@ -83,6 +84,9 @@ class ShardSetWriter:
         for name, data in (extra_files or {}).items():
             (self.out / name).write_bytes(data)
         shutil.rmtree(self.partial, ignore_errors=True)
+        from data_prep.fit_dmel import RANGES_FILE, fit_dir
+
+        ranges = fit_dir(self.out, [s["name"] for s in shards])  # per-channel dMel ranges beside the shards
         r = lambda d: {k: round(v, 6) for k, v in sorted(d.items())}  # noqa: E731
         reasons: dict[str, int] = {}
         for s in self.skipped:
@@ -94,6 +98,7 @@ class ShardSetWriter:
             "hours_per_stream": {k: r(v) for k, v in self.hours.items()},
             "sources": {k: {**v, "hours": round(v["hours"], 6)} for k, v in sorted(self.sources.items())},
             "shards": shards,
+            "dmel_ranges": RANGES_FILE if ranges else None,
             "skipped": {"count": len(self.skipped), "by_reason": reasons, "inputs": self.skipped},
         }
         tmp = self.out / "manifest.json.tmp"

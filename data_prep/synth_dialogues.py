@@ -11,7 +11,7 @@ arrives 1-2 s later and the model then says the answer. Everything is determinis
 depends only on (seed, i), and shards are byte-identical across runs.
 
 Output in ``--out``: ``shard-%06d.tar`` (``Episode.to_sample()`` per episode), ``tokenizer.json`` (byte-level BPE
-on all spoken words and background texts), ``manifest.json`` (written last; its presence means the set is
+on all spoken words and background texts), ``dmel_ranges.json`` (per-channel dMel ranges), ``manifest.json`` (written last; its presence means the set is
 complete).
 """
 
@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from data_prep.espeak import EspeakVoice
+from data_prep.fit_dmel import RANGES_FILE, fit_dir
 from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 
@@ -834,6 +835,7 @@ def generate(cfg: SynthConfig) -> dict:
         shards.append({"name": name, "episodes": counts[name], "sha256": _sha256(out / name)})
     os.replace(partial / "tokenizer.json", out / "tokenizer.json")
     partial.rmdir()
+    ranges = fit_dir(out, [s["name"] for s in shards])  # per-channel dMel ranges beside the shards
     manifest = {
         "generator": GENERATOR, "version": GENERATOR_VERSION, "seed": cfg.seed, "episodes": cfg.episodes,
         "hours": round(sum(durations) / 3600, 6), "shards": shards, "sample_rate": SAMPLE_RATE,
@@ -841,6 +843,7 @@ def generate(cfg: SynthConfig) -> dict:
         "voices": {"user": list(USER_VOICES), "model": [MODEL_VOICE]},
         "tokenizer": "tokenizer.json", "vocab_size": tok.vocab_size,
         "phenomena": dict(sorted(phenomena.items())),  # episodes showing each scenario / phenomenon
+        "dmel_ranges": RANGES_FILE if ranges else None,
         "license": "synthetic (espeak-ng, GPL-3.0 voices data); generated text CC0",
     }
     tmp = out / "manifest.json.tmp"
