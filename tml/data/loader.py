@@ -209,6 +209,16 @@ class PackedBatchLoader:
                 "num_workers": self.cfg.num_workers}
 
     def load_state_dict(self, state: dict) -> None:
+        """Re-enter where ``state`` says; ``{"restart_epoch": E}`` (a checkpoint from another world size, see
+        ``tml.train.checkpoint.resharded_loader_state``) starts epoch E from its first sample instead."""
+        if "restart_epoch" in state:
+            self.close()
+            E = int(state["restart_epoch"])
+            self._state = dict(self._state, workers=[[E, 0, 0] for _ in self._state["workers"]], next_worker=0,
+                               turn_offset=0)
+            self._live = json.loads(json.dumps(self._state))
+            self._it = None
+            return
         for key, have in (("world_size", self.world_size), ("num_workers", self.cfg.num_workers)):
             if key in state and int(state[key]) != have:
                 where = "data-parallel world size" if key == "world_size" else "data.loader.num_workers"

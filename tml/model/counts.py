@@ -1,4 +1,5 @@
-"""Analytic parameter and FLOP counts from a ``ModelConfig`` alone (no model built), for planning big configs.
+"""Analytic parameter counts from a ``ModelConfig`` alone (no model built), for planning big configs. (FLOPs per
+token: ``tml.model.flops``.)
 
 ``tests/test_model_ladder.py`` checks these against models built on the meta device, so the formulas below are
 the model's own structure written out: if a module changes, that test fails until this file follows.
@@ -64,15 +65,3 @@ def audio_head_params(cfg: ModelConfig) -> int:
     block = 2 * (w * w + w) + (w * 3 * w + 3 * w)  # mlp (2 linears) + AdaLN modulation
     return ((out * w + w) + 2 * (w * w + w) + (d * w + w) + f.n_layers * block + (w * 2 * w + 2 * w)
             + (w * out + out) + (d if f.cond_dropout > 0 else 0))
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per position (forward + backward = 3x forward), PaLM-style: ``6 * N_matmul + 12 * L * d_attn
-    * s_eff``. ``N_matmul`` counts the active weights used in matmuls (embedding lookups are free; heads count as
-    if every position ran them, an upper bound); ``s_eff = seq_len / 2`` because causal attention reads on average
-    half the row (document masking only lowers it further)."""
-    c = count_params(cfg)
-    lookups = cfg.vocab_size * cfg.dim + cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins * cfg.dim
-    matmul_active = c.active - lookups - c.norms
-    attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (seq_len / 2)
-    return 6 * matmul_active + attn

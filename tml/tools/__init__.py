@@ -1,1 +1,1 @@
-"""Command-line tools: `python -m tml.tools.<name>`."""
+"""Command-line tools: `python -m tml.tools.<name>` for plan, plot, export, model_card."""

@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tml.model.config import ModelConfig
-from tml.model.counts import count_params, flops_per_token
+from tml.model.counts import count_params
+from tml.model.flops import flops_per_token
 from tml.parallel.engine import ParallelConfig
 from tml.streams.layout import ConfigError
 
@@ -96,8 +97,9 @@ def _ring_allreduce_s(bytes_: float, n: int, bw: float) -> float:
     return 0.0 if n <= 1 else 2 * (n - 1) / n * bytes_ / bw
 
 
-def plan(cfg: PlanConfig) -> dict:
-    """The plan as one JSON-able dict (see module docstring for the model of the run)."""
+def plan(cfg: PlanConfig, fpt: float | None = None) -> dict:
+    """The plan as one JSON-able dict (see module docstring for the model of the run). ``fpt``: FLOPs per token if
+    already known (``search`` computes it once: it builds the model on the meta device)."""
     m, c, t, p = cfg.model, cfg.cluster, cfg.train, cfg.parallel
     m.validate()
     p.validate()
@@ -141,7 +143,7 @@ def plan(cfg: PlanConfig) -> dict:
     available = gpu.memory_bytes * c.usable_memory_fraction
 
     # Compute.
-    fpt = flops_per_token(m, t.seq_len)
+    fpt = flops_per_token(m, t.seq_len) if fpt is None else fpt
     tokens_step = tokens * t.grad_accum_steps  # per GPU per optimizer step
     model_flops = fpt * tokens_step
     hw_flops = model_flops * (4 / 3 if m.activation_checkpointing else 1)  # recompute = one more forward
@@ -233,6 +235,7 @@ def search(cfg: PlanConfig) -> list[dict]:
     import copy
 
     found = []
+    fpt = flops_per_token(cfg.model, cfg.train.seq_len)  # activation checkpointing does not change model FLOPs
     eps = [e for e in range(1, cfg.cluster.gpus + 1) if cfg.cluster.gpus % e == 0
            and (not cfg.model.n_moe_layers or cfg.model.moe.num_experts % e == 0)]
     for ep in eps:
@@ -241,7 +244,7 @@ def search(cfg: PlanConfig) -> list[dict]:
                 c = copy.deepcopy(cfg)
                 c.parallel.expert_parallel_size, c.parallel.zero_stage = ep, stage
                 c.model.activation_checkpointing = ckpt
-                r = plan(c)
+                r = plan(c, fpt)
                 if r["fits"]:
                     found.append({"expert_parallel_size": ep, "zero_stage": stage, "activation_checkpointing": ckpt,
                                   "memory_gib": r["memory_per_gpu_gib"]["total"],

@@ -1,18 +1,43 @@
-"""Checkpoints: DeepSpeed's own (model, optimizer, lr schedule, ZeRO partitions) plus a small per-rank trainer
-state (step, data-loader cursor, RNG states) that DeepSpeed does not keep per rank.
+"""Crash-proof checkpoints: DeepSpeed's own files (model, optimizer, lr schedule, ZeRO partitions) plus a small
+per-rank trainer state (step, data-loader cursor, RNG states) that DeepSpeed does not keep per rank.
 
-Layout under ``RUN_DIR/checkpoints``: ``step_00000020/`` (DeepSpeed files and ``trainer_state_rank{r}.pt``) and
-DeepSpeed's ``latest`` file naming the newest tag. The per-rank state is written before DeepSpeed writes
-``latest``, so ``latest`` never points at a checkpoint without it.
+Layout under ``RUN_DIR/checkpoints`` (a filesystem all ranks share)::
+
+    step_00000020/           DeepSpeed files, trainer_state_rank{r}.pt, complete.json (file names and sizes)
+    latest                   the newest complete tag, replaced atomically
+    .tmp/step_00000030/      a save in progress (never read; removed by the next save)
+
+A save writes everything into ``.tmp/TAG``, then rank 0 writes ``complete.json``, renames the directory into place
+and replaces ``latest`` last (both atomic on POSIX). A process killed at any instant therefore leaves either the
+previous complete checkpoint or the new one. Resume starts at ``latest`` and falls back, with a warning, to older
+complete checkpoints when a newer one is damaged (missing or truncated files, or a load that fails).
+
+Retention: the newest ``keep_last`` checkpoints plus every step that is a multiple of ``keep_every``.
+
+Another number of ranks: at ZeRO stage 0 DeepSpeed keeps the whole optimizer state in one file, so the same
+checkpoint loads on any world size. The per-rank data cursors cannot be mapped onto another number of ranks, so the
+loader restarts deterministically at the first sample of the epoch after the furthest epoch any old rank reached
+(``resharded_loader_state``); step count, schedule, model and optimizer state carry over exactly. ZeRO >= 1
+partitions the optimizer state per rank: convert with DeepSpeed's ``ds_to_universal`` first (see the error text).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+_TAG = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(RuntimeError):
@@ -33,15 +58,74 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank: int) -> Path:
-    """Save a complete, resumable checkpoint of ``step`` on every rank (collective: all ranks call it)."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank: int, world_size: int,
+                    keep_last: int = 0, keep_every: int = 0, crash_after_files: bool = False) -> Path:
+    """Save a complete, resumable checkpoint of ``step`` (collective: all ranks call it). Returns its directory.
+
+    ``crash_after_files`` kills this process after the files are written but before the checkpoint is published
+    (fault injection for tests: ``trainer.fault.kill_in_save_at_step``)."""
     tag = tag_for(step)
-    tag_dir = ckpt_dir / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "loader": loader_state, "rng": rng_state()}, tag_dir / f"trainer_state_rank{rank}.pt")
+    tmp_root = ckpt_dir / ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp_root / tag, ignore_errors=True)  # left by a save that was killed
+        (tmp_root / tag).mkdir(parents=True)
     torch.distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag)
-    return tag_dir
+    torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": world_size},
+               tmp_root / tag / f"trainer_state_rank{rank}.pt")
+    engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
+    torch.distributed.barrier()
+    if crash_after_files:
+        os._exit(137)
+    final = ckpt_dir / tag
+    if rank == 0:
+        _fsync_tree(tmp_root / tag)
+        files = {str(p.relative_to(tmp_root / tag)): p.stat().st_size
+                 for p in sorted((tmp_root / tag).rglob("*")) if p.is_file()}
+        _write_atomic(tmp_root / tag / MARKER, json.dumps({"step": step, "world_size": world_size, "files": files}))
+        if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
+            shutil.rmtree(final)
+        os.replace(tmp_root / tag, final)
+        _write_atomic(ckpt_dir / "latest", tag)
+        prune_checkpoints(ckpt_dir, keep_last, keep_every)
+    torch.distributed.barrier()
+    return final
+
+
+def checkpoint_steps(ckpt_dir: Path) -> list[int]:
+    """Steps of the published checkpoint directories, ascending (complete or not)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _TAG.match(p.name)))
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[int]:
+    """Delete all but the newest ``keep_last`` (0 = keep all) and the multiples of ``keep_every``. Returns the
+    deleted steps. The tag ``latest`` names is never deleted."""
+    if keep_last <= 0:
+        return []
+    steps = checkpoint_steps(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
+    keep = set(steps[-keep_last:]) | {s for s in steps if keep_every > 0 and s % keep_every == 0}
+    gone = [s for s in steps if s not in keep and tag_for(s) != latest]
+    for s in gone:
+        shutil.rmtree(ckpt_dir / tag_for(s), ignore_errors=True)
+    return gone
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -49,20 +133,77 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.exists() else None
 
 
-def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> dict:
-    """Load the newest checkpoint into ``engine``; return this rank's trainer state (step, loader, rng)."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        raise CheckpointError(f"trainer.resume=true but {ckpt_dir} holds no checkpoint ('latest' file missing); "
-                              f"start without trainer.resume or point hydra.run.dir at the run to resume")
-    state_file = ckpt_dir / tag / f"trainer_state_rank{rank}.pt"
-    if not state_file.exists():
-        raise CheckpointError(f"{state_file} is missing: the checkpoint was written by a different number of ranks "
-                              f"or is incomplete")
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    return torch.load(state_file, weights_only=False)
+def damage(tag_dir: Path) -> str | None:
+    """Why ``tag_dir`` is not a complete checkpoint, or None when every file named in its marker is intact."""
+    marker = tag_dir / MARKER
+    if not marker.exists():
+        return f"{marker} is missing (the save did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"{marker} is unreadable ({e})"
+    for name, size in files.items():
+        p = tag_dir / name
+        if not p.exists():
+            return f"{p} is missing"
+        if p.stat().st_size != size:
+            return f"{p} has {p.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def resume_candidates(ckpt_dir: Path) -> list[str]:
+    """Tags to try, best first: the one ``latest`` names, then every older published one, newest first."""
+    tags = [tag_for(s) for s in reversed(checkpoint_steps(ckpt_dir))]
+    latest = latest_tag(ckpt_dir)
+    if latest in tags:
+        tags = tags[tags.index(latest):]
+    return tags
+
+
+def resharded_loader_state(states: list[dict]) -> dict:
+    """Loader state for a new world size from the old ranks' states: restart at the first row of the epoch after
+    the furthest one any old rank's workers reached (the shard assignment depends on the world size, so positions
+    inside an epoch do not carry over). ``PackedBatchLoader.load_state_dict`` understands ``restart_epoch``."""
+    return {"restart_epoch": max(w[0] for s in states for w in s["workers"]) + 1}
+
+
+def load_checkpoint(engine, ckpt_dir: Path, rank: int, world_size: int, zero_stage: int) -> tuple[str, dict]:
+    """Load the newest complete checkpoint into ``engine``; return its tag and this rank's trainer state
+    (step, loader, rng). On another world size the loader state is ``resharded_loader_state``."""
+    tried = []
+    for tag in resume_candidates(ckpt_dir):
+        why = damage(ckpt_dir / tag)
+        if why is None:
+            meta = json.loads((ckpt_dir / tag / MARKER).read_text())
+            if meta["world_size"] != world_size and zero_stage > 0:
+                raise CheckpointError(
+                    f"{ckpt_dir / tag} was written by {meta['world_size']} ranks and parallel.zero_stage="
+                    f"{zero_stage} partitions the optimizer per rank: resume on {meta['world_size']} ranks, or "
+                    f"convert it with `python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+                    f"{ckpt_dir / tag} --output_folder {ckpt_dir / tag}_universal` (or use parallel.zero_stage=0)")
+            try:
+                path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+                if path is None:
+                    raise CheckpointError("DeepSpeed found nothing to load")
+                if meta["world_size"] == world_size:
+                    return tag, torch.load(ckpt_dir / tag / f"trainer_state_rank{rank}.pt", weights_only=False)
+                old = [torch.load(ckpt_dir / tag / f"trainer_state_rank{r}.pt", weights_only=False)
+                       for r in range(meta["world_size"])]
+                state = dict(old[0], loader=resharded_loader_state([s["loader"] for s in old]))
+                if rank == 0:
+                    log.warning("%s was written by %d ranks, resuming on %d: the data loader restarts at epoch %d",
+                                ckpt_dir / tag, meta["world_size"], world_size, state["loader"]["restart_epoch"])
+                return tag, state
+            except CheckpointError:
+                raise
+            except Exception as e:  # a damaged file that kept its size
+                why = f"loading failed: {type(e).__name__}: {e}"
+        if rank == 0:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous one", ckpt_dir / tag, why)
+        tried.append(f"{tag}: {why}")
+    raise CheckpointError(f"trainer.resume=true but {ckpt_dir} holds no complete checkpoint"
+                          + (f" (tried {'; '.join(tried)})" if tried else "")
+                          + "; start without trainer.resume or point hydra.run.dir at the run to resume")
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:

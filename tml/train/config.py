@@ -22,6 +22,14 @@ class DataConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Fault injection for tests of the operations machinery (0 = off)."""
+
+    nan_at_step: int = 0  # make the loss of this step NaN on every rank
+    kill_in_save_at_step: int = 0  # SIGKILL-like exit while the checkpoint of this step is being written
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100  # optimizer steps
     grad_accum_steps: int = 1
@@ -42,6 +50,12 @@ class TrainerConfig:
     log_every: int = 1
     save_every: int = 50  # a checkpoint every N steps, and always at the last step
     resume: bool = False  # continue from the run dir's latest checkpoint
+    auto_resume: bool = False  # resume when the run dir holds a checkpoint, else start (Slurm requeue uses it)
+    keep_last: int = 3  # checkpoints kept besides the keep_every ones (0 = keep all)
+    keep_every: int = 0  # also keep every step that is a multiple of this (0 = none)
+    max_nonfinite_in_a_row: int = 5  # NaN/inf loss or gradient: skip the step; stop after this many in a row
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = H100/H200 bf16 when detected, else measured on CPU
+    fault: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
     threads: int = 0  # torch intra-op threads per process on CPU; 0 = leave torch's default
 
@@ -59,6 +73,8 @@ class WandbConfig:
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     console_every: int = 10
+    progress_bar: bool = True  # tqdm bar with rate and ETA on stderr (rank 0)
+    sample_every: int = 0  # W&B images of teacher-forced dMel predictions vs targets every N steps (0 = never)
 
 
 @dataclass
@@ -90,6 +106,9 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
         raise ConfigError("trainer.lr must be positive and trainer.min_lr_ratio in [0, 1]")
     if t.save_every <= 0 or t.log_every <= 0:
         raise ConfigError("trainer.save_every and trainer.log_every must be positive")
+    if t.max_nonfinite_in_a_row <= 0 or t.keep_last < 0 or t.keep_every < 0:
+        raise ConfigError("trainer.max_nonfinite_in_a_row must be positive, trainer.keep_last and "
+                          "trainer.keep_every >= 0")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
     pairs = [

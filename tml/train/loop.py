@@ -3,12 +3,17 @@
 One optimizer step = ``grad_accum_steps`` micro-batches per rank. Logged values are means over the step's
 micro-batches and over ranks. With ``trainer.resume=true`` the run continues from its run dir's newest checkpoint
 with the same step count, data cursor and RNG state, so its metrics equal an uninterrupted run's.
+
+Operations: SIGUSR1/SIGTERM stop after the current step with a checkpoint and exit code
+``signals.EXIT_STOPPED_BY_SIGNAL``; a NaN/inf loss or gradient skips the step (counted as ``nonfinite_skipped``)
+and ``trainer.max_nonfinite_in_a_row`` of them stop the run with ``NonFiniteError``; every step logs MFU.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -18,12 +23,16 @@ from omegaconf import OmegaConf
 from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import PackedBatchLoader, read_manifest
 from tml.model import InteractionModel, compute_losses, param_counts
+from tml.model.flops import flops_per_token
 from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
 from tml.streams.layout import ConfigError
 from tml.text.tokenizer import TextTokenizer
-from tml.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint, set_rng_state
+from tml.train.checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint, set_rng_state
 from tml.train.config import PretrainConfig, validate_config
+from tml.train.manifest import build_manifest, write_manifest
 from tml.train.metrics import MetricsLogger
+from tml.train.mfu import peak_flops_per_device
+from tml.train.signals import SignalFlag, StopRequested
 from tml.train.optim import param_groups, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -31,11 +40,19 @@ log = logging.getLogger(__name__)
 LOGGED = ("loss", "loss/text", "loss/audio", "loss/aux", "loss/text_words")
 
 
+class NonFiniteError(RuntimeError):
+    """Too many NaN/inf steps in a row; the newest checkpoint holds the last good state."""
+
+
 def _broadcast_run_dir(run_dir: Path, rank: int) -> Path:
     """All ranks write to rank 0's run dir (each process's Hydra may have stamped its own time)."""
     box = [str(run_dir)]
     torch.distributed.broadcast_object_list(box, src=0)
     return Path(box[0])
+
+
+def _grads_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
@@ -53,9 +70,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     text = TextTokenizer.load(Path(cfg.data.path) / manifest.get("tokenizer", "tokenizer.json"))
     cfg.model.vocab_size = text.vocab_size  # the head and embedding follow the data's tokenizer
     ckpt_dir = run_dir / "checkpoints"
-    if not t.resume and latest_tag(ckpt_dir) is not None:
+    resume = t.resume or (t.auto_resume and bool(checkpoint_steps(ckpt_dir)))
+    if not resume and checkpoint_steps(ckpt_dir):
         raise ConfigError(f"{ckpt_dir} already holds checkpoints: pass trainer.resume=true to continue that run, "
-                          f"or choose a fresh hydra.run.dir")
+                          f"or trainer.auto_resume=true, or choose a fresh hydra.run.dir")
     if t.threads > 0:
         torch.set_num_threads(t.threads)
 
@@ -82,57 +100,112 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                                rank=dist.rank, world_size=dist.world_size)
 
     step = 0
-    if t.resume:
-        state = load_checkpoint(engine, ckpt_dir, dist.rank)
+    if resume:
+        tag, state = load_checkpoint(engine, ckpt_dir, dist.rank, dist.world_size, cfg.parallel.zero_stage)
         step = state["step"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         if is_main:
-            print(f"resumed from {ckpt_dir / latest_tag(ckpt_dir)} at step {step}", flush=True)
+            print(f"resumed from {ckpt_dir / tag} at step {step}", flush=True)
 
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     if is_main:
         (run_dir / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
+        write_manifest(run_dir, build_manifest(config_dict, cfg.data.path, manifest, dist.world_size))
         print(f"tml pretrain: {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), world {dist.world_size}, "
               f"layout {layout.describe()}, run dir {run_dir}", flush=True)
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, enabled=is_main, resume_step=step, max_steps=t.max_steps)
+    # MFU: every position of a row is computed (padding too), so FLOPs count positions, not tokens.
+    flops_per_step = flops_per_token(cfg.model, cfg.data.loader.seq_len) * cfg.data.loader.seq_len * \
+        cfg.data.loader.micro_batch_size * t.grad_accum_steps * dist.world_size
+    peak, peak_source = peak_flops_per_device(t.peak_tflops) if is_main else (float("nan"), "")
+    if is_main:
+        print(f"MFU peak {peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
 
+    def save(at_step: int) -> None:
+        save_checkpoint(engine, ckpt_dir, at_step, loader.state_dict(), dist.rank, dist.world_size,
+                        keep_last=t.keep_last, keep_every=t.keep_every,
+                        crash_after_files=t.fault.kill_in_save_at_step == at_step)
+
+    signals = SignalFlag()
     record: dict = {}
+    skipped = nonfinite_in_a_row = 0
+    saved_step = step
     while step < t.max_steps:
         t0 = time.perf_counter()
         sums = torch.zeros(len(LOGGED) + 1, dtype=torch.float64)  # losses..., tokens
         lr = optimizer.param_groups[0]["lr"]
         expert_counts = grad_norm = None
+        nonfinite = False
         for _ in range(t.grad_accum_steps):
             batch = next(loader).to(dist.device)
             out = engine(batch)
             losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
                                     text_pad_id=text.pad_id)
+            if t.fault.nan_at_step == step + 1:
+                losses["loss"] = losses["loss"] * float("nan")
             engine.backward(losses["loss"])
-            if engine.is_gradient_accumulation_boundary() and cfg.parallel.zero_stage == 0:
-                grad_norm = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO >= 1 and bf16
-            engine.step()
             sums[:-1] += torch.stack([losses[k].detach().double().cpu() for k in LOGGED])
             sums[-1] += batch.num_tokens()
             counts = out.expert_counts.detach().double().cpu()
             expert_counts = counts if expert_counts is None else expert_counts + counts
+            if not engine.is_gradient_accumulation_boundary():
+                engine.step()
+                continue
+            # Non-finite guard: any rank's NaN/inf loss (or gradient, at ZeRO 0 where grads are whole) skips the
+            # optimizer step on all ranks: gradients are dropped, weights, optimizer and lr schedule stay.
+            bad = torch.tensor([float(not math.isfinite(float(sums[0])))])
+            if cfg.parallel.zero_stage == 0:
+                bad[0] += float(not _grads_finite(engine.module))
+            torch.distributed.all_reduce(bad)
+            if bad.item() > 0:
+                engine.zero_grad()
+                engine.micro_steps += 1  # what engine.step() counts, so the accumulation boundaries stay aligned
+                grad_norm, nonfinite = float("nan"), True
+            else:
+                if cfg.parallel.zero_stage == 0:
+                    grad_norm = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO >= 1 and bf16
+                engine.step()
         step += 1
+        skipped += int(nonfinite)
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if nonfinite else 0
+        if nonfinite and is_main:
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)", step,
+                        nonfinite_in_a_row, skipped)
         torch.distributed.all_reduce(sums)
         elapsed = time.perf_counter() - t0
         n_micro = t.grad_accum_steps * dist.world_size
-        if cfg.parallel.zero_stage > 0 or t.precision == "bf16":
+        if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
             grad_norm = engine.get_global_grad_norm()
         record = {"step": step, **{k: float(v) / n_micro for k, v in zip(LOGGED, sums[:-1])},
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed}
+                  "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
+                  "mfu": flops_per_step / elapsed / (peak * dist.world_size), "nonfinite_skipped": skipped}
         if expert_counts is not None and expert_counts.numel():
             load = expert_counts / expert_counts.sum(-1, keepdim=True).clamp(min=1)
             record["moe/max_load"] = float((load.max(-1).values * load.shape[-1]).mean())  # 1.0 = balanced
         record.update(loader.stats())
         if step % t.log_every == 0 or step == t.max_steps:
             logger.log(record)
-        if step % t.save_every == 0 or step == t.max_steps:
-            save_checkpoint(engine, ckpt_dir, step, loader.state_dict(), dist.rank)
+            if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
+                logger.log_samples(step, out, batch, record)
+        if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
+            logger.close()
+            raise NonFiniteError(f"{nonfinite_in_a_row} steps in a row (up to step {step}) had a NaN/inf loss or "
+                                 f"gradient (trainer.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last "
+                                 f"good state is the checkpoint of step {saved_step} in {ckpt_dir}. Lower "
+                                 f"trainer.lr or check the data.")
+        stop = torch.tensor([signals.signum])
+        torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if step % t.save_every == 0 or step == t.max_steps or stop.item():
+            save(step)
+            saved_step = step
+        if stop.item():
+            logger.close()
+            if is_main:
+                print(f"stopped by signal {stop.item()} at step {step}; checkpoint saved in {ckpt_dir}", flush=True)
+            raise StopRequested(int(stop.item()), step)
+    signals.restore()
     logger.close()
     return record
 

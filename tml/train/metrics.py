@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl`` in the run dir (always), Weights & Biases (offline unless asked), console.
+"""Where metrics go: ``metrics.jsonl`` in the run dir (always), Weights & Biases (offline unless asked), console
+lines and a progress bar with rate and ETA, and on request images of dMel predictions and expert load.
 
 Only rank 0 writes. On resume, lines past the resumed step are dropped first, so the file reads like one
 uninterrupted run.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,12 +36,18 @@ class MetricsLogger:
                  max_steps: int = 0):
         self.enabled, self.cfg, self.max_steps = enabled, cfg, max_steps
         self.path = run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = self.bar = None
         self.t0 = time.time()
+        self.run_dir = run_dir
         if not enabled:
             return
         truncate_metrics(self.path, resume_step)
         self.file = self.path.open("a")
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=resume_step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                            mininterval=1.0)
         if cfg.wandb.enabled and cfg.wandb.mode != "disabled":
             self.wandb = self._init_wandb(run_dir, config_dict, resume_step > 0)
 
@@ -61,9 +69,13 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.wandb is not None:  # lists (expert load) go in as images, see log_samples
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                           step=record["step"])
         step = record["step"]
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            self.bar.update(step - self.bar.n)
         if step == 1 or step % self.cfg.console_every == 0 or step == self.max_steps:
             done = step / max(self.max_steps, 1)
             elapsed = time.time() - self.t0
@@ -72,9 +84,38 @@ class MetricsLogger:
                   f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s elapsed {elapsed:.0f}s",
                   flush=True)
 
+    def log_samples(self, step: int, out, batch, record: dict) -> None:
+        """PNG (under ``samples/``) and W&B images of the last micro-batch's teacher-forced dMel predictions
+        (argmax of ``out.audio_logits``) against the targets, and of the expert load when logged."""
+        if not self.enabled:
+            return
+        import matplotlib.pyplot as plt
+
+        from tml.train.figures import dmel_figure, expert_load_figure, load_matrix
+
+        figs = {}
+        n = min(50, out.audio_logits.shape[0])  # 50 positions = 2 s of model audio
+        if n:
+            pred = out.audio_logits[:n].detach().argmax(-1)
+            figs["samples/dmel"] = dmel_figure(pred, batch.target_audio[:n], f"step {step}")
+        loads = load_matrix(record)
+        if loads is not None:
+            figs["samples/expert_load"] = expert_load_figure(loads, f"expert load, step {step}")
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        for key, fig in figs.items():
+            fig.savefig(self.run_dir / "samples" / f"{key.split('/')[1]}_{step:08d}.png", dpi=80)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({k: wandb.Image(f) for k, f in figs.items()}, step=step)
+        for fig in figs.values():
+            plt.close(fig)
+
     def close(self) -> None:
         if not self.enabled:
             return
+        if self.bar is not None:
+            self.bar.close()
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One Slurm task per node: torchrun with c10d rendezvous on the job's first node, GPUS_PER_NODE trainer processes.
+# Run by launch/slurm_multinode.sbatch through srun; runnable by hand for a one-node test:
+#   SLURM_NNODES=1 SLURM_JOB_ID=local MASTER_ADDR=127.0.0.1 GPUS_PER_NODE=2 launch/slurm_node.sh [overrides...]
+# SIGUSR1/SIGTERM sent to this script go straight to the trainer processes (they finish the step, save, exit 75).
+# torchrun is kept out of it: on a SIGTERM it would SIGKILL its workers 30 s later, mid-save for a big model.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+PY="${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}"
+"$PY" -m torch.distributed.run \
+  --nnodes "${SLURM_NNODES:?}" --nproc_per_node "${GPUS_PER_NODE:?}" \
+  --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?}:${MASTER_PORT:-29500}" --rdzv_id "${SLURM_JOB_ID:?}" \
+  recipes/pretrain.py "$@" &
+pid=$!
+# shellcheck disable=SC2317  # called from the traps
+forward() { pkill "-$1" -P "$pid" || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# `wait` returns early (status > 128) when a trap runs; keep waiting until torchrun is gone.
+while true; do
+  wait "$pid"
+  rc=$?
+  kill -0 "$pid" 2>/dev/null || break
+done
+exit "$rc"
