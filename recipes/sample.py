@@ -114,7 +114,8 @@ def run(cfg: SampleConfig, out: Path) -> dict:
 
     def compare(mel: torch.Tensor) -> dict:
         corr = log_mel_correlation(ref_mel, mel, lo, hi)
-        return {"mel_l1": mel_l1(ref_mel, mel, lo, hi), "spectral_convergence": spectral_convergence(ref_mel, mel, lo, hi),
+        return {"mel_l1": mel_l1(ref_mel, mel, lo, hi),
+                "spectral_convergence": spectral_convergence(ref_mel, mel, lo, hi),
                 "log_mel_corr": None if math.isnan(corr) else corr}  # NaN: one side is constant (e.g. all silent)
 
     metrics = {
