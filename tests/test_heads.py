@@ -139,6 +139,10 @@ def test_flow_sampling_solvers_and_guidance():
     err = {s: (draw(steps=8, solver=s) - exact).abs().max().item() for s in ("euler", "midpoint")}
     assert err["midpoint"] < err["euler"], err
     torch.testing.assert_close(draw(guidance=1.0), draw(guidance=1.0))  # deterministic given the generator
+    # temperature 0 starts every sample at the origin: the same output whatever the generator draws
+    torch.testing.assert_close(draw(temperature=0.0), head.sample(c, generator=torch.Generator().manual_seed(9),
+                                                                  temperature=0.0))
+    assert draw(temperature=0.5).std() < draw(temperature=1.0).std()
     assert not torch.allclose(draw(guidance=3.0), draw(guidance=1.0))
     no_null = FlowHead(16, 4, 80, NB, FlowHeadConfig(hidden_dim=32, n_layers=1, cond_dropout=0.0))
     with pytest.raises(ValueError, match="cond_dropout"):

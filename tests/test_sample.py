@@ -34,6 +34,14 @@ def test_sample_recipe_writes_wavs_text_png_metrics(synth_data, tmp_path):
     assert {"loss/audio", "loss/audio_flow", "loss/text"} <= m["teacher_forced_losses"].keys()
     for key in ("generated_vs_reference", "one_step_vs_reference", "silence_vs_reference"):
         assert {"mel_l1", "spectral_convergence", "log_mel_corr"} <= m[key].keys()
+    fast = tmp_path / "fast"
+    proc = subprocess.run([sys.executable, "recipes/sample.py", f"checkpoint={run}/checkpoints", "episode=1",
+                           "max_turns=4", "generate=false", f"hydra.run.dir={fast}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m_fast = json.loads((fast / "metrics.json").read_text())
+    assert "generated_vs_reference" not in m_fast and not (fast / "model.wav").exists()
+    assert m_fast["silence_vs_reference"] == m["silence_vs_reference"]  # same episode, same reference
     bad = subprocess.run([sys.executable, "recipes/sample.py", f"checkpoint={tmp_path}", f"hydra.run.dir={out}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "checkpoint=" in bad.stderr

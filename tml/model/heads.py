@@ -150,11 +150,12 @@ class FlowHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, c: torch.Tensor, steps: int = 16, solver: str = "midpoint", guidance: float = 1.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """Integrate the flow from noise for hidden states c [N, dim] -> unit coordinates [N, frames, n_mels].
 
         ``guidance`` 1 is the plain conditional flow; > 1 extrapolates away from the unconditional one (needs a
-        head trained with ``cond_dropout > 0``)."""
+        head trained with ``cond_dropout > 0``). ``temperature`` scales the starting noise (< 1 trades diversity for
+        samples nearer the conditional mode, as in Glow-TTS / Matcha-TTS)."""
         if solver not in ("euler", "midpoint"):
             raise ValueError(f"flow solver {solver!r}: choose euler or midpoint (sampling.flow_solver)")
         if steps < 1:
@@ -162,7 +163,7 @@ class FlowHead(nn.Module):
         if guidance != 1.0 and self.null is None:
             raise ValueError(f"guidance={guidance} needs a head trained with model.heads.flow.cond_dropout > 0")
         n = c.shape[0]
-        x = torch.randn(n, self.frames * self.n_mels, generator=generator).to(c.device, c.dtype)
+        x = temperature * torch.randn(n, self.frames * self.n_mels, generator=generator).to(c.device, c.dtype)
 
         def v(x: torch.Tensor, t: float) -> torch.Tensor:
             tt = torch.full((n,), t, device=c.device)

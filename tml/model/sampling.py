@@ -24,6 +24,7 @@ class SamplingConfig:
     flow_steps: int = 16  # flow head: ODE steps from noise (t = 0) to data (t = 1)
     flow_solver: str = "midpoint"  # euler | midpoint (2 head evaluations per step)
     guidance: float = 1.0  # flow head classifier-free guidance scale (1 = off; > 1 needs cond_dropout > 0)
+    flow_temperature: float = 1.0  # flow head: scale of the starting noise (< 1: nearer the mode, less diverse)
     seed: int = 0
 
     def validate(self) -> "SamplingConfig":
@@ -36,6 +37,8 @@ class SamplingConfig:
         if self.flow_steps < 1 or self.flow_solver not in ("euler", "midpoint"):
             raise ValueError(f"sampling.flow_steps={self.flow_steps} must be >= 1 and sampling.flow_solver="
                              f"{self.flow_solver!r} one of euler, midpoint")
+        if self.flow_temperature < 0:
+            raise ValueError(f"sampling.flow_temperature={self.flow_temperature}: must be >= 0")
         if self.guidance < 0:
             raise ValueError(f"sampling.guidance={self.guidance}: must be >= 0 (1 = no guidance)")
         return self
@@ -68,6 +71,6 @@ def sample_audio(head: DMelHead | FlowHead, h: torch.Tensor, cfg: SamplingConfig
     """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels] (see
     ``tml.model.heads``): the flow head's continuous sample, or the dMel head's sampled bins at their centres."""
     if isinstance(head, FlowHead):
-        return head.sample(h, cfg.flow_steps, cfg.flow_solver, cfg.guidance, generator)
+        return head.sample(h, cfg.flow_steps, cfg.flow_solver, cfg.guidance, generator, cfg.flow_temperature)
     bins = sample_logits(head(h), cfg.audio_temperature, cfg.audio_top_p, generator)
     return bins_to_unit(bins, head.bins)
