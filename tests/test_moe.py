@@ -283,3 +283,29 @@ def test_megablocks_backend_without_package_names_the_extra():
         pass
     with pytest.raises(ConfigError, match=r"pip install tml\[megablocks\]"):
         MoE(DIM, MoEConfig(hidden_dim=HIDDEN, num_experts=E, expert_backend="megablocks"))
+
+
+def test_cpu_padded_bmm_path_equals_grouped_mm():
+    """The CPU bmm-over-padded-groups path and grouped_mm agree, values and gradients, with an empty expert."""
+    torch.manual_seed(0)
+    from tml.model.moe import GroupedExperts, _expert_mm
+
+    ex = GroupedExperts(4, DIM, HIDDEN)
+    offs = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 gets no rows
+    x = torch.randn(20, DIM, requires_grad=True)
+    r = torch.randn(20, DIM)
+    outs = []
+    for padded in (True, False):
+        ex.zero_grad()
+        x.grad = None
+        if padded:
+            y = ex._forward_padded(x, offs)
+        else:
+            y = _expert_mm(F.silu(_expert_mm(x, ex.w1, offs)) * _expert_mm(x, ex.w3, offs), ex.w2, offs)
+        (y * r).sum().backward()
+        outs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in ex.parameters()]))
+    (y0, gx0, gp0), (y1, gx1, gp1) = outs
+    torch.testing.assert_close(y0, y1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx0, gx1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gp0, gp1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

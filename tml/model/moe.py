@@ -44,6 +44,22 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _GatherRows(torch.autograd.Function):
+    """``src.index_select(0, idx)`` for an index without repeats. Its backward is a plain ``index_copy`` into zeros
+    instead of autograd's accumulating scatter (``index_add``), which is several times slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.n = src.shape[0]
+        return src.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n, *grad.shape[1:]).index_copy_(0, idx, grad.contiguous()), None
+
+
 def _expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert ``x_e @ w[e].T`` for rows grouped by expert. x [N, in], w [E, out, in], offs int32 [E] -> [N, out]."""
     return _ContiguousGrad.apply(F.grouped_mm(x, w.transpose(-2, -1), offs=offs))
@@ -93,8 +109,29 @@ class GroupedExperts(nn.Module):
         Returns:
             [N, dim]
         """
+        if x.device.type == "cpu" and self.mm is _expert_mm:
+            counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+            # padding at most doubles the work (balanced-enough routing); else grouped_mm, slow but no padding
+            if counts.numel() and int(counts.max()) * self.num_experts <= 2 * x.shape[0]:
+                return self._forward_padded(x, offs)
         h = F.silu(self.mm(x, self.w1, offs)) * self.mm(x, self.w3, offs)
         return self.mm(h, self.w2, offs)
+
+    def _forward_padded(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """CPU path, same result: each expert's rows copied into a zero-padded [E, max_rows, dim] buffer and run
+        through ``bmm``. PyTorch's CPU grouped_mm loops over groups with slow strided matmuls (its backward for the
+        weights is ~10x a bmm of the same size); padding costs (max rows / mean rows - 1) extra FLOPs, small when
+        routing is balanced. Zero rows give zero outputs and zero weight gradients."""
+        counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+        cap = int(counts.max()) if counts.numel() else 0
+        if cap == 0:
+            return x.new_zeros(x.shape[0], self.w2.shape[1]) + 0 * x.sum()
+        expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)
+        slot = expert * cap + torch.arange(x.shape[0], device=x.device) - (offs.long() - counts)[expert]
+        buf = x.new_zeros(self.num_experts * cap, x.shape[1]).index_copy(0, slot, x).view(self.num_experts, cap, -1)
+        h = F.silu(torch.bmm(buf, self.w1.transpose(1, 2))) * torch.bmm(buf, self.w3.transpose(1, 2))
+        y = torch.bmm(h, self.w2.transpose(1, 2))
+        return _GatherRows.apply(y.view(self.num_experts * cap, -1), slot)
 
 
 class MoE(nn.Module):
@@ -256,7 +293,10 @@ class MoE(nn.Module):
             order = order[keep]
             counts = torch.zeros_like(counts).scatter_add_(0, flat[order], torch.ones_like(order))
 
-        y = self._run_experts(x[order // self.top_k], counts)  # [M, dim] in expert order
+        # Each token repeated top_k times, then permuted into expert order: the backward is a sum over the copies
+        # and an inverse permutation, with no accumulating scatter.
+        x_rep = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, self.dim)
+        y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
         full = y.new_zeros(flat.numel(), self.dim) if keep is not None else y.new_empty(y.shape)
         y = full.index_copy(0, order, y)  # back to (token, k) order
         out = (y.view(-1, self.top_k, self.dim) * weights.unsqueeze(-1).to(y.dtype)).sum(1)

@@ -52,6 +52,9 @@ def validate_expert_parallel(ep_size: int, backend: str, world_size: int, num_ex
                           f"parallel.zero_stage 1 or 2 (got {zero_stage}): DeepSpeed keeps the expert shards in its "
                           f"ZeRO 1/2 optimizer partitions; use parallel=zero1/zero2, or parallel.moe_backend=deepspeed "
                           f"(AutoEP) for ZeRO 3")
+    if ep_size > 1 and backend == "deepspeed" and model is not None and model.moe.capacity_factor:
+        raise ConfigError("model.moe.capacity_factor > 0 (token dropping) is not available with DeepSpeed AutoEP, "
+                          "which is dropless; use parallel.moe_backend=native or set model.moe.capacity_factor=0")
     if ep_size > 1 and backend == "deepspeed" and model is not None and model.moe.load_balance_coeff:
         raise ConfigError("model.moe.load_balance_coeff > 0 (bias balancing) is not supported by DeepSpeed AutoEP "
                           "in this DeepSpeed build; use parallel.moe_backend=native or set model.moe.load_balance_coeff=0")
