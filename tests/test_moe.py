@@ -155,3 +155,157 @@ def test_config_errors_name_the_key(overrides, key):
 
 def test_dense_dims_not_multiple_of_four_are_fine_without_moe():
     ModelConfig(dim=130, n_heads=1, n_layers=2, dense_layers=2).validate()
+
+
+def reference_routing(moe: MoE, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token Python loop from the definitions: group-limited top-k (group score = sum of its best 2 selection
+    scores), capacity in token order, balancing losses over the valid tokens. x [B, T, dim], valid bool [B, T].
+    Returns (output [B, T, dim], aux loss)."""
+    B, T, _ = x.shape
+    E, k, G = moe.num_experts, moe.top_k, moe.n_groups
+    logits = x @ moe.gate.weight.T
+    scores = logits.softmax(-1) if moe.score_func == "softmax" else logits.sigmoid()
+    per_group = E // G
+    capacity = math.ceil(moe.capacity_factor * B * T * k / E) if moe.capacity_factor else None
+    taken = [0] * E
+    out = torch.zeros_like(x)
+    f_all, f_row = torch.zeros(E), torch.zeros(B, E)
+    for b in range(B):
+        for t in range(T):
+            sel = (scores[b, t] + moe.expert_bias).tolist()
+            gscore = [sum(sorted(sel[g * per_group:(g + 1) * per_group], reverse=True)[:2]) for g in range(G)]
+            groups = sorted(range(G), key=lambda g: -gscore[g])[:moe.topk_groups]
+            allowed = [e for e in range(E) if e // per_group in groups]
+            chosen = sorted(allowed, key=lambda e: -sel[e])[:k]
+            w = scores[b, t, chosen]
+            if moe.route_norm:
+                w = w / w.sum()
+            w = w * moe.route_scale
+            for e, we in zip(chosen, w):
+                if valid[b, t]:
+                    f_all[e] += 1
+                    f_row[b, e] += 1
+                # capacity is first come, first served over every position in (b, t) order
+                taken[e] += 1
+                if capacity is not None and taken[e] > capacity:
+                    continue
+                ex = moe.experts
+                h = F.silu(x[b, t] @ ex.w1[e].T) * (x[b, t] @ ex.w3[e].T)
+                out[b, t] = out[b, t] + we * (h @ ex.w2[e].T)
+    probs = scores / scores.sum(-1, keepdim=True)
+    v = valid.float()
+    n = v.sum()
+    aux = moe.aux_loss_coeff * E * (f_all / (n * k) * (probs * v[..., None]).sum((0, 1)) / n).sum()
+    seq = torch.stack([(f_row[b] / (v[b].sum() * k) * (probs[b] * v[b, :, None]).sum(0) / v[b].sum()).sum()
+                       for b in range(B) if v[b].sum() > 0]).mean()
+    aux = aux + moe.seq_aux_loss_coeff * E * seq
+    aux = aux + moe.z_loss_coeff * (torch.logsumexp(logits, -1).pow(2) * v).sum() / n
+    return out, aux
+
+
+@pytest.mark.parametrize("opts", [
+    dict(score_func="sigmoid", route_norm=True, n_groups=2, topk_groups=1, top_k=2),
+    dict(score_func="softmax", seq_aux_loss_coeff=0.1, capacity_factor=0.75, top_k=2),
+    dict(score_func="sigmoid", seq_aux_loss_coeff=0.1, z_loss_coeff=1e-3, capacity_factor=1.0, top_k=1,
+         num_shared_experts=0),
+])
+def test_group_limited_capacity_seq_loss_and_padding_match_loop(opts):
+    moe = make_moe(**opts)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.05, -0.05, 0.0, 0.02]))  # the selection bias takes part
+    x = torch.randn(3, 5, DIM, requires_grad=True)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[1, 3:] = False  # packing padding at the end of row 1 ...
+    valid[2] = False  # ... and a row that is all padding
+    moe.token_mask = valid
+    out = moe(x)
+    assert moe.token_mask is None  # used once
+    r = torch.randn_like(out)
+    ((out * r).sum() + moe.last_aux_loss).backward()
+    got = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    got_x = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+    ref, ref_aux = reference_routing(moe, x, valid)
+    ((ref * r).sum() + ref_aux).backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.last_aux_loss, ref_aux, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-5, msg=f"grad of {n}")
+    assert int(moe.last_expert_counts.sum()) == int(valid.sum()) * moe.top_k
+
+
+def test_capacity_drops_exactly_the_overflow():
+    """Every token prefers expert 0 (top-1): with capacity ceil(1.0 * 8 / 4) = 2 only tokens 0 and 1 get an
+    expert output; the other six get zero."""
+    moe = make_moe(top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[0, 0] = 10.0
+    x = torch.randn(1, 8, DIM).abs() + 0.1  # positive first channel: expert 0 wins everywhere
+    out = moe(x)
+    assert (out[0, :2].abs().sum(-1) > 0).all() and (out[0, 2:] == 0).all()
+    assert moe.last_expert_counts.tolist() == [8, 0, 0, 0]  # load counts what was routed, before dropping
+
+
+def test_bias_balancing_moves_skewed_router_toward_uniform():
+    """A router whose logits favour expert 0 for every input: with load_balance_coeff the selection bias climbs for
+    starved experts until the load is close to uniform; without it the load stays skewed. Weights are not trained."""
+    torch.manual_seed(1)
+    moe = MoE(DIM, MoEConfig(hidden_dim=HIDDEN, num_experts=E, top_k=1, load_balance_coeff=0.01,
+                             aux_loss_coeff=0.0, score_func="sigmoid"))
+    with torch.no_grad():
+        moe.gate.weight.normal_(std=0.05)
+        moe.gate.weight[0] += 0.3  # expert 0's logit grows with the (positive-mean) inputs
+    x = torch.randn(4, 64, DIM) + 1.0
+
+    def max_over_mean() -> float:
+        moe(x)
+        c = moe.last_expert_counts.float()
+        return float(c.max() / c.mean())
+
+    before = max_over_mean()
+    assert before > 3.0  # skewed: expert 0 takes most tokens
+    for _ in range(200):
+        moe(x)
+        moe.update_bias(moe.last_expert_counts)
+    after = max_over_mean()
+    assert after < 1.3, (before, after)
+    assert moe.expert_bias[0] < 0 < moe.expert_bias[1:].min() + 0.02
+
+
+def test_megablocks_backend_without_package_names_the_extra():
+    try:
+        import megablocks  # noqa: F401
+        pytest.skip("megablocks is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match=r"pip install tml\[megablocks\]"):
+        MoE(DIM, MoEConfig(hidden_dim=HIDDEN, num_experts=E, expert_backend="megablocks"))
+
+
+def test_cpu_padded_bmm_path_equals_grouped_mm():
+    """The CPU bmm-over-padded-groups path and grouped_mm agree, values and gradients, with an empty expert."""
+    torch.manual_seed(0)
+    from tml.model.moe import GroupedExperts, _expert_mm
+
+    ex = GroupedExperts(4, DIM, HIDDEN)
+    offs = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 gets no rows
+    x = torch.randn(20, DIM, requires_grad=True)
+    r = torch.randn(20, DIM)
+    outs = []
+    for padded in (True, False):
+        ex.zero_grad()
+        x.grad = None
+        if padded:
+            y = ex._forward_padded(x, offs)
+        else:
+            y = _expert_mm(F.silu(_expert_mm(x, ex.w1, offs)) * _expert_mm(x, ex.w3, offs), ex.w2, offs)
+        (y * r).sum().backward()
+        outs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in ex.parameters()]))
+    (y0, gx0, gp0), (y1, gx1, gp1) = outs
+    torch.testing.assert_close(y0, y1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx0, gx1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gp0, gp1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -43,6 +43,9 @@ def test_pretrain_learns_and_resumes_bitwise(synth_data, tmp_path):
     # Loss falls for both streams (hand bound: clearly below the first step).
     assert m[-1]["loss/text"] < 0.8 * m[0]["loss/text"] and m[-1]["loss/audio"] < 0.95 * m[0]["loss/audio"]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in m)
+    for i in range(2):  # per-layer expert load of both MoE layers, for the heatmap
+        assert len(m[-1][f"moe/layer{i}/load"]) == 4 and sum(m[-1][f"moe/layer{i}/load"]) == pytest.approx(1.0)
+        assert 1.0 <= m[-1][f"moe/layer{i}/max_over_mean"] <= 4.0
     assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000016"
     assert list((straight / "wandb").glob("offline-run-*")), "W&B offline files missing"
     assert (straight / "config.resolved.json").exists()

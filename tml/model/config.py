@@ -14,6 +14,7 @@ from tml.streams.layout import ConfigError
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUDIO_HEADS = ("dmel", "flow")
 TEXT_HEADS = ("untied", "tied")
+EXPERT_BACKENDS = ("grouped_mm", "megablocks")
 
 
 @dataclass
@@ -29,6 +30,18 @@ class MoEConfig:
     route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3's routed_scaling_factor)
     aux_loss_coeff: float = 0.01  # switch-style load-balancing loss weight (0 disables)
     z_loss_coeff: float = 0.0  # router z-loss weight (ST-MoE), keeps router logits small (0 disables)
+    seq_aux_loss_coeff: float = 0.0  # sequence-level balance loss weight (DeepSeek-V3: balance within each row)
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the scores for top-k selection only,
+    # moved by this step size after every optimizer step toward uniform load (0 disables).
+    load_balance_coeff: float = 0.0
+    # Group-limited routing (DeepSeek-V3): experts split into n_groups; each token picks its topk_groups best groups
+    # (group score: sum of its top-2 scores) and chooses its top_k experts inside them. 1 = off.
+    n_groups: int = 1
+    topk_groups: int = 1
+    # Token dropping for comparison runs: each expert takes at most ceil(capacity_factor * tokens * top_k / E)
+    # assignments (first come, first served in token order); the rest are dropped. 0 = dropless.
+    capacity_factor: float = 0.0
+    expert_backend: str = "grouped_mm"  # grouped_mm (CPU and GPU) | megablocks (GPU; pip install tml[megablocks])
 
 
 @dataclass
@@ -157,9 +170,20 @@ class ModelConfig:
             raise ConfigError(f"model.moe.score_func={m.score_func!r}: choose one of {', '.join(SCORE_FUNCS)}")
         if m.route_scale <= 0:
             raise ConfigError(f"model.moe.route_scale={m.route_scale}: must be positive")
-        if m.aux_loss_coeff < 0 or m.z_loss_coeff < 0:
-            raise ConfigError(f"model.moe.aux_loss_coeff={m.aux_loss_coeff} and model.moe.z_loss_coeff="
-                              f"{m.z_loss_coeff} must be >= 0")
+        for key in ("aux_loss_coeff", "z_loss_coeff", "seq_aux_loss_coeff", "load_balance_coeff", "capacity_factor"):
+            if getattr(m, key) < 0:
+                raise ConfigError(f"model.moe.{key}={getattr(m, key)}: must be >= 0")
+        if m.n_groups < 1 or m.num_experts % m.n_groups:
+            raise ConfigError(f"model.moe.n_groups={m.n_groups} must be >= 1 and divide model.moe.num_experts="
+                              f"{m.num_experts}")
+        if not 1 <= m.topk_groups <= m.n_groups:
+            raise ConfigError(f"model.moe.topk_groups={m.topk_groups}: must be in [1, model.moe.n_groups={m.n_groups}]")
+        if m.top_k > m.topk_groups * (m.num_experts // m.n_groups):
+            raise ConfigError(f"model.moe.top_k={m.top_k} exceeds the experts in model.moe.topk_groups={m.topk_groups}"
+                              f" groups of {m.num_experts // m.n_groups}; raise topk_groups or lower top_k")
+        if m.expert_backend not in EXPERT_BACKENDS:
+            raise ConfigError(f"model.moe.expert_backend={m.expert_backend!r}: choose one of "
+                              f"{', '.join(EXPERT_BACKENDS)}")
         if self.n_moe_layers > 0:
             # grouped_mm needs every operand row stride to be a multiple of 16 bytes (CPU and CUDA kernels).
             for key, size in (("model.dim", self.dim), ("model.moe.hidden_dim", m.hidden_dim)):

@@ -10,12 +10,19 @@ Parameter layout (fixed: DeepSpeed AutoEP and Hugging Face MoE checkpoints expec
 
 ``MoE.forward`` keeps the plain ``[B, T, dim] -> [B, T, dim]`` signature so AutoEP can swap the module for its
 expert-parallel layer; the step's router statistics are left on the module instead (``last_aux_loss``,
-``last_expert_counts``) and collected by the model.
+``last_expert_counts``) and collected by the model, which also tells it which positions are packing padding
+(``token_mask``) so that padding never counts in balancing losses or load statistics.
+
+Expert parallelism (``tml.parallel.expert``) keeps only this rank's ``num_experts / ep_size`` experts in
+``experts`` and sends each token to its expert's rank with ``all_to_all_single`` (uneven splits).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,17 +44,53 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _GatherRows(torch.autograd.Function):
+    """``src.index_select(0, idx)`` for an index without repeats. Its backward is a plain ``index_copy`` into zeros
+    instead of autograd's accumulating scatter (``index_add``), which is several times slower on CPU."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.n = src.shape[0]
+        return src.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n, *grad.shape[1:]).index_copy_(0, idx, grad.contiguous()), None
+
+
 def _expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Per-expert ``x_e @ w[e].T`` for rows grouped by expert. x [N, in], w [E, out, in], offs int32 [E] -> [N, out]."""
     return _ContiguousGrad.apply(F.grouped_mm(x, w.transpose(-2, -1), offs=offs))
 
 
+def _megablocks_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``_expert_mm`` on MegaBlocks' CUDA grouped GEMM (``grouped_gemm.ops.gmm``)."""
+    from grouped_gemm.ops import gmm  # installed with megablocks
+
+    sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).cpu()
+    return gmm(x, w, sizes, trans_b=True)
+
+
+def require_megablocks() -> None:
+    """Raise ConfigError with the install hint when the optional MegaBlocks backend is missing."""
+    try:
+        import megablocks  # noqa: F401
+        from grouped_gemm.ops import gmm  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"model.moe.expert_backend=megablocks needs the optional MegaBlocks package ({e}); install "
+                          f"it on a CUDA machine with `pip install tml[megablocks]`, or set "
+                          f"model.moe.expert_backend=grouped_mm") from None
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU experts stored as 3-D weights, applied to tokens already sorted by expert."""
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, backend: str = "grouped_mm"):
         super().__init__()
         self.num_experts = num_experts
+        self.mm = _megablocks_mm if backend == "megablocks" else _expert_mm
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -66,18 +109,40 @@ class GroupedExperts(nn.Module):
         Returns:
             [N, dim]
         """
-        h = F.silu(_expert_mm(x, self.w1, offs)) * _expert_mm(x, self.w3, offs)
-        return _expert_mm(h, self.w2, offs)
+        if x.device.type == "cpu" and self.mm is _expert_mm:
+            counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+            # padding at most doubles the work (balanced-enough routing); else grouped_mm, slow but no padding
+            if counts.numel() and int(counts.max()) * self.num_experts <= 2 * x.shape[0]:
+                return self._forward_padded(x, offs)
+        h = F.silu(self.mm(x, self.w1, offs)) * self.mm(x, self.w3, offs)
+        return self.mm(h, self.w2, offs)
+
+    def _forward_padded(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """CPU path, same result: each expert's rows copied into a zero-padded [E, max_rows, dim] buffer and run
+        through ``bmm``. PyTorch's CPU grouped_mm loops over groups with slow strided matmuls (its backward for the
+        weights is ~10x a bmm of the same size); padding costs (max rows / mean rows - 1) extra FLOPs, small when
+        routing is balanced. Zero rows give zero outputs and zero weight gradients."""
+        counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
+        cap = int(counts.max()) if counts.numel() else 0
+        if cap == 0:
+            return x.new_zeros(x.shape[0], self.w2.shape[1]) + 0 * x.sum()
+        expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)
+        slot = expert * cap + torch.arange(x.shape[0], device=x.device) - (offs.long() - counts)[expert]
+        buf = x.new_zeros(self.num_experts * cap, x.shape[1]).index_copy(0, slot, x).view(self.num_experts, cap, -1)
+        h = F.silu(torch.bmm(buf, self.w1.transpose(1, 2))) * torch.bmm(buf, self.w3.transpose(1, 2))
+        y = torch.bmm(h, self.w2.transpose(1, 2))
+        return _GatherRows.apply(y.view(self.num_experts * cap, -1), slot)
 
 
 class MoE(nn.Module):
     """Router + dropless grouped experts (+ optional shared expert). [B, T, dim] -> [B, T, dim].
 
+    Before a forward the caller may set ``token_mask`` (bool [B, T], True = real token); it is used once and cleared.
     After each forward:
-      last_aux_loss       scalar: aux_loss_coeff * switch load-balancing loss + z_loss_coeff * router z-loss
-      last_expert_counts  long [E]: tokens routed to each expert (sums to tokens * top_k)
-    Both cover every position of the input, packing padding included: the module sees no mask, so that its
-    signature stays the one AutoEP replaces.
+      last_aux_loss       scalar: the enabled balancing losses (switch, sequence-level, z-loss), times coefficients
+      last_expert_counts  long [E]: real (unmasked) tokens routed to each expert, before any capacity dropping
+                          (sums to real tokens * top_k)
+    Masked positions are still computed (their output is discarded by the losses) but never counted.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -86,9 +151,19 @@ class MoE(nn.Module):
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.score_func, self.route_norm, self.route_scale = cfg.score_func, cfg.route_norm, cfg.route_scale
         self.aux_loss_coeff, self.z_loss_coeff = cfg.aux_loss_coeff, cfg.z_loss_coeff
+        self.seq_aux_loss_coeff, self.load_balance_coeff = cfg.seq_aux_loss_coeff, cfg.load_balance_coeff
+        self.n_groups, self.topk_groups, self.capacity_factor = cfg.n_groups, cfg.topk_groups, cfg.capacity_factor
+        if cfg.expert_backend == "megablocks":
+            require_megablocks()
         self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.hidden_dim, cfg.expert_backend)
         self.shared_experts = SwiGLU(dim, cfg.num_shared_experts * cfg.hidden_dim) if cfg.num_shared_experts else None
+        # Selection-only bias of auxiliary-loss-free balancing; a buffer (not trained, saved in checkpoints).
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
+        # Expert parallelism (set by tml.parallel.expert.shard_experts): experts live on ep_size ranks of ep_group.
+        self.ep_group = None
+        self.ep_size = 1
+        self.token_mask: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
 
@@ -100,32 +175,100 @@ class MoE(nn.Module):
         Returns:
             weights: fp32 [N, top_k] routing weights (after optional renormalisation and route_scale)
             experts: long [N, top_k] chosen expert ids (distinct per token)
-            probs:   fp32 [N, E] per-token routing distribution (sums to 1; for the load-balancing loss)
+            probs:   fp32 [N, E] per-token routing distribution (sums to 1; for the load-balancing losses)
             logits:  fp32 [N, E] router logits (for the z-loss)
         """
-        logits = self.gate(x).float()  # routing decisions in fp32: bf16 ties and rounding flip top-k choices
+        return self.route_logits(self.gate(x).float())  # fp32: bf16 ties and rounding flip top-k choices
+
+    def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``route`` from fp32 router logits [N, E]."""
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        weights, experts = scores.topk(self.top_k, dim=-1)
+        with torch.no_grad():  # selection only: the weights below come from the unbiased scores
+            select = scores + self.expert_bias
+            if self.n_groups > 1:
+                groups = select.view(-1, self.n_groups, self.num_experts // self.n_groups)
+                group_score = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+                keep = torch.zeros_like(group_score, dtype=torch.bool)
+                keep.scatter_(1, group_score.topk(self.topk_groups, dim=-1).indices, True)
+                select = groups.masked_fill(~keep[..., None], float("-inf")).view_as(select)
+            experts = select.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
         if self.route_norm:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
         probs = scores if self.score_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
         return weights, experts, probs, logits
 
-    def _router_losses(self, counts: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Switch-style balance loss ``E * sum_e f_e * P_e`` (f_e: fraction of the N*top_k assignments that went
-        to e, no gradient; P_e: mean routing probability of e), which is 1 when routing is uniform, plus the
-        ST-MoE z-loss ``mean(logsumexp(logits)^2)``; each times its coefficient."""
-        n = probs.shape[0]
+    def _router_losses(self, experts: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor,
+                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balancing losses over the real tokens, and their expert counts.
+
+        Args:
+            experts: long [B, T, top_k]; probs, logits: fp32 [B, T, E]; valid: fp32 [B, T] (1 = real token)
+        Returns:
+            loss: scalar, sum of the enabled terms times their coefficients:
+              switch   ``E * sum_e f_e * P_e`` over the whole batch (f_e: fraction of the top_k assignments that
+                       went to e, no gradient; P_e: mean routing probability of e); 1 when routing is uniform
+              seq      the same inside each row, averaged over rows with real tokens (DeepSeek-V3)
+              z        ST-MoE ``mean(logsumexp(logits)^2)``
+            counts: long [E] assignments of real tokens per expert
+        """
+        assign = torch.zeros_like(probs).scatter_(-1, experts, 1.0) * valid[..., None]  # [B, T, E]
+        counts = assign.sum((0, 1)).round().long()
+        n = valid.sum()
+        loss = probs.sum() * 0.0  # zero that still depends on the router (an empty batch still backprops)
         if n == 0:
-            return probs.sum()  # zero that still depends on the router
-        loss = probs.new_zeros(())
+            return loss, counts
         if self.aux_loss_coeff:
-            f = counts.to(probs.dtype) / (n * self.top_k)
-            loss = loss + self.aux_loss_coeff * self.num_experts * (f * probs.mean(0)).sum()
+            f = assign.sum((0, 1)) / (n * self.top_k)
+            p = (probs * valid[..., None]).sum((0, 1)) / n
+            loss = loss + self.aux_loss_coeff * self.num_experts * (f * p).sum()
+        if self.seq_aux_loss_coeff:
+            n_row = valid.sum(1)  # [B]
+            rows = n_row > 0
+            f = assign.sum(1)[rows] / (n_row[rows, None] * self.top_k)
+            p = (probs * valid[..., None]).sum(1)[rows] / n_row[rows, None]
+            loss = loss + self.seq_aux_loss_coeff * self.num_experts * (f * p).sum(-1).mean()
         if self.z_loss_coeff:
-            loss = loss + self.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
-        return loss
+            z = torch.logsumexp(logits, dim=-1).square()
+            loss = loss + self.z_loss_coeff * (z * valid).sum() / n
+        return loss, counts
+
+    def observe_router_logits(self, logits: torch.Tensor, shape: torch.Size) -> None:
+        """Set ``last_aux_loss`` / ``last_expert_counts`` from router logits [N, E] of a layer that replaced this one
+        (DeepSpeed AutoEP routes the same way from the same gate weights); ``shape`` is the input's [B, T, dim]."""
+        mask, self.token_mask = self.token_mask, None
+        valid = torch.ones(shape[:-1], device=logits.device) if mask is None else mask.to(logits.device).float()
+        _, experts, probs, logits = self.route_logits(logits.float())
+        E = self.num_experts
+        self.last_aux_loss, self.last_expert_counts = self._router_losses(
+            experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E), logits.view(*shape[:-1], E), valid)
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing step: raise the bias of under-loaded experts and lower that of over-loaded
+        ones by ``load_balance_coeff`` (sign of the deviation from the mean load). ``counts`` [E] must be the same on
+        every rank (summed over data-parallel ranks), so the biases stay identical."""
+        if self.load_balance_coeff:
+            counts = counts.to(self.expert_bias)
+            self.expert_bias += self.load_balance_coeff * torch.sign(counts.mean() - counts)
+
+    def _capacity_keep(self, flat_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """bool [N*top_k] over the expert-sorted assignments: the first ``capacity`` of each expert, or None when
+        dropless."""
+        if not self.capacity_factor:
+            return None
+        capacity = math.ceil(self.capacity_factor * flat_sorted.numel() / self.num_experts)
+        starts = counts.cumsum(0) - counts
+        rank_in_expert = torch.arange(flat_sorted.numel(), device=flat_sorted.device) - starts[flat_sorted]
+        return rank_in_expert < capacity
+
+    def _run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, dim] sorted by global expert, counts long [E] -> expert outputs [M, dim] in the same order;
+        under expert parallelism the rows travel to the rank that holds their expert and back."""
+        if self.ep_size == 1:
+            return self.experts(xs, counts.cumsum(0).to(torch.int32))
+        return expert_parallel_apply(self.experts, xs, counts, self.ep_group, self.ep_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
@@ -134,6 +277,8 @@ class MoE(nn.Module):
                               f"{16 // x.element_size()} for {x.dtype} activations: grouped_mm needs row strides "
                               f"that are multiples of 16 bytes")
         shape = x.shape
+        mask, self.token_mask = self.token_mask, None
+        valid = (torch.ones(shape[:-1], device=x.device) if mask is None else mask.to(x.device).float())
         x = x.reshape(-1, self.dim)
         weights, experts, probs, logits = self.route(x)
 
@@ -143,14 +288,54 @@ class MoE(nn.Module):
         # scatter_add rather than bincount: no host sync on GPU (bincount must read the max first).
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat))
-        offs = counts.cumsum(0).to(torch.int32)
+        keep = self._capacity_keep(flat[order], counts)
+        if keep is not None:  # drop over-capacity assignments: they contribute zero
+            order = order[keep]
+            counts = torch.zeros_like(counts).scatter_add_(0, flat[order], torch.ones_like(order))
 
-        y = self.experts(x[order // self.top_k], offs)  # [N*top_k, dim] in expert order
-        y = y.new_empty(y.shape).index_copy(0, order, y)  # back to (token, k) order
+        # Each token repeated top_k times, then permuted into expert order: the backward is a sum over the copies
+        # and an inverse permutation, with no accumulating scatter.
+        x_rep = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, self.dim)
+        y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
+        full = y.new_zeros(flat.numel(), self.dim) if keep is not None else y.new_empty(y.shape)
+        y = full.index_copy(0, order, y)  # back to (token, k) order
         out = (y.view(-1, self.top_k, self.dim) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
-        self.last_aux_loss = self._router_losses(counts, probs, logits)
-        self.last_expert_counts = counts
+        E = self.num_experts
+        self.last_aux_loss, self.last_expert_counts = self._router_losses(
+            experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E), logits.view(*shape[:-1], E), valid)
         return out.view(shape)
+
+
+def expert_parallel_apply(experts: GroupedExperts, xs: torch.Tensor, counts: torch.Tensor, group,
+                          ep_size: int) -> torch.Tensor:
+    """Run rows sorted by global expert on the ranks that hold them: ``all_to_all_single`` with uneven splits out,
+    grouped_mm on each rank's ``E / ep_size`` local experts, and the reverse ``all_to_all_single`` back. Both
+    collectives are differentiable, so expert gradients land on the owning rank.
+
+    Args:
+        experts: this rank's experts (E_local = E / ep_size of them; rank r holds experts r*E_local .. (r+1)*E_local-1)
+        xs: [M, dim] rows sorted by global expert id
+        counts: long [E] rows per global expert (sums to M)
+    Returns:
+        [M, dim] expert outputs in the order of ``xs``
+    """
+    from torch.distributed.nn.functional import all_to_all_single
+
+    e_local = experts.num_experts
+    # recv[r, j]: rows that rank r sends to my local expert j.
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)
+    recv = recv.view(ep_size, e_local)
+    send_splits = counts.view(ep_size, e_local).sum(1).tolist()
+    recv_splits = recv.sum(1).tolist()
+    xr = all_to_all_single(xs.new_empty(sum(recv_splits), xs.shape[1]), xs.contiguous(), recv_splits, send_splits,
+                           group=group)
+    # Received rows are ordered (source rank, local expert); regroup them by local expert for grouped_mm.
+    local_ids = torch.arange(e_local, device=xs.device).repeat(ep_size).repeat_interleave(recv.reshape(-1))
+    order = local_ids.argsort(stable=True)
+    yr = experts(xr[order], recv.sum(0).cumsum(0).to(torch.int32))
+    yr = yr.new_empty(yr.shape).index_copy(0, order, yr)
+    return all_to_all_single(xs.new_empty(xs.shape), yr, send_splits, recv_splits, group=group)

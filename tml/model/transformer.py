@@ -45,11 +45,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: nn.Module = (SwiGLU(cfg.dim, cfg.dense_hidden_dim) if layer_id < cfg.dense_layers
                                else MoE(cfg.dim, cfg.moe))
+        # Our MoE, kept outside the module tree (a list is not registered): if DeepSpeed AutoEP swaps ``mlp`` for its
+        # own layer, this one still computes the routing statistics and balancing losses from the new router's logits.
+        self.moe: list[MoE] = [self.mlp] if isinstance(self.mlp, MoE) else []
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: [B, L, dim]; cos, sin: [B, 1, L, head_dim]; mask: bool [B, 1, L, L] -> [B, L, dim]."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mlp_norm(x)
+        if self.moe and self.mlp is not self.moe[0]:  # replaced by AutoEP (its router: ``router.gate``)
+            self.moe[0].observe_router_logits(self.mlp.router.gate(h.reshape(-1, h.shape[-1])), h.shape)
+        return x + self.mlp(h)
 
 
 class InteractionModel(nn.Module):
@@ -100,7 +106,13 @@ class InteractionModel(nn.Module):
         nn.init.normal_(self.embed.pad, std=std)
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        return [layer.moe[0] for layer in self.layers if layer.moe]
+
+    def update_expert_bias(self, expert_counts: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing: one bias step per MoE layer from long [n_moe_layers, E] expert counts
+        (summed over the step's micro-batches and the data-parallel ranks)."""
+        for moe, counts in zip(self.moe_layers(), expert_counts):
+            moe.update_bias(counts)
 
     def forward(self, batch: Batch) -> ModelOutput:
         B, L = batch.shape
@@ -110,6 +122,8 @@ class InteractionModel(nn.Module):
         x = self.embed(batch)
         cos, sin = rope_cos_sin(batch.position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype)
         mask = batch.attention_mask()
+        for moe in self.moe_layers():  # routing statistics and balancing losses skip packing padding
+            moe.token_mask = batch.doc_ids >= 0
         for layer in self.layers:
             if self.cfg.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)

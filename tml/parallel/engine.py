@@ -21,7 +21,8 @@ from tml.streams.layout import ConfigError
 class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
-    expert_parallel_size: int = 1  # GPUs that share one copy of the routed experts (must divide world and experts)
+    expert_parallel_size: int = 1  # ranks that share one copy of every MoE layer's experts (divides world, experts)
+    moe_backend: str = "native"  # native (our all-to-all dispatch) | deepspeed (DeepSpeed AutoEP); see tml.parallel.expert
 
     def validate(self) -> None:
         if self.expert_parallel_size < 1:
@@ -32,6 +33,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.backend={self.backend!r}: choose auto, gloo or nccl")
         if self.backend == "nccl" and not torch.cuda.is_available():
             raise ConfigError("parallel.backend=nccl needs CUDA, which this machine lacks; use parallel.backend=gloo")
+        if self.expert_parallel_size < 1:
+            raise ConfigError(f"parallel.expert_parallel_size={self.expert_parallel_size}: must be >= 1")
+        if self.moe_backend not in ("native", "deepspeed"):
+            raise ConfigError(f"parallel.moe_backend={self.moe_backend!r}: choose native or deepspeed")
 
 
 @dataclass
@@ -69,9 +74,11 @@ def setup_distributed(cfg: ParallelConfig) -> DistInfo:
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, grad_clip: float,
-                     precision: str, zero_stage: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one run (optimizer and schedule are passed as objects, not here)."""
+                     precision: str, zero_stage: int, expert_parallel: dict | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one run (optimizer and schedule are passed as objects, not here).
+    ``expert_parallel``: DeepSpeed's AutoEP section (``tml.parallel.expert.autoep_config``), if any."""
     return {
+        **({"expert_parallel": expert_parallel} if expert_parallel else {}),
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,

@@ -24,7 +24,9 @@ from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import PackedBatchLoader, read_manifest
 from tml.model import InteractionModel, compute_losses, param_counts
 from tml.model.flops import flops_per_token
+from tml.model.moe_stats import expert_load_metrics
 from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
+from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
 from tml.streams.layout import ConfigError
 from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint, set_rng_state
@@ -87,13 +89,14 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
 
     model = InteractionModel(cfg.model)
     counts = param_counts(model)
+    autoep = prepare_expert_parallel(model, cfg.parallel, cfg.model, dist.world_size)  # shards experts (native)
     ds_config = deepspeed_config(micro_batch_size=cfg.data.loader.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                                  world_size=dist.world_size, grad_clip=t.grad_clip, precision=t.precision,
-                                 zero_stage=cfg.parallel.zero_stage)
+                                 zero_stage=cfg.parallel.zero_stage, expert_parallel=autoep)
     schedule = warmup_cosine(t.warmup_steps, t.decay_steps, t.min_lr_ratio)
     engine, optimizer, _ = build_engine(
         model, ds_config, param_groups(model, t.weight_decay),
-        optimizer_fn=lambda groups: torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
+        optimizer_fn=lambda groups: torch.optim.AdamW(moe_param_groups(groups), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
         scheduler_fn=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, DMelTokenizer(cfg.data.dmel), text,
@@ -102,6 +105,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     step = 0
     if resume:
         tag, state = load_checkpoint(engine, ckpt_dir, dist.rank, dist.world_size, cfg.parallel.zero_stage)
+        restore_expert_shards(engine)
         step = state["step"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -147,7 +151,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             engine.backward(losses["loss"])
             sums[:-1] += torch.stack([losses[k].detach().double().cpu() for k in LOGGED])
             sums[-1] += batch.num_tokens()
-            counts = out.expert_counts.detach().double().cpu()
+            counts = out.expert_counts.detach()
             expert_counts = counts if expert_counts is None else expert_counts + counts
             if not engine.is_gradient_accumulation_boundary():
                 engine.step()
@@ -173,6 +177,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)", step,
                         nonfinite_in_a_row, skipped)
         torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(expert_counts)  # global load: the same bias update and metrics on every rank
+        engine.module.update_expert_bias(expert_counts)
         elapsed = time.perf_counter() - t0
         n_micro = t.grad_accum_steps * dist.world_size
         if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
@@ -181,9 +187,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
                   "mfu": flops_per_step / elapsed / (peak * dist.world_size), "nonfinite_skipped": skipped}
-        if expert_counts is not None and expert_counts.numel():
-            load = expert_counts / expert_counts.sum(-1, keepdim=True).clamp(min=1)
-            record["moe/max_load"] = float((load.max(-1).values * load.shape[-1]).mean())  # 1.0 = balanced
+        record.update(expert_load_metrics(expert_counts))
         record.update(loader.stats())
         if step % t.log_every == 0 or step == t.max_steps:
             logger.log(record)
