@@ -74,3 +74,48 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                       cache: "KVCache") -> torch.Tensor:
+        """Streaming step: new positions ``x`` [B, T_new, dim] at absolute ``positions`` [T_new] attend to the
+        cached past and causally to each other; their keys and values join ``cache``. Returns [B, T_new, dim]."""
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v, mask = cache.extend(k, v, positions)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class KVCache:
+    """One layer's keys and values of past positions, for streaming inference.
+
+    ``k``, ``v``: [B, n_kv_heads, T, head_dim]; ``positions``: long [T] (absolute session positions). With
+    ``window`` > 0 a query attends only to the last ``window`` positions (its own included) and older entries are
+    dropped, so memory and cost per step stay bounded however long the session runs.
+    """
+
+    def __init__(self, window: int = 0):
+        self.window = window
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.numel()
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append new keys/values; return the keys, values and mask [1, 1, T_new, T_all] the new queries use."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions])
+        k_all, v_all, p_all = self.k, self.v, self.positions
+        mask = p_all[None, :] <= positions[:, None]
+        if self.window > 0:
+            mask &= positions[:, None] - p_all[None, :] < self.window
+            keep = self.positions > self.positions[-1] - self.window
+            self.k, self.v, self.positions = self.k[:, :, keep], self.v[:, :, keep], self.positions[keep]
+        return k_all, v_all, mask[None, None]

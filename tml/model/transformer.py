@@ -9,7 +9,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from tml.model.attention import Attention, RMSNorm, rope_cos_sin
+from tml.model.attention import Attention, KVCache, RMSNorm, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
 from tml.model.heads import DMelHead, TextHead
@@ -46,6 +46,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: [B, L, dim]; cos, sin: [B, 1, L, head_dim]; mask: bool [B, 1, L, L] -> [B, L, dim]."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                       cache: KVCache) -> torch.Tensor:
+        """Streaming step over new positions only (see ``Attention.forward_cached``). [B, T_new, dim]."""
+        x = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, positions, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 

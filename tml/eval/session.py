@@ -1,0 +1,201 @@
+"""Streaming micro-turn runtime: a trained model run as it is deployed, 200 ms in and 200 ms out at a time.
+
+Each ``step`` takes one micro-turn of input (user audio, optionally a video frame and background-model text),
+runs the input slots through the model as one chunk against the KV cache, then writes the output slots one
+position at a time in layout order, exactly as in training (``tml.streams.batch``): the hidden state of the last
+input slot predicts the first model text token, each output position predicts the next, and every generated
+payload is fed back as the next position's input. Nothing of the past is recomputed; with
+``SessionConfig.cache_window`` the cache keeps only that many positions, so cost per micro-turn stays flat in
+arbitrarily long sessions.
+
+Audio front end: frames of micro-turn ``t`` are computed from the last 200 ms of history plus this micro-turn's
+samples. The final frame's 25 ms window reaches 2.5 ms into the next micro-turn, which a live stream does not have
+yet: it is zero-padded (as the end of a recording is in training), the only difference from offline encoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tml.audio.dmel import DMelTokenizer
+from tml.model import InteractionModel
+from tml.model.attention import KVCache, rope_cos_sin
+from tml.streams.batch import Batch
+from tml.streams.layout import Kind, MicroTurnLayout, Stream
+from tml.vision.patches import frame_to_patches
+
+
+@dataclass
+class SessionConfig:
+    cache_window: int = 0  # positions each query may attend to (0 = the whole session)
+    text_temperature: float = 0.0  # 0 = greedy
+    text_top_p: float = 1.0
+    audio_temperature: float = 0.0
+    audio_top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class MicroTurnInputs:
+    """One micro-turn of input. ``user_audio``: float wave [samples_per_turn] at the layout's rate, or long dMel
+    bins [frames_per_turn, n_mels] already encoded. ``background_text``: token ids arriving in this micro-turn
+    (they queue into the background slots, spilling into later micro-turns as in training)."""
+
+    user_audio: torch.Tensor
+    video_frame: torch.Tensor | None = None  # uint8 [H, W, 3]
+    background_text: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MicroTurnOutputs:
+    turn: int
+    text_ids: list[int]  # the model's text slots (pad id where it wrote nothing)
+    audio_bins: torch.Tensor  # long [frames_per_turn, n_mels]
+    mel: torch.Tensor  # float [frames_per_turn, n_mels]: log-mel at bin centres
+    wave: torch.Tensor | None  # float [samples_per_turn] when the session has a vocoder
+    text_logits: torch.Tensor  # [text slots, vocab]: the distributions the text was drawn from
+    audio_logits: torch.Tensor  # [audio slots, S, C, bins]
+    compute_s: float
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw ids from logits [..., V]: argmax at temperature 0, else nucleus sampling. Returns long [...]."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely id
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+class StreamingSession:
+    """Run ``model`` one micro-turn at a time with a KV cache (see module docstring). Batch size 1."""
+
+    def __init__(self, model: InteractionModel, layout: MicroTurnLayout, dmel: DMelTokenizer,
+                 cfg: SessionConfig | None = None, text_pad_id: int = 0,
+                 vocoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.layout, self.dmel = model.eval(), layout, dmel
+        self.cfg = cfg or SessionConfig()
+        self.pad_id, self.vocoder = text_pad_id, vocoder
+        self.caches = [KVCache(self.cfg.cache_window) for _ in model.layers]
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.turn = 0
+        self.position = 0
+        self.background_queue: list[int] = []
+        self.history = torch.zeros(0)
+        self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
+        self.device = next(model.parameters()).device
+
+    # -- model plumbing ----------------------------------------------------------------------------------------
+    def _forward(self, kind: list[int], stream: list[int], text_ids: list[int], audio_bins: torch.Tensor,
+                 patches: torch.Tensor, patch_rc: torch.Tensor) -> torch.Tensor:
+        """Embed and run new positions through every layer against the caches. Returns hidden [T_new, dim]."""
+        n = len(kind)
+        cfg = self.model.cfg
+        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]  # noqa: E731
+        empty = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        chunk = Batch(kind=long(kind), stream=long(stream), micro_turn=empty, position_ids=empty, doc_ids=empty,
+                      text_ids=long(text_ids), audio_bins=audio_bins.to(self.device), patches=patches.to(self.device),
+                      patch_rc=patch_rc.to(self.device), target_kind=empty, target_text=empty,
+                      target_audio=audio_bins[:0].to(self.device))
+        positions = torch.arange(self.position, self.position + n, device=self.device)
+        self.position += n
+        x = self.model.embed(chunk)
+        cos, sin = rope_cos_sin(positions[None], cfg.head_dim, cfg.rope_theta, dtype=x.dtype)
+        for layer, cache in zip(self.model.layers, self.caches):
+            x = layer.forward_cached(x, cos, sin, positions, cache)
+        return self.model.norm(x)[0]
+
+    def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """This micro-turn's user audio -> dMel bins [frames_per_turn, n_mels] (see module docstring)."""
+        F = self.layout.frames_per_turn
+        if audio.dtype == torch.long:
+            if audio.shape != (F, self.layout.cfg.n_mels):
+                raise ValueError(f"user_audio bins must be [{F}, {self.layout.cfg.n_mels}], got {tuple(audio.shape)}")
+            return audio
+        n = self.layout.samples_per_turn
+        if audio.ndim != 1 or audio.numel() != n:
+            raise ValueError(f"user_audio must be {n} samples ({self.layout.cfg.micro_turn_ms} ms at "
+                             f"{self.layout.cfg.sample_rate} Hz) per micro-turn, got shape {tuple(audio.shape)}")
+        segment = torch.cat([self.history, audio.float()])
+        first = self.history.numel() // self.layout.hop_samples
+        self.history = audio.float()
+        return self.dmel.encode(segment)[first : first + F]
+
+    # -- one micro-turn ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, inputs: MicroTurnInputs, force: dict | None = None) -> MicroTurnOutputs:
+        """Read one micro-turn of input and write one micro-turn of output.
+
+        ``force`` (teacher forcing, for evaluation and tests): {"text": [ids per model text slot], "audio": long
+        [frames_per_turn, n_mels]} fed back instead of the sampled payloads; logits are still returned.
+        """
+        t0 = time.perf_counter()
+        lay, cfg = self.layout, self.layout.cfg
+        S, C = cfg.frames_per_audio_position, cfg.n_mels
+        user_bins = self._encode_audio(inputs.user_audio).view(-1, S, C)
+        self.background_queue.extend(inputs.background_text)
+        show_frame = inputs.video_frame is not None and self.turn % cfg.video_stride == 0
+
+        # Input slots as one chunk, in layout order.
+        kind, stream, text_ids, audio, patches, rcs = [], [], [], [], [], []
+        for slot in lay.slots:
+            if slot.stream == Stream.MODEL:
+                break
+            for j in range(slot.count):
+                k, tid = slot.kind, 0
+                if slot.kind == Kind.AUDIO:
+                    audio.append(user_bins[j])
+                elif slot.kind == Kind.TEXT:
+                    tid = self.background_queue.pop(0) if self.background_queue else self.pad_id
+                elif slot.kind == Kind.PATCH and not show_frame:
+                    k = Kind.PAD
+                kind.append(int(k)), stream.append(int(slot.stream)), text_ids.append(tid)
+            if slot.kind == Kind.PATCH and show_frame:
+                p, rc = frame_to_patches(inputs.video_frame, cfg.patch_size, cfg.frame_height, cfg.frame_width)
+                patches.append(p), rcs.append(rc)
+        P = cfg.patch_size
+        h = self._forward(kind, stream, text_ids,
+                          torch.stack(audio) if audio else torch.zeros(0, S, C, dtype=torch.long),
+                          torch.cat(patches) if patches else torch.zeros(0, P, P, 3, dtype=torch.uint8),
+                          torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long))[-1]
+
+        # Output slots, one position at a time: predict from h, feed the payload back, get the next h.
+        out_text, out_audio, text_logits, audio_logits = [], [], [], []
+        forced_text = list(force["text"]) if force else None
+        forced_audio = force["audio"].view(-1, S, C) if force else None
+        outputs = [(s.kind, s.stream) for s in lay.slots if s.stream == Stream.MODEL for _ in range(s.count)]
+        for i, (k, st) in enumerate(outputs):
+            if k == Kind.TEXT:
+                logits = self.model.text_head(h[None])[0]
+                tid = int(sample(logits, self.cfg.text_temperature, self.cfg.text_top_p, self.generator))
+                tid = forced_text[len(out_text)] if forced_text is not None else tid
+                text_logits.append(logits), out_text.append(tid)
+                payload = dict(text_ids=[tid], audio_bins=torch.zeros(0, S, C, dtype=torch.long))
+            else:
+                logits = self.model.audio_head(h[None])[0]  # [S, C, bins]
+                bins = sample(logits, self.cfg.audio_temperature, self.cfg.audio_top_p, self.generator)
+                bins = forced_audio[len(out_audio)] if forced_audio is not None else bins
+                audio_logits.append(logits), out_audio.append(bins)
+                payload = dict(text_ids=[0], audio_bins=bins[None])
+            h = self._forward([int(k)], [int(st)], payload["text_ids"], payload["audio_bins"],
+                              torch.zeros(0, P, P, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))[-1]
+
+        bins = torch.stack(out_audio).reshape(-1, C) if out_audio else torch.zeros(0, C, dtype=torch.long)
+        mel = self.dmel.decode(bins)
+        result = MicroTurnOutputs(
+            turn=self.turn, text_ids=out_text, audio_bins=bins, mel=mel,
+            wave=self.vocoder(mel) if self.vocoder is not None else None,
+            text_logits=torch.stack(text_logits) if text_logits else torch.zeros(0),
+            audio_logits=torch.stack(audio_logits) if audio_logits else torch.zeros(0),
+            compute_s=time.perf_counter() - t0,
+        )
+        self.turn += 1
+        return result
