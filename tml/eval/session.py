@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from tml.audio.dmel import DMelTokenizer
+from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
 from tml.model.attention import KVCache, rope_cos_sin
 from tml.streams.batch import Batch
@@ -59,6 +60,7 @@ class MicroTurnOutputs:
     wave: torch.Tensor | None  # float [samples_per_turn] when the session has a vocoder
     text_logits: torch.Tensor  # [text slots, vocab]: the distributions the text was drawn from
     audio_logits: torch.Tensor  # [audio slots, S, C, bins]
+    background_ids: list[int]  # what the background slots read in this micro-turn (pad id where empty)
     compute_s: float
 
 
@@ -80,8 +82,12 @@ class StreamingSession:
 
     def __init__(self, model: InteractionModel, layout: MicroTurnLayout, dmel: DMelTokenizer,
                  cfg: SessionConfig | None = None, text_pad_id: int = 0,
-                 vocoder: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 vocoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 background: DelegationBridge | None = None):
+        """``vocoder``: any ``log-mel [frames, n_mels] -> wave [samples]`` callable; ``background``: a bridge to a
+        background model that turns the model's ``<delegate>`` spans into results on the background stream."""
         self.model, self.layout, self.dmel = model.eval(), layout, dmel
+        self.background = background
         self.cfg = cfg or SessionConfig()
         self.pad_id, self.vocoder = text_pad_id, vocoder
         self.caches = [KVCache(self.cfg.cache_window) for _ in model.layers]
@@ -141,11 +147,14 @@ class StreamingSession:
         lay, cfg = self.layout, self.layout.cfg
         S, C = cfg.frames_per_audio_position, cfg.n_mels
         user_bins = self._encode_audio(inputs.user_audio).view(-1, S, C)
+        now = self.turn * cfg.micro_turn_ms / 1000  # session time at the start of this micro-turn
         self.background_queue.extend(inputs.background_text)
+        if self.background is not None:  # results that arrived by now; never waits for one
+            self.background_queue.extend(self.background.arrivals(now))
         show_frame = inputs.video_frame is not None and self.turn % cfg.video_stride == 0
 
         # Input slots as one chunk, in layout order.
-        kind, stream, text_ids, audio, patches, rcs = [], [], [], [], [], []
+        kind, stream, text_ids, audio, patches, rcs, background_ids = [], [], [], [], [], [], []
         for slot in lay.slots:
             if slot.stream == Stream.MODEL:
                 break
@@ -155,12 +164,16 @@ class StreamingSession:
                     audio.append(user_bins[j])
                 elif slot.kind == Kind.TEXT:
                     tid = self.background_queue.pop(0) if self.background_queue else self.pad_id
+                    background_ids.append(tid)
                 elif slot.kind == Kind.PATCH and not show_frame:
                     k = Kind.PAD
-                kind.append(int(k)), stream.append(int(slot.stream)), text_ids.append(tid)
+                kind.append(int(k))
+                stream.append(int(slot.stream))
+                text_ids.append(tid)
             if slot.kind == Kind.PATCH and show_frame:
                 p, rc = frame_to_patches(inputs.video_frame, cfg.patch_size, cfg.frame_height, cfg.frame_width)
-                patches.append(p), rcs.append(rc)
+                patches.append(p)
+                rcs.append(rc)
         P = cfg.patch_size
         h = self._forward(kind, stream, text_ids,
                           torch.stack(audio) if audio else torch.zeros(0, S, C, dtype=torch.long),
@@ -177,17 +190,21 @@ class StreamingSession:
                 logits = self.model.text_head(h[None])[0]
                 tid = int(sample(logits, self.cfg.text_temperature, self.cfg.text_top_p, self.generator))
                 tid = forced_text[len(out_text)] if forced_text is not None else tid
-                text_logits.append(logits), out_text.append(tid)
+                text_logits.append(logits)
+                out_text.append(tid)
                 payload = dict(text_ids=[tid], audio_bins=torch.zeros(0, S, C, dtype=torch.long))
             else:
                 logits = self.model.audio_head(h[None])[0]  # [S, C, bins]
                 bins = sample(logits, self.cfg.audio_temperature, self.cfg.audio_top_p, self.generator)
                 bins = forced_audio[len(out_audio)] if forced_audio is not None else bins
-                audio_logits.append(logits), out_audio.append(bins)
+                audio_logits.append(logits)
+                out_audio.append(bins)
                 payload = dict(text_ids=[0], audio_bins=bins[None])
             h = self._forward([int(k)], [int(st)], payload["text_ids"], payload["audio_bins"],
                               torch.zeros(0, P, P, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))[-1]
 
+        if self.background is not None:
+            self.background.observe(out_text, now + cfg.micro_turn_ms / 1000)
         bins = torch.stack(out_audio).reshape(-1, C) if out_audio else torch.zeros(0, C, dtype=torch.long)
         mel = self.dmel.decode(bins)
         result = MicroTurnOutputs(
@@ -195,6 +212,7 @@ class StreamingSession:
             wave=self.vocoder(mel) if self.vocoder is not None else None,
             text_logits=torch.stack(text_logits) if text_logits else torch.zeros(0),
             audio_logits=torch.stack(audio_logits) if audio_logits else torch.zeros(0),
+            background_ids=background_ids,
             compute_s=time.perf_counter() - t0,
         )
         self.turn += 1
