@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tml.model import (DMelBagEmbedding, InteractionModel, ModelConfig, MoE, MoEConfig, compute_losses,
+from tml.model import (DMelBagEmbedding, HeadsConfig, InteractionModel, ModelConfig, MoE, MoEConfig, compute_losses,
                        param_counts)
 from tml.streams.batch import IGNORE_INDEX, Batch
 from tml.streams.layout import ConfigError, Kind, Stream
@@ -185,7 +185,7 @@ def test_overfits_one_batch():
 
 
 def test_tied_text_embeddings_share_one_parameter():
-    model = InteractionModel(tiny_cfg(tie_text_embeddings=True))
+    model = InteractionModel(tiny_cfg(heads=HeadsConfig(text="tied")))
     assert model.text_head.proj.weight is model.embed.text.weight
     untied = InteractionModel(tiny_cfg())
     assert param_counts(untied)["total"] - param_counts(model)["total"] == 128 * 64

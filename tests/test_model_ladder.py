@@ -53,6 +53,15 @@ def test_every_model_config_is_in_the_ladder():
     assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} == set(LADDER)
 
 
+@pytest.mark.parametrize("heads", [{"audio": "flow", "text": "tied"}, {"audio": "flow", "text": "untied"}])
+def test_flow_and_tied_heads_count_like_the_built_model(heads):
+    cfg = model_config("small")
+    cfg.heads.audio, cfg.heads.text = heads["audio"], heads["text"]
+    with torch.device("meta"):
+        model = InteractionModel(cfg)
+    assert param_counts(model)["total"] == count_params(cfg).total
+
+
 def test_counts_by_hand_on_a_small_case():
     # dim 8, 1 dense + 1 MoE layer, 2 heads (1 kv head), vocab 10, 4 experts of 4 (top-1), one shared expert.
     cfg = ModelConfig(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=10, dense_layers=1, dense_hidden_dim=12,

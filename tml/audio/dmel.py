@@ -109,3 +109,16 @@ class DMelTokenizer:
         """LongTensor[frames, n_mels]: the bins of digital silence (log-mel at the eps floor), used for padding."""
         floor = torch.full((frames, self.cfg.n_mels), torch.tensor(self.cfg.eps).log10().item())
         return self.quantize(floor)
+
+    def to_wave(self, bins_or_mel: torch.Tensor, vocoder=None) -> torch.Tensor:
+        """dMel bin ids LongTensor[frames, n_mels] or log10 mel FloatTensor[frames, n_mels] -> wave
+        FloatTensor[samples] at ``sample_rate``, through ``vocoder`` (any ``log_mel -> wave`` callable; default
+        Griffin-Lim, ``tml.audio.vocoder``)."""
+        from tml.audio.vocoder import GriffinLimVocoder  # here, not at the top: vocoder.py imports this module
+
+        log_mel = bins_or_mel.float() if bins_or_mel.is_floating_point() else self.decode(bins_or_mel)
+        if vocoder is None:
+            if getattr(self, "_vocoder", None) is None:
+                self._vocoder = GriffinLimVocoder(self.cfg)
+            vocoder = self._vocoder
+        return vocoder(log_mel)

@@ -1,9 +1,9 @@
 """The interaction model: multimodal embeddings, attention, MoE, blocks, heads and losses."""
 
 from tml.model.attention import Attention, RMSNorm, apply_rope, rope_cos_sin
-from tml.model.config import ModelConfig, MoEConfig
+from tml.model.config import FlowHeadConfig, HeadsConfig, ModelConfig, MoEConfig
 from tml.model.embed import DMelBagEmbedding, HMLPPatchEmbedding, MultimodalEmbedding, TextEmbedding
-from tml.model.heads import DMelHead, TextHead
+from tml.model.heads import DMelHead, FlowHead, TextHead, bins_to_unit, unit_to_bins
 from tml.model.losses import compute_losses
 from tml.model.mlp import SwiGLU
 from tml.model.moe import GroupedExperts, MoE
@@ -11,7 +11,8 @@ from tml.model.params import param_counts
 from tml.model.transformer import Block, InteractionModel, ModelOutput
 
 __all__ = [
-    "Attention", "Block", "DMelBagEmbedding", "DMelHead", "GroupedExperts", "HMLPPatchEmbedding",
-    "InteractionModel", "ModelConfig", "ModelOutput", "MoE", "MoEConfig", "MultimodalEmbedding", "RMSNorm",
-    "SwiGLU", "TextEmbedding", "TextHead", "apply_rope", "compute_losses", "param_counts", "rope_cos_sin",
+    "Attention", "Block", "DMelBagEmbedding", "DMelHead", "FlowHead", "FlowHeadConfig", "GroupedExperts",
+    "HMLPPatchEmbedding", "HeadsConfig", "InteractionModel", "ModelConfig", "ModelOutput", "MoE", "MoEConfig",
+    "MultimodalEmbedding", "RMSNorm", "SwiGLU", "TextEmbedding", "TextHead", "apply_rope", "bins_to_unit",
+    "compute_losses", "param_counts", "rope_cos_sin", "unit_to_bins",
 ]

@@ -12,6 +12,8 @@ from typing import Optional
 from tml.streams.layout import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+AUDIO_HEADS = ("dmel", "flow")
+TEXT_HEADS = ("untied", "tied")
 
 
 @dataclass
@@ -27,6 +29,27 @@ class MoEConfig:
     route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3's routed_scaling_factor)
     aux_loss_coeff: float = 0.01  # switch-style load-balancing loss weight (0 disables)
     z_loss_coeff: float = 0.0  # router z-loss weight (ST-MoE), keeps router logits small (0 disables)
+
+
+@dataclass
+class FlowHeadConfig:
+    """The flow-matching audio head (``model.heads.audio=flow``): an AdaLN residual MLP over the stacked
+    ``frames x n_mels`` values of one audio position, conditioned on the backbone hidden state and the flow time."""
+
+    hidden_dim: int = 256
+    n_layers: int = 3  # residual AdaLN MLP blocks
+    cond_dropout: float = 0.1  # training: replace the condition by a learned null vector (classifier-free guidance)
+    train_repeats: int = 4  # noise draws per target position per step (the head is cheap next to the backbone)
+
+
+@dataclass
+class HeadsConfig:
+    """Output heads. ``audio``: ``dmel`` (per-channel ``dmel_bins``-way classification, exact likelihood) or
+    ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or ``tied`` to the text embedding."""
+
+    audio: str = "dmel"
+    text: str = "untied"
+    flow: FlowHeadConfig = field(default_factory=FlowHeadConfig)
 
 
 @dataclass
@@ -54,7 +77,7 @@ class ModelConfig:
     patch_size: int = 40
     max_patch_grid: int = 16  # rows/cols of the learned patch position tables (frames up to 16*40 = 640 px)
     init_std: float = 0.02
-    tie_text_embeddings: bool = False
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
     # Recompute each block's activations in backward instead of storing them (training only): per-layer
     # activation memory drops to the block input, for ~1/3 more compute. See tml.tools.plan for the numbers.
     activation_checkpointing: bool = False
@@ -98,7 +121,21 @@ class ModelConfig:
             raise ConfigError(f"model.patch_size={self.patch_size}: the hMLP stem is conv k(P/4) -> k2 -> k2, so "
                               f"the patch size must be a multiple of 4 (e.g. 16 or 40)")
         self._validate_moe()
+        self._validate_heads()
         return self
+
+    def _validate_heads(self) -> None:
+        h, f = self.heads, self.heads.flow
+        if h.audio not in AUDIO_HEADS:
+            raise ConfigError(f"model.heads.audio={h.audio!r}: choose one of {', '.join(AUDIO_HEADS)}")
+        if h.text not in TEXT_HEADS:
+            raise ConfigError(f"model.heads.text={h.text!r}: choose one of {', '.join(TEXT_HEADS)}")
+        if f.hidden_dim <= 0 or f.n_layers <= 0 or f.train_repeats <= 0:
+            raise ConfigError(f"model.heads.flow.hidden_dim={f.hidden_dim}, n_layers={f.n_layers} and "
+                              f"train_repeats={f.train_repeats} must be positive")
+        if not 0.0 <= f.cond_dropout < 1.0:
+            raise ConfigError(f"model.heads.flow.cond_dropout={f.cond_dropout}: must be in [0, 1) (0 disables "
+                              f"classifier-free guidance)")
 
     def _validate_moe(self) -> None:
         m = self.moe

@@ -1,4 +1,5 @@
-"""Training losses from a ModelOutput and its Batch: text CE, dMel per-channel CE, router auxiliary loss."""
+"""Training losses from a ModelOutput and its Batch: text CE, audio (dMel per-channel CE or flow-matching velocity
+regression), router auxiliary loss. Only model-output positions carry targets (see ``tml.streams.batch``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, aud
     Returns scalars:
       loss        text_weight * loss/text + audio_weight * loss/audio + loss/aux  (what to backpropagate)
       loss/text   mean CE over the TEXT targets (nats per token)
-      loss/audio  mean CE over every (frame, mel channel) bin prediction of the AUDIO targets (nats per channel)
+      loss/audio  the audio head's loss: dmel head: mean CE over every (frame, mel channel) bin prediction of the
+                  AUDIO targets (nats per channel); flow head: the velocity regression error (= loss/audio_flow)
+      loss/audio_flow  (flow head only) mean squared velocity error per value, in unit coordinates
       loss/aux    router losses summed over MoE layers (already weighted by their coefficients)
       loss/text_words  (only with ``text_pad_id``; a metric, not trained on separately) mean CE over the TEXT
                   targets that are not the empty-slot token: most model text slots are ``<pad>``, which is easy
@@ -32,11 +35,16 @@ def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, aud
     """
     text_targets = batch.target_text[batch.target_kind == Kind.TEXT]
     text = _mean_ce(out.text_logits, text_targets)
-    bins = out.audio_logits.shape[-1]
-    audio = _mean_ce(out.audio_logits.reshape(-1, bins), batch.target_audio.reshape(-1))
+    if out.audio_flow_mse is not None:
+        audio = out.audio_flow_mse.float().mean() if out.audio_flow_mse.numel() else out.audio_flow_mse.float().sum()
+    else:
+        bins = out.audio_logits.shape[-1]
+        audio = _mean_ce(out.audio_logits.reshape(-1, bins), batch.target_audio.reshape(-1))
     aux = out.aux_loss.float()
     losses = {"loss": text_weight * text + audio_weight * audio + aux, "loss/text": text, "loss/audio": audio,
               "loss/aux": aux}
+    if out.audio_flow_mse is not None:
+        losses["loss/audio_flow"] = audio.detach()
     if text_pad_id is not None:
         words = text_targets != text_pad_id
         with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.utils.checkpoint
@@ -12,7 +13,7 @@ from torch import nn
 from tml.model.attention import Attention, KVCache, RMSNorm, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
-from tml.model.heads import DMelHead, TextHead
+from tml.model.heads import DMelHead, FlowHead, TextHead
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
 from tml.streams.batch import Batch
@@ -26,9 +27,11 @@ class ModelOutput:
 
     hidden: torch.Tensor  # [B, L, dim] final-norm hidden states
     text_logits: torch.Tensor  # [N_text, vocab]
-    audio_logits: torch.Tensor  # [N_audio, frames, n_mels, bins]
+    audio_logits: Optional[torch.Tensor]  # dmel head: [N_audio, frames, n_mels, bins]; None with the flow head
     aux_loss: torch.Tensor  # scalar: router losses summed over MoE layers (already times their coefficients)
     expert_counts: torch.Tensor  # long [n_moe_layers, E]: tokens routed to each expert in this forward
+    # flow head: [N_audio] velocity regression error per audio target (fresh noise every forward); else None
+    audio_flow_mse: Optional[torch.Tensor] = None
 
 
 class Block(nn.Module):
@@ -72,8 +75,10 @@ class InteractionModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.text_head = TextHead(cfg.dim, cfg.vocab_size,
-                                  self.embed.text.weight if cfg.tie_text_embeddings else None)
-        self.audio_head = DMelHead(cfg.dim, cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins)
+                                  self.embed.text.weight if cfg.heads.text == "tied" else None)
+        S, C, NB = cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins
+        self.audio_head: DMelHead | FlowHead = (FlowHead(cfg.dim, S, C, NB, cfg.heads.flow) if cfg.heads.audio == "flow"
+                                                else DMelHead(cfg.dim, S, C, NB))
         self.init_weights()
 
     @torch.no_grad()
@@ -96,6 +101,8 @@ class InteractionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, DMelBagEmbedding):
                 m.reset_parameters(std)
+            elif isinstance(m, FlowHead):
+                m.reset_parameters()  # adaLN-zero: its modulations and output start at zero
         nn.init.normal_(self.embed.pad, std=std)
 
     def moe_layers(self) -> list[MoE]:
@@ -116,9 +123,15 @@ class InteractionModel(nn.Module):
                 x = layer(x, cos, sin, mask)
         h = self.norm(x)
         text_logits = self.text_head(h[batch.target_kind == Kind.TEXT])
-        audio_logits = self.audio_head(h[batch.target_kind == Kind.AUDIO])
+        h_audio = h[batch.target_kind == Kind.AUDIO]
+        audio_logits = flow_mse = None
+        if isinstance(self.audio_head, FlowHead):
+            # The flow head's training signal needs noise and the targets, so its loss is computed here.
+            flow_mse = self.audio_head.loss(h_audio, batch.target_audio)
+        else:
+            audio_logits = self.audio_head(h_audio)
         aux_loss, expert_counts = self._router_stats(h)
-        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts)
+        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, flow_mse)
 
     def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moes = self.moe_layers()

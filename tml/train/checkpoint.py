@@ -63,3 +63,29 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int) -> dict:
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
     return torch.load(state_file, weights_only=False)
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """A run dir, its ``checkpoints`` dir or one ``step_XXXXXXXX`` dir -> (run dir, step dir). The run dir is the
+    one holding ``config.resolved.json``; without a step dir, the newest checkpoint (``latest``) is taken."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "latest").exists():
+        path = path / latest_tag(path)
+    run_dir = path.parent.parent
+    if not (path / "mp_rank_00_model_states.pt").exists() or not (run_dir / "config.resolved.json").exists():
+        raise CheckpointError(f"checkpoint={path}: expected RUN_DIR, RUN_DIR/checkpoints or "
+                              f"RUN_DIR/checkpoints/step_XXXXXXXX of a pretrain run (with mp_rank_00_model_states.pt "
+                              f"and RUN_DIR/config.resolved.json)")
+    return run_dir, path
+
+
+def load_model_weights(model: torch.nn.Module, step_dir: Path) -> None:
+    """Load a DeepSpeed checkpoint's module weights into a plain model (inference: no engine, no optimizer)."""
+    state = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module = state.get("module")
+    if not module or any(t.numel() == 0 for t in module.values()):
+        raise CheckpointError(f"{step_dir} holds no full module weights (ZeRO-3 partitions them): gather them with "
+                              f"DeepSpeed's zero_to_fp32.py first")
+    model.load_state_dict({k: v.float() for k, v in module.items()})

@@ -1,0 +1,81 @@
+"""Let the model speak its side of a recorded episode: teacher-forced on every input stream, free on its own.
+
+Walk the episode's positions in order. Input positions (user audio, video, background text) keep the recording's
+payload; at every MODEL-stream text or audio position the hidden state of the position before it is sampled
+(``tml.model.sampling``) and the sample becomes that position's payload, so later positions read what the model
+wrote. Audio feeds back through the dMel bag, i.e. quantised to bins, the same path as real audio; the continuous
+unit coordinates (the flow head's samples, or bin centres) are kept for listening.
+
+There is no KV cache yet: each generated position re-runs the prefix, so cost grows with the square of the
+episode length (seconds for the tiny model on a 10 s episode on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tml.model.heads import unit_to_bins
+from tml.model.sampling import SamplingConfig, sample_audio, sample_logits
+from tml.model.transformer import InteractionModel
+from tml.streams.batch import IGNORE_INDEX, Batch
+from tml.streams.interleave import EpisodeTokens
+from tml.streams.layout import Kind, Stream
+
+
+@dataclass
+class Generation:
+    """What the model wrote, per position of the episode (n = num_turns * turn length).
+
+    text_ids: long [n] (generated at MODEL text positions, the recording's elsewhere); audio_bins: long [n_audio,
+    S, C] in row-major order of the AUDIO positions (generated at MODEL ones); model_audio_unit: float
+    [num_turns * audio slots, S, C] the model's continuous audio in time order; model_text: long [num_turns, text
+    slots] the model's tokens (``<pad>`` = wrote nothing).
+    """
+
+    text_ids: torch.Tensor
+    audio_bins: torch.Tensor
+    model_audio_unit: torch.Tensor
+    model_text: torch.Tensor
+
+
+def prefix_batch(tok: EpisodeTokens, p: int, text_ids: torch.Tensor, audio_bins: torch.Tensor) -> Batch:
+    """Positions [0, p) of one episode as a one-row Batch without targets (we read hidden states, not losses)."""
+    kind = tok.kind[:p]
+    n_audio, n_patch = int((kind == Kind.AUDIO).sum()), int((kind == Kind.PATCH).sum())
+    S, C = tok.audio_bins.shape[1:]
+    row = lambda x: x[None].clone()  # noqa: E731
+    return Batch(kind=row(kind), stream=row(tok.stream[:p]), micro_turn=row(tok.micro_turn[:p]),
+                 position_ids=torch.arange(p)[None], doc_ids=torch.zeros(1, p, dtype=torch.long),
+                 text_ids=row(text_ids[:p]), audio_bins=audio_bins[:n_audio].clone(),
+                 patches=tok.patches[:n_patch], patch_rc=tok.patch_rc[:n_patch],
+                 target_kind=torch.zeros(1, p, dtype=torch.long), target_text=torch.full((1, p), IGNORE_INDEX),
+                 target_audio=torch.zeros(0, S, C, dtype=torch.long))
+
+
+@torch.no_grad()
+def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: SamplingConfig) -> Generation:
+    """Generate every MODEL text/audio position of ``tok`` (see module docstring). The model is put in eval mode."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    text_ids, audio_bins = tok.text_ids.clone(), tok.audio_bins.clone()
+    audio_row = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1  # row of audio_bins of each AUDIO position
+    is_model = tok.stream == Stream.MODEL
+    units = []
+    for q in torch.nonzero(is_model & ((tok.kind == Kind.TEXT) | (tok.kind == Kind.AUDIO))).flatten().tolist():
+        if q == 0:
+            raise ValueError(f"episode {tok.key}: a MODEL position is first in the micro-turn; nothing predicts it")
+        out = model(prefix_batch(tok, q, text_ids, audio_bins).to(device))
+        h = out.hidden[0, q - 1 : q]
+        if tok.kind[q] == Kind.TEXT:
+            text_ids[q] = sample_logits(model.text_head(h), cfg.text_temperature, cfg.text_top_p, gen).cpu()[0]
+        else:
+            unit = sample_audio(model.audio_head, h, cfg, gen).float().cpu()
+            audio_bins[audio_row[q]] = unit_to_bins(unit[0], model.cfg.dmel_bins)
+            units.append(unit[0])
+    S, C = tok.audio_bins.shape[1:]
+    model_text = text_ids[is_model & (tok.kind == Kind.TEXT)].view(tok.num_turns, -1)
+    unit = torch.stack(units) if units else torch.zeros(0, S, C)
+    return Generation(text_ids, audio_bins, unit, model_text)
