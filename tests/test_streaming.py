@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tml.audio.dmel import DMelTokenizer
-from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession, sample
+from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
 from tml.model import InteractionModel, ModelConfig, MoEConfig
 from tml.streams import BackgroundEvent, Batch, Episode, Kind, LayoutConfig, MicroTurnLayout, Stream, Word
 from tml.streams.interleave import interleave
@@ -125,10 +125,23 @@ def test_wave_input_matches_offline_dmel_away_from_turn_edges(setup):
         assert torch.equal(live[:-1], offline[t * 20 : t * 20 + 19])
 
 
-def test_top_p_sampling_by_hand():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    g = torch.Generator().manual_seed(0)
-    draws = sample(logits.expand(4000, 4), 1.0, 0.7, g)  # nucleus {0, 1}: 0.5 + 0.3 >= 0.7
-    assert set(draws.tolist()) == {0, 1}
-    assert abs((draws == 0).float().mean() - 0.5 / 0.8) < 0.03
-    assert sample(logits, 0.0, 1.0, None).item() == 0
+def test_flow_head_session_speaks_continuous_mel_and_keeps_text_aligned(setup):
+    _, layout, dmel, text, episode, tok = setup
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                      moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))
+    cfg.heads.audio = "flow"
+    model = InteractionModel(cfg).eval()
+    batch = collate([[tok]], TURNS * layout.length)
+    with torch.no_grad():
+        ref = model(batch)
+    session = StreamingSession(model, layout, dmel)
+    outs = []
+    for t in range(TURNS):
+        inputs, force = turn_inputs(tok, layout, episode, t)
+        outs.append(session.step(inputs, force=force))
+    assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
+    free = StreamingSession(model, layout, dmel).step(turn_inputs(tok, layout, episode, 0)[0])
+    assert free.audio_logits is None and free.mel.shape == (20, 80)
+    lo, hi = dmel.cfg.log_min, dmel.cfg.log_max
+    assert (free.mel >= lo).all() and (free.mel <= hi).all() and not torch.equal(free.mel, dmel.decode(free.audio_bins))

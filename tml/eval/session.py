@@ -25,19 +25,21 @@ from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
 from tml.model.attention import KVCache, rope_cos_sin
+from tml.model.heads import FlowHead, unit_to_bins
+from tml.model.sampling import SamplingConfig, sample_logits
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
 from tml.vision.patches import frame_to_patches
 
 
+def _greedy() -> SamplingConfig:
+    return SamplingConfig(text_temperature=0.0, audio_temperature=0.0)
+
+
 @dataclass
 class SessionConfig:
     cache_window: int = 0  # positions each query may attend to (0 = the whole session)
-    text_temperature: float = 0.0  # 0 = greedy
-    text_top_p: float = 1.0
-    audio_temperature: float = 0.0
-    audio_top_p: float = 1.0
-    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=_greedy)  # how text and audio are drawn (greedy by default)
 
 
 @dataclass
@@ -56,25 +58,12 @@ class MicroTurnOutputs:
     turn: int
     text_ids: list[int]  # the model's text slots (pad id where it wrote nothing)
     audio_bins: torch.Tensor  # long [frames_per_turn, n_mels]
-    mel: torch.Tensor  # float [frames_per_turn, n_mels]: log-mel at bin centres
+    mel: torch.Tensor  # float [frames_per_turn, n_mels]: log-mel (bin centres, or the flow head's values)
     wave: torch.Tensor | None  # float [samples_per_turn] when the session has a vocoder
     text_logits: torch.Tensor  # [text slots, vocab]: the distributions the text was drawn from
-    audio_logits: torch.Tensor  # [audio slots, S, C, bins]
+    audio_logits: torch.Tensor | None  # [audio slots, S, C, bins] for the dMel head; None for the flow head
     background_ids: list[int]  # what the background slots read in this micro-turn (pad id where empty)
     compute_s: float
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw ids from logits [..., V]: argmax at temperature 0, else nucleus sampling. Returns long [...]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely id
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
 class StreamingSession:
@@ -91,7 +80,7 @@ class StreamingSession:
         self.cfg = cfg or SessionConfig()
         self.pad_id, self.vocoder = text_pad_id, vocoder
         self.caches = [KVCache(self.cfg.cache_window) for _ in model.layers]
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.generator = torch.Generator().manual_seed(self.cfg.sampling.validate().seed)
         self.turn = 0
         self.position = 0
         self.background_queue: list[int] = []
@@ -181,24 +170,34 @@ class StreamingSession:
                           torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long))[-1]
 
         # Output slots, one position at a time: predict from h, feed the payload back, get the next h.
-        out_text, out_audio, text_logits, audio_logits = [], [], [], []
+        out_text, out_audio, out_mel, text_logits, audio_logits = [], [], [], [], []
+        sc, flow = self.cfg.sampling, isinstance(self.model.audio_head, FlowHead)
         forced_text = list(force["text"]) if force else None
         forced_audio = force["audio"].view(-1, S, C) if force else None
         outputs = [(s.kind, s.stream) for s in lay.slots if s.stream == Stream.MODEL for _ in range(s.count)]
         for i, (k, st) in enumerate(outputs):
             if k == Kind.TEXT:
                 logits = self.model.text_head(h[None])[0]
-                tid = int(sample(logits, self.cfg.text_temperature, self.cfg.text_top_p, self.generator))
+                tid = int(sample_logits(logits, sc.text_temperature, sc.text_top_p, self.generator))
                 tid = forced_text[len(out_text)] if forced_text is not None else tid
                 text_logits.append(logits)
                 out_text.append(tid)
                 payload = dict(text_ids=[tid], audio_bins=torch.zeros(0, S, C, dtype=torch.long))
             else:
-                logits = self.model.audio_head(h[None])[0]  # [S, C, bins]
-                bins = sample(logits, self.cfg.audio_temperature, self.cfg.audio_top_p, self.generator)
-                bins = forced_audio[len(out_audio)] if forced_audio is not None else bins
-                audio_logits.append(logits)
+                if flow:  # continuous log-mel sample; it feeds back quantised, like real audio
+                    unit = self.model.audio_head.sample(h[None], sc.flow_steps, sc.flow_solver, sc.guidance,
+                                                        self.generator)[0]
+                    bins = unit_to_bins(unit, self.model.cfg.dmel_bins)
+                    mel = self.dmel.unit_to_log_mel(unit)
+                else:
+                    logits = self.model.audio_head(h[None])[0]  # [S, C, bins]
+                    bins = sample_logits(logits, sc.audio_temperature, sc.audio_top_p, self.generator)
+                    audio_logits.append(logits)
+                    mel = None
+                if forced_audio is not None:
+                    bins, mel = forced_audio[len(out_audio)], None
                 out_audio.append(bins)
+                out_mel.append(self.dmel.decode(bins) if mel is None else mel)
                 payload = dict(text_ids=[0], audio_bins=bins[None])
             h = self._forward([int(k)], [int(st)], payload["text_ids"], payload["audio_bins"],
                               torch.zeros(0, P, P, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))[-1]
@@ -206,12 +205,12 @@ class StreamingSession:
         if self.background is not None:
             self.background.observe(out_text, now + cfg.micro_turn_ms / 1000)
         bins = torch.stack(out_audio).reshape(-1, C) if out_audio else torch.zeros(0, C, dtype=torch.long)
-        mel = self.dmel.decode(bins)
+        mel = torch.stack(out_mel).reshape(-1, C) if out_mel else torch.zeros(0, C)
         result = MicroTurnOutputs(
             turn=self.turn, text_ids=out_text, audio_bins=bins, mel=mel,
             wave=self.vocoder(mel) if self.vocoder is not None else None,
             text_logits=torch.stack(text_logits) if text_logits else torch.zeros(0),
-            audio_logits=torch.stack(audio_logits) if audio_logits else torch.zeros(0),
+            audio_logits=torch.stack(audio_logits) if audio_logits else None,
             background_ids=background_ids,
             compute_s=time.perf_counter() - t0,
         )
