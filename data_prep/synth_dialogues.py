@@ -11,7 +11,7 @@ arrives 1-2 s later and the model then says the answer. Everything is determinis
 depends only on (seed, i), and shards are byte-identical across runs.
 
 Output in ``--out``: ``shard-%06d.tar`` (``Episode.to_sample()`` per episode), ``tokenizer.json`` (byte-level BPE
-on all spoken words and background texts), ``manifest.json`` (written last; its presence means the set is
+on all spoken words and background texts), ``dmel_ranges.json`` (per-channel dMel ranges), ``manifest.json`` (written last; its presence means the set is
 complete).
 """
 
@@ -27,17 +27,19 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from data_prep.espeak import EspeakVoice
+from data_prep.fit_dmel import RANGES_FILE, fit_dir
 from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 
 GENERATOR = "data_prep.synth_dialogues"
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 SAMPLE_RATE = 16000
 VIDEO_FPS = 5
 VIDEO_SIZE = 80
@@ -56,8 +58,13 @@ class SynthConfig:
     vocab_size: int = 512
     min_duration: float = 6.0
     max_duration: float = 14.0
-    background_prob: float = 0.3  # episodes with a background-model lookup
+    background_prob: float = 0.2  # episodes with a background-model lookup (the others: see SCENARIOS)
     backchannel_prob: float = 0.25  # episodes where the model says "right." during a long user turn
+    listener_sound_prob: float = 0.3  # episodes where the user says "mhm", coughs or false-starts during a model turn
+    pause_prob: float = 0.25  # episodes where a long user turn has a mid-sentence pause (not a turn end)
+    noise_prob: float = 0.4  # episodes with background noise on the user's microphone
+    noise_snrs_db: tuple = (5.0, 10.0, 20.0)
+    scenario: str | None = None  # force one scenario for every episode (tool or a key of SCENARIOS)
     workers: int = 2
 
 
@@ -115,14 +122,31 @@ def say_num(rng: random.Random, n: int) -> str:
 
 @dataclass
 class Line:
-    """One scripted utterance; ``gap`` is the silence before it (negative = overlap with the previous turn)."""
+    """One scripted utterance, placed after the previous one with a sampled human gap unless told otherwise:
+
+    * ``at(placed, prev_end)``: absolute start time in seconds, given the lines placed so far by ``tag`` (timers,
+      paced counting, reactions to the video);
+    * ``barge``: a user line that starts this fraction into the previous (model) line; the model stops talking
+      ``stop_delay`` seconds later (the interrupted line is cut there);
+    * ``pause_after``/``pause``: a silence of ``pause`` seconds after word ``pause_after`` (not a turn end).
+    """
 
     speaker: str  # user | model
     text: str
-    kind: str = "turn"  # turn | delegate (model hands off to the background model) | answer | backchannel
+    # turn | delegate (model hands off to the background model) | answer | backchannel | interrupt | wait (user
+    # asks for quiet) | timer_request | count | now (reaction to the video) | cough | false_start
+    kind: str = "turn"
     result: str | None = None  # for kind=delegate: the background result text
     query: str | None = None  # for kind=delegate: what was asked of the background model
     result_delay: float = 0.0  # for kind=delegate: seconds from the end of this line to the result
+    tag: str | None = None
+    at: Callable[[dict, float], float] | None = None
+    gap: float | None = None  # fixed silence before the line instead of a sampled one
+    barge: float | None = None
+    stop_delay: float = 0.2
+    pause_after: int | None = None
+    pause: float = 0.0
+    optional: bool = False  # may be dropped (from the end) when the episode would run past max_duration
 
 
 @dataclass
@@ -134,6 +158,20 @@ class VideoSpec:
     y0: float
     vx: float  # px/s
     vy: float
+    squares: list = field(default_factory=list)  # (t0, t1, x, y, side, colour name): squares that appear
+
+    def wall_hits(self, size: int = 80) -> list[float]:
+        """Times (s, > 0) at which the ball touches a wall: x or y reaches radius or size-1-radius."""
+        hits = []
+        for p0, v in ((self.x0, self.vx), (self.y0, self.vy)):
+            span, u0 = size - 1 - 2 * self.radius, p0 - self.radius
+            m = math.floor(u0 / span) + (1 if v > 0 else 0)
+            for _ in range(40):
+                t = (m * span - u0) / v
+                if t > 0:
+                    hits.append(t)
+                m += 1 if v > 0 else -1
+        return sorted(hits)
 
 
 def _pick(rng: random.Random, options: list[str]) -> str:
@@ -266,6 +304,104 @@ TOPICS = [topic_capital, topic_arithmetic, topic_counting, topic_days, topic_spe
           topic_plans, topic_video]
 
 
+# --- interaction phenomena beyond plain turn-taking (each a scenario; events are derived from the line kinds) ---
+
+LONG_TALK = [
+    "well, there are many things to consider. first it depends on the season, then on where you want to go, and "
+    "of course on how much time you have.",
+    "let me explain. you mix the flour with the water, then you add a little salt, and after that you leave the "
+    "dough to rest for about an hour.",
+    "sure. the story begins in a small village by the sea, where an old fisherman lived with his daughter and "
+    "their very lazy cat.",
+]
+
+
+def topic_interrupt(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """Barge-in: the user cuts a long model turn short; the model stops within a few hundred ms and listens."""
+    if rng.random() < 0.5:
+        a = rng.randint(1, 8)
+        ask, talk = f"can you count from {num_words(a)} to {num_words(a + 12)}?", \
+            "sure. " + ", ".join(num_words(i) for i in range(a, a + 13)) + "."
+    else:
+        ask, talk = _pick(rng, ["can you tell me something?", "what do you think about that?",
+                                "can you explain it to me?"]), rng.choice(LONG_TALK)
+    follow = rng.choice([topic_capital, topic_days, topic_spelling, topic_arithmetic])(rng, video)[:2]
+    for ln in follow:
+        ln.optional = True
+    return [Line("user", ask), Line("model", talk),
+            Line("user", _pick(rng, ["wait, stop.", "sorry, hold on.", "stop, stop.", "wait a second."]), "interrupt",
+                 barge=rng.uniform(0.3, 0.6), stop_delay=round(rng.uniform(0.1, 0.35), 3)),
+            Line("model", _pick(rng, ["okay.", "sure, go ahead.", "yes?"])), *follow]
+
+
+def topic_wait(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """The user asks for quiet; the model acknowledges and stays silent through a long pause that is not its turn."""
+    q = rng.choice([topic_capital, topic_days, topic_arithmetic])(rng, video)[:2]
+    return [Line("user", _pick(rng, ["hold on, let me think.", "please wait a moment.", "be quiet for a second.",
+                                     "just a moment, please."]), "wait"),
+            Line("model", _pick(rng, ["sure, take your time.", "okay.", "no problem."])),
+            Line("user", "okay, I'm back. " + q[0].text, gap=round(rng.uniform(2.0, 4.0), 3)), q[1]]
+
+
+def topic_timer(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """Time-aware: the model speaks when the requested number of seconds has passed."""
+    n = rng.randint(3, 8)
+    return [Line("user", f"tell me when {num_words(n)} seconds have passed.", "timer_request", tag="req",
+                 result_delay=float(n)),
+            Line("model", _pick(rng, ["okay, starting now.", "sure, I'll tell you.", "okay."])),
+            Line("model", _pick(rng, ["now.", f"{num_words(n)} seconds have passed.", "time is up."]), "timer",
+                 at=lambda placed, prev_end: placed["req"].end + n)]
+
+
+def topic_count_pace(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """Counting aloud at a requested pace: number i is due ``i * pace`` after the model's go."""
+    pace, said = rng.choice([(1.0, "one number per second"), (1.5, "one number every one and a half seconds"),
+                             (2.0, "one number every two seconds")])
+    k = rng.randint(3, min(5, int(8 / pace)))  # the count fits in the episode
+    lines = [Line("user", f"count to {num_words(k)}, {said}."), Line("model", "okay.", tag="go")]
+    for i in range(1, k + 1):
+        lines.append(Line("model", num_words(i), "count", result_delay=pace,
+                          at=lambda placed, prev_end, i=i: placed["go"].end + i * pace))
+    return lines
+
+
+def topic_wall(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """Visual timing: "say now" each time the ball touches a wall (the reaction lags the hit by ~250 ms)."""
+    video.vx = math.copysign(rng.uniform(30, 40), video.vx)  # fast enough to hit a wall every ~1.5 s
+    hits = video.wall_hits(VIDEO_SIZE)
+    reaction = round(rng.uniform(0.2, 0.35), 3)
+
+    def next_hit(placed: dict, prev_end: float) -> float:
+        return next(h for h in hits if h + reaction >= prev_end + 0.15) + reaction
+
+    return [Line("user", _pick(rng, ["say now when the ball hits the wall.", "tell me when the ball touches a wall."])),
+            Line("model", _pick(rng, ["okay, watching.", "sure."]))] + \
+        [Line("model", "now!", "now", at=next_hit, result_delay=reaction) for _ in range(rng.randint(2, 3))] + \
+        [Line("user", _pick(rng, ["okay, that's enough.", "great, thanks."]))]
+
+
+def topic_squares(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """Visual counting: squares appear one after another; asked afterwards, the model says how many it saw."""
+    n, t = rng.randint(1, 4), rng.uniform(0.4, 1.0)
+    for _ in range(n):
+        dur, side = rng.uniform(0.8, 1.4), rng.randint(10, 18)
+        video.squares.append((round(t, 3), round(t + dur, 3), rng.randint(0, VIDEO_SIZE - side),
+                              rng.randint(0, VIDEO_SIZE - side), side, rng.choice(list(BALL_COLOURS))))
+        t += dur + rng.uniform(0.3, 0.8)
+    last = video.squares[-1][1]
+    word = "square" if n == 1 else "squares"
+    return [Line("user", _pick(rng, ["how many squares did you see?", "how many squares appeared?"]),
+                 at=lambda placed, prev_end: max(prev_end + 0.3, last + 0.5)),
+            Line("model", _pick(rng, [f"I saw {num_words(n)} {word}.", f"{num_words(n)} {word}."]))]
+
+
+# Scenario mix for the episodes without a background-model lookup (weights; the mix is counted in the manifest).
+SCENARIOS = {"dialogue": 0.4, "interrupt": 0.14, "wait": 0.1, "timer": 0.08, "count_pace": 0.08, "wall": 0.1,
+             "squares": 0.1}
+SCENARIO_TOPICS = {"interrupt": topic_interrupt, "wait": topic_wait, "timer": topic_timer,
+                   "count_pace": topic_count_pace, "wall": topic_wall, "squares": topic_squares}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Audio: speak lines, place them on one timeline
 # ---------------------------------------------------------------------------------------------------------------
@@ -277,23 +413,58 @@ class Spoken:
     words: list[Word]  # times relative to the start of ``wave``
     gap: float  # silence before this line (negative = overlap)
     start: float = 0.0  # absolute, set by the layout
+    cut: float | None = None  # set by the layout when the line is interrupted: seconds of it that are spoken
+
+    @property
+    def full_dur(self) -> float:
+        return self.wave.numel() / SAMPLE_RATE
 
     @property
     def dur(self) -> float:
-        return self.wave.numel() / SAMPLE_RATE
+        return self.full_dur if self.cut is None else min(self.cut, self.full_dur)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.dur
 
 
 def speak_line(line: Line, voice: EspeakVoice) -> tuple[torch.Tensor, list[Word]]:
-    """Speak a line and trim it to its speech, so placement times are speech onsets."""
+    """Speak a line and trim it to its speech, so placement times are speech onsets. A line with ``pause_after``
+    is spoken in two parts with ``pause`` seconds of silence between them."""
+    if line.pause_after is not None:
+        parts = line.text.split()
+        k = line.pause_after + 1
+        a = Line(line.speaker, " ".join(parts[:k]))
+        b = Line(line.speaker, " ".join(parts[k:]))
+        wa, xa = speak_line(a, voice)
+        wb, xb = speak_line(b, voice)
+        off = (wa.numel() + round(line.pause * SAMPLE_RATE)) / SAMPLE_RATE
+        wave = torch.cat([wa, torch.zeros(round(line.pause * SAMPLE_RATE)), wb])
+        return wave, xa + [Word(w.text, w.start + off, w.end + off) for w in xb]
     wave, words = voice.speak(line.text, SAMPLE_RATE)
     a, b = round(words[0].start * SAMPLE_RATE), round(words[-1].end * SAMPLE_RATE)
     t0 = a / SAMPLE_RATE
     return wave[a:b].clone(), [Word(w.text, w.start - t0, w.end - t0) for w in words]
 
 
+def cough(rng: random.Random) -> torch.Tensor:
+    """A cough-like burst (band-passed noise with a fast attack and decay), 0.2-0.35 s; not speech, no words."""
+    import torchaudio.functional as AF
+
+    n = round(rng.uniform(0.2, 0.35) * SAMPLE_RATE)
+    g = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    noise = torch.randn(n, generator=g)
+    t = torch.arange(n) / SAMPLE_RATE
+    env = (1 - torch.exp(-t / 0.01)) * torch.exp(-t / 0.08)
+    x = AF.bandpass_biquad(noise * env, SAMPLE_RATE, rng.uniform(500, 1200), Q=0.7)
+    return (0.4 * x / x.abs().max().clamp_min(1e-6)).to(torch.float32)
+
+
 def sample_gap(rng: random.Random, prev: Line | None, line: Line) -> float:
     if prev is None:
         return 0.0  # the first line starts after the episode's lead-in instead
+    if line.gap is not None:
+        return line.gap
     if prev.kind == "delegate":
         return prev.result_delay + rng.uniform(0.25, 0.6)  # wait for the result, then react to it
     if prev.speaker == line.speaker:
@@ -303,33 +474,64 @@ def sample_gap(rng: random.Random, prev: Line | None, line: Line) -> float:
 
 
 def layout(turns: list[Spoken], lead: float) -> float:
-    """Set ``start`` of every turn (the first at ``lead`` seconds); returns the end of the last one."""
+    """Set ``start`` (and ``cut`` of interrupted lines) of every turn, the first at ``lead`` seconds; returns the end
+    of the last one. Idempotent, so it can run again after lines are dropped."""
     last_end = {"user": -1.0, "model": -1.0}
+    placed: dict[str, Spoken] = {}
     prev: Spoken | None = None
     for s in turns:
+        s.cut = None
+    for s in turns:
+        line = s.line
         if prev is None:
             s.start = lead
+        elif line.barge is not None and prev.line.speaker != line.speaker:
+            s.start = prev.start + line.barge * prev.full_dur  # barge in: the interrupted line stops soon after
+            prev.cut = s.start + line.stop_delay - prev.start
+            last_end[prev.line.speaker] = prev.end
+        elif line.at is not None:
+            s.start = max(line.at(placed, prev.end), prev.start + 0.3, last_end[line.speaker] + 0.15)
         else:
-            prev_end = prev.start + prev.dur
             # An overlap only eats the tail of the previous turn, and a speaker never overlaps itself.
-            s.start = max(prev_end + s.gap, prev.start + 0.3, last_end[s.line.speaker] + 0.15)
-        last_end[s.line.speaker] = s.start + s.dur
+            s.start = max(prev.end + s.gap, prev.start + 0.3, last_end[line.speaker] + 0.15)
+        last_end[line.speaker] = s.end
+        if line.tag:
+            placed[line.tag] = s
         prev = s
     return max(last_end.values())
 
 
-def place_backchannel(rng: random.Random, turns: list[Spoken], bc: Spoken) -> bool:
-    """Put a model backchannel after a word in the middle of a long user turn, clear of other model speech."""
-    model_spans = [(t.start, t.start + t.dur) for t in turns if t.line.speaker == "model"]
-    for u in [t for t in turns if t.line.speaker == "user" and t.dur >= 1.5]:
+def place_overlay(rng: random.Random, turns: list[Spoken], ov: Spoken) -> bool:
+    """Put a short sound of ``ov``'s speaker (backchannel, cough, false start) after a word in the middle of a long
+    turn of the other speaker, clear of ``ov``'s speaker's own speech."""
+    me = ov.line.speaker
+    mine = [(t.start, t.end) for t in turns if t.line.speaker == me]
+    for u in [t for t in turns if t.line.speaker != me and t.dur >= 1.5 and t.cut is None]:
         inner = [w for w in u.words[:-1] if 0.3 * u.dur <= w.end <= 0.7 * u.dur]
         rng.shuffle(inner)
         for w in inner:
             t = u.start + w.end + 0.15
-            if all(t + bc.dur + 0.2 <= a or t - 0.2 >= b for a, b in model_spans):
-                bc.start = t
+            if all(t + ov.dur + 0.2 <= a or t - 0.2 >= b for a, b in mine):
+                ov.start = t
                 return True
     return False
+
+
+def add_noise(rng: random.Random, x: torch.Tensor, speech: list[tuple[float, float]], snr_db: float,
+              kind: str) -> torch.Tensor:
+    """Add white or pink noise to ``x`` at ``snr_db`` relative to the mean power of its speech spans."""
+    g = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    noise = torch.randn(x.numel(), generator=g)
+    if kind == "pink":  # 1/f power: scale the spectrum by 1/sqrt(f)
+        spec = torch.fft.rfft(noise)
+        f = torch.arange(spec.numel(), dtype=torch.float32).clamp_min(1.0)
+        noise = torch.fft.irfft(spec / f.sqrt(), n=x.numel())
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    for a, b in speech:
+        mask[round(a * SAMPLE_RATE): round(b * SAMPLE_RATE)] = True
+    p_speech = x[mask].pow(2).mean() if mask.any() else torch.tensor(1e-4)
+    noise = noise * (p_speech / (noise.pow(2).mean() * 10 ** (snr_db / 10))).sqrt()
+    return x + noise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,7 +546,8 @@ def _bounce(p0: torch.Tensor, v: float, t: torch.Tensor, lo: float, hi: float) -
 
 
 def render_video(spec: VideoSpec, n_frames: int, fps: float = VIDEO_FPS, size: int = VIDEO_SIZE) -> torch.Tensor:
-    """uint8 [n_frames, size, size, 3]: a ``spec.ball`` disc on a ``spec.background`` field."""
+    """uint8 [n_frames, size, size, 3]: a ``spec.ball`` disc on a ``spec.background`` field, plus ``spec.squares``
+    while they are visible."""
     t = torch.arange(n_frames, dtype=torch.float32) / fps
     x = _bounce(torch.tensor(spec.x0), spec.vx, t, spec.radius, size - 1 - spec.radius)
     y = _bounce(torch.tensor(spec.y0), spec.vy, t, spec.radius, size - 1 - spec.radius)
@@ -353,12 +556,61 @@ def render_video(spec: VideoSpec, n_frames: int, fps: float = VIDEO_FPS, size: i
               + (grid[None, :, None] - y[:, None, None]) ** 2) <= spec.radius ** 2  # [frames, H, W]
     bg = torch.tensor(BACKGROUNDS[spec.background], dtype=torch.uint8)
     fg = torch.tensor(BALL_COLOURS[spec.ball], dtype=torch.uint8)
-    return torch.where(inside[..., None], fg, bg).contiguous()
+    video = torch.where(inside[..., None], fg, bg).contiguous()
+    for t0, t1, sx, sy, side, colour in spec.squares:
+        on = (t >= t0) & (t < t1)
+        video[on, sy:sy + side, sx:sx + side] = torch.tensor(BALL_COLOURS[colour], dtype=torch.uint8)
+    return video
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One episode
 # ---------------------------------------------------------------------------------------------------------------
+
+def _events(turns: list[Spoken], background: list[BackgroundEvent], video: VideoSpec) -> list[dict]:
+    """Event labels (schema in ``tml.streams.episode``) from the placed lines, sorted by time."""
+    ev: list[dict] = []
+    r = lambda t: round(t, 4)  # noqa: E731
+    main = [s for s in turns if s.line.kind not in ("backchannel", "cough", "false_start")]
+    for s in turns:
+        k, who = s.line.kind, s.line.speaker
+        if k == "cough":
+            ev.append({"type": "non_interruption", "time": r(s.start), "end": r(s.end), "speaker": who, "what": "cough"})
+            continue
+        ev.append({"type": "utterance_start", "time": r(s.start), "speaker": who, "text": s.line.text, "kind": k})
+        ev.append({"type": "utterance_end", "time": r(s.end), "speaker": who, "kind": k,
+                   **({"interrupted": True} if s.cut is not None else {})})
+        if k in ("backchannel", "false_start") and who == "user":
+            ev.append({"type": "non_interruption", "time": r(s.start), "end": r(s.end), "speaker": who, "what": k})
+        if k == "interrupt":
+            ev.append({"type": "interruption", "time": r(s.start), "speaker": who, "target": "model",
+                       "stop_by": r(s.start + s.line.stop_delay + 0.1)})
+        if s.line.pause_after is not None:
+            i = s.line.pause_after
+            ev.append({"type": "pause", "time": r(s.start + s.words[i].end), "end": r(s.start + s.words[i + 1].start),
+                       "speaker": who})
+        if k == "wait":
+            back = next((t for t in main if t.start > s.end and t.line.speaker == "user"), None)
+            ev.append({"type": "wait_request", "time": r(s.end), "until": r(back.start) if back else None})
+        if k == "timer_request":
+            ev.append({"type": "timer", "time": r(s.end), "target": r(s.end + s.line.result_delay), "tolerance": 0.5,
+                       "what": "seconds"})
+        if k == "count":
+            ev.append({"type": "timer", "time": r(s.start), "target": r(s.start), "tolerance": 0.3, "what": "count",
+                       "text": s.line.text})
+        if k == "now":
+            ev.append({"type": "visual", "time": r(s.start - s.line.result_delay), "what": "wall_hit",
+                       "answer": "now", "by": r(s.start + 0.5)})
+    for t0, t1, *_ in video.squares:
+        ev.append({"type": "visual", "time": t0, "end": t1, "what": "square_appears"})
+    for e in background:
+        ev.append({"type": "background_result", "time": e.time, "text": e.text})
+    for a, b in zip(main, main[1:]):  # the model should answer a user turn that it does not overlap
+        if a.line.speaker == "user" and b.line.speaker == "model" and a.line.kind != "wait":
+            ev.append({"type": "expected_response", "time": r(a.end), "start": r(b.start), "speaker": "model",
+                       "by": r(max(b.start, a.end) + 1.0)})
+    return sorted(ev, key=lambda e: (e["time"], e["type"]))
+
 
 def make_episode(index: int, cfg: SynthConfig) -> Episode:
     """Episode ``index`` of the set with seed ``cfg.seed``.
@@ -375,12 +627,27 @@ def make_episode(index: int, cfg: SynthConfig) -> Episode:
                       x0=rng.uniform(radius, VIDEO_SIZE - 1 - radius), y0=rng.uniform(radius, VIDEO_SIZE - 1 - radius),
                       vx=rng.choice([-1, 1]) * rng.uniform(10, 40), vy=rng.choice([-1, 1]) * rng.uniform(10, 40))
 
-    topic = topic_tool if rng.random() < cfg.background_prob else rng.choice(TOPICS)
+    if cfg.scenario is not None and cfg.scenario != "tool" and cfg.scenario not in SCENARIOS:
+        raise ValueError(f"--scenario={cfg.scenario!r}: choose tool or one of {', '.join(SCENARIOS)}")
+    if cfg.scenario == "tool" or (cfg.scenario is None and rng.random() < cfg.background_prob):
+        scenario = "tool"
+    else:
+        scenario = cfg.scenario or rng.choices(list(SCENARIOS), weights=list(SCENARIOS.values()))[0]
+    topic = topic_tool if scenario == "tool" else SCENARIO_TOPICS.get(scenario) or rng.choice(TOPICS)
     main = topic(rng, video)
+    phenomena = []
+    # Silence that is not a turn end: a pause inside a long plain user turn.
+    long_user = [ln for ln in main if ln.speaker == "user" and ln.kind == "turn" and ln.at is None
+                 and len(ln.text.split()) >= 5]
+    if long_user and rng.random() < cfg.pause_prob:
+        ln = long_user[0]
+        ln.pause_after, ln.pause = rng.randint(1, len(ln.text.split()) - 3), round(rng.uniform(0.6, 1.2), 3)
+        phenomena.append("mid_turn_pause")
     blocks = [main]
+    timed = any(ln.at is not None for ln in main)
     if len(main) <= 3 and rng.random() < 0.6:
         blocks.insert(0, opener(rng))
-    if sum(map(len, blocks)) <= 3 and rng.random() < 0.5:
+    if sum(map(len, blocks)) <= 3 and not timed and rng.random() < 0.5:
         blocks.append(closer(rng))
 
     voices = {"user": user_voice, "model": model_voice}
@@ -392,21 +659,36 @@ def make_episode(index: int, cfg: SynthConfig) -> Episode:
             wave, words = speak_line(line, voices[line.speaker])
             spoken[-1].append(Spoken(line, wave, words, sample_gap(rng, prev, line)))
             prev = line
-    bc = None
+    overlays = []
     if rng.random() < cfg.backchannel_prob:
         line = Line("model", _pick(rng, ["right.", "okay.", "I see.", "yeah.", "uh huh."]), "backchannel")
-        bc = Spoken(line, *speak_line(line, model_voice), gap=0.0)
+        overlays.append(Spoken(line, *speak_line(line, model_voice), gap=0.0))
+    if rng.random() < cfg.listener_sound_prob:  # the user makes a sound during a long model turn; the model goes on
+        what = rng.choice(["backchannel", "cough", "false_start"])
+        if what == "cough":
+            overlays.append(Spoken(Line("user", "", "cough"), cough(rng), [], gap=0.0))
+        else:
+            text = _pick(rng, ["mhm.", "yeah.", "right."] if what == "backchannel" else ["uh,", "I,", "so,"])
+            line = Line("user", text, what)
+            overlays.append(Spoken(line, *speak_line(line, user_voice), gap=0.0))
     lead, tail = rng.uniform(0.2, 0.8), rng.uniform(0.3, 1.0)
 
-    # Too long: drop the greeting, then the closing; the main topic always stays.
+    # Too long: drop the greeting, then the closing, then optional lines of the main topic from its end.
     while True:
         turns = [s for block in spoken for s in block]
         end = layout(turns, lead)
-        if end + tail <= cfg.max_duration or len(spoken) == 1:
+        if end + tail <= cfg.max_duration:
             break
-        spoken.pop(0 if spoken[0][0].line is not main[0] else -1)
-    if bc is not None and place_backchannel(rng, turns, bc):
-        turns = sorted(turns + [bc], key=lambda s: s.start)
+        if len(spoken) > 1:
+            spoken.pop(0 if spoken[0][0].line is not main[0] else -1)
+        elif spoken[0][-1].line.optional:
+            spoken[0].pop()
+        else:
+            break
+    for ov in overlays:
+        if place_overlay(rng, turns, ov):
+            turns = sorted(turns + [ov], key=lambda s: s.start)
+            phenomena.append(f"{ov.line.speaker}_{ov.line.kind}")
 
     duration = math.ceil(max(end + tail, cfg.min_duration) / TURN_QUANTUM - 1e-9) * TURN_QUANTUM
     duration = round(duration, 3)
@@ -416,28 +698,47 @@ def make_episode(index: int, cfg: SynthConfig) -> Episode:
     background: list[BackgroundEvent] = []
     for s in turns:
         a = round(s.start * SAMPLE_RATE)
+        w = s.wave[: round(s.dur * SAMPLE_RATE)].clone()
+        if s.cut is not None:  # an interrupted speaker stops with a 20 ms fade, mid-word if need be
+            f = min(w.numel(), SAMPLE_RATE // 50)
+            w[w.numel() - f:] *= torch.linspace(1, 0, f)
         track = audio[s.line.speaker]
-        track[a:a + s.wave.numel()] += s.wave[: n - a]
-        words[s.line.speaker] += [Word(w.text, round(s.start + w.start, 4), round(s.start + w.end, 4))
-                                  for w in s.words]
+        track[a:a + w.numel()] += w[: n - a]
+        words[s.line.speaker] += [Word(x.text, round(s.start + x.start, 4), round(s.start + min(x.end, s.dur), 4))
+                                  for x in s.words if x.start < s.dur]
         if s.line.kind == "delegate":
             background.append(BackgroundEvent(round(s.start + s.dur + s.line.result_delay, 3), s.line.result))
     for k in audio:
         audio[k] = audio[k].clamp_(-1.0, 1.0)
+    words = {k: sorted(v, key=lambda x: x.start) for k, v in words.items()}
+    noise = None
+    if rng.random() < cfg.noise_prob:  # background noise on the user's microphone
+        noise = {"stream": "user", "type": rng.choice(["white", "pink"]), "snr_db": rng.choice(cfg.noise_snrs_db)}
+        spans = [(s.start, s.end) for s in turns if s.line.speaker == "user"]
+        audio["user"] = add_noise(rng, audio["user"], spans, noise["snr_db"], noise["type"]).clamp_(-1.0, 1.0)
+        phenomena.append("noise")
+    said = [s for s in turns if s.line.kind not in ("backchannel", "cough", "false_start")]
+    overlap = any(b.start < a.end and a.line.speaker != b.line.speaker for a, b in zip(said, said[1:]))
+    phenomena += [scenario] + (["overlap"] if overlap else [])
 
     turn_meta = []
     for s in turns:
-        m = {"speaker": s.line.speaker, "start": round(s.start, 4), "end": round(s.start + s.dur, 4),
+        m = {"speaker": s.line.speaker, "start": round(s.start, 4), "end": round(s.end, 4),
              "text": s.line.text, "kind": s.line.kind}
         if s.line.kind == "delegate":
             m.update(query=s.line.query, result=s.line.result)
+        if s.cut is not None:
+            m["interrupted"] = True
         turn_meta.append(m)
     meta = {
         "generator": GENERATOR, "version": GENERATOR_VERSION, "seed": cfg.seed, "index": index,
         "voices": {k: {"name": v.name, "rate": v.rate, "pitch": v.pitch} for k, v in voices.items()},
-        "topic": topic.__name__.removeprefix("topic_"),
+        "topic": topic.__name__.removeprefix("topic_"), "scenario": scenario, "phenomena": sorted(set(phenomena)),
         "turns": turn_meta,
-        "video": {"ball": video.ball, "background": video.background, "radius": video.radius},
+        "events": _events(turns, background, video),
+        "noise": noise,
+        "video": {"ball": video.ball, "background": video.background, "radius": video.radius,
+                  "squares": [list(q) for q in video.squares]},
     }
     return Episode(key=f"s{cfg.seed}_{index:06d}", duration=duration, sample_rate=SAMPLE_RATE, audio=audio,
                    words=words, video=render_video(video, round(duration * VIDEO_FPS)), video_fps=float(VIDEO_FPS),
@@ -452,11 +753,12 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core; espeak and torch stay single-threaded inside it
 
 
-def _episode_sample(job: tuple[int, dict]) -> tuple[dict, float, list[str]]:
-    """(index, SynthConfig as dict) -> (webdataset sample, duration, texts for the tokenizer), in a worker."""
+def _episode_sample(job: tuple[int, dict]) -> tuple[dict, float, list[str], list[str]]:
+    """(index, SynthConfig as dict) -> (webdataset sample, duration, texts for the tokenizer, phenomena), in a
+    worker."""
     ep = make_episode(job[0], SynthConfig(**job[1]))
-    texts = [t["text"] for t in ep.meta["turns"]] + [e.text for e in ep.background]
-    return ep.to_sample(), ep.duration, texts
+    texts = [t["text"] for t in ep.meta["turns"] if t["text"]] + [e.text for e in ep.background]
+    return ep.to_sample(), ep.duration, texts, ep.meta["phenomena"]
 
 
 def _episode_pool(workers: int):
@@ -492,6 +794,8 @@ def generate(cfg: SynthConfig) -> dict:
 
     if cfg.episodes < 1 or cfg.shard_size < 1:
         raise ValueError(f"--episodes={cfg.episodes} and --shard-size={cfg.shard_size} must be >= 1")
+    if cfg.scenario is not None and cfg.scenario != "tool" and cfg.scenario not in SCENARIOS:
+        raise ValueError(f"--scenario={cfg.scenario!r}: choose tool or one of {', '.join(SCENARIOS)}")
     if cfg.vocab_size < MIN_VOCAB:
         raise ValueError(f"--vocab-size={cfg.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} ids")
     out = Path(cfg.out)
@@ -508,10 +812,13 @@ def generate(cfg: SynthConfig) -> dict:
     texts: list[str] = []
     durations: list[float] = []
     counts: dict[str, int] = {}
+    phenomena: dict[str, int] = {}
     writer = wds.ShardWriter(str(partial / "shard-%06d.tar"), maxcount=cfg.shard_size, verbose=0,
                              mtime=0.0)  # fixed mtime: same seed -> byte-identical shards
     with _episode_pool(max(1, min(cfg.workers, cfg.episodes))) as pool:
-        for sample, dur, ep_texts in pool.imap(worker, jobs):
+        for sample, dur, ep_texts, ep_phenomena in pool.imap(worker, jobs):
+            for ph in ep_phenomena:
+                phenomena[ph] = phenomena.get(ph, 0) + 1
             writer.write(sample)
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
@@ -528,12 +835,15 @@ def generate(cfg: SynthConfig) -> dict:
         shards.append({"name": name, "episodes": counts[name], "sha256": _sha256(out / name)})
     os.replace(partial / "tokenizer.json", out / "tokenizer.json")
     partial.rmdir()
+    ranges = fit_dir(out, [s["name"] for s in shards])  # per-channel dMel ranges beside the shards
     manifest = {
         "generator": GENERATOR, "version": GENERATOR_VERSION, "seed": cfg.seed, "episodes": cfg.episodes,
         "hours": round(sum(durations) / 3600, 6), "shards": shards, "sample_rate": SAMPLE_RATE,
         "video": {"fps": VIDEO_FPS, "height": VIDEO_SIZE, "width": VIDEO_SIZE},
         "voices": {"user": list(USER_VOICES), "model": [MODEL_VOICE]},
         "tokenizer": "tokenizer.json", "vocab_size": tok.vocab_size,
+        "phenomena": dict(sorted(phenomena.items())),  # episodes showing each scenario / phenomenon
+        "dmel_ranges": RANGES_FILE if ranges else None,
         "license": "synthetic (espeak-ng, GPL-3.0 voices data); generated text CC0",
     }
     tmp = out / "manifest.json.tmp"
@@ -552,9 +862,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="episodes per shard")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
     p.add_argument("--workers", type=int, default=min(d.workers, os.cpu_count() or 1), help="processes")
+    p.add_argument("--scenario", default=None, help=f"make every episode this scenario: tool, {', '.join(SCENARIOS)}")
     a = p.parse_args(argv)
     cfg = SynthConfig(out=a.out, episodes=a.episodes, seed=a.seed, shard_size=a.shard_size,
-                      vocab_size=a.vocab_size, workers=a.workers)
+                      vocab_size=a.vocab_size, workers=a.workers, scenario=a.scenario)
     t0 = time.perf_counter()
     try:
         m = generate(cfg)

@@ -80,3 +80,38 @@ def test_rejects_bad_waves(tok):
         tok.decode(torch.tensor([[16] * 80]))
     with pytest.raises(DMelError, match="log_min"):
         DMelTokenizer(DMelConfig(log_min=2.0, log_max=-7.0))
+
+
+def test_fitted_per_channel_ranges_beat_the_global_range_on_speech(synth_data):
+    """data_prep wrote dmel_ranges.json beside the shards; with it, decode(encode(x)) is closer to the log-mel of
+    speech than with the global [-7, 2] range (hand rule: 16 bins spent where each channel's speech lies)."""
+    import json
+
+    import webdataset as wds
+
+    from tml.audio.dmel import DMelConfig
+    from tml.streams.episode import Episode
+
+    path = synth_data / "dmel_ranges.json"
+    ranges = json.loads(path.read_text())
+    assert json.loads((synth_data / "manifest.json").read_text())["dmel_ranges"] == "dmel_ranges.json"
+    lo, hi = torch.tensor(ranges["log_min"]), torch.tensor(ranges["log_max"])
+    assert lo.shape == (80,) and (hi > lo).all() and len(set(ranges["log_max"])) > 10  # channels differ
+    fitted, fixed = DMelTokenizer(DMelConfig(ranges_file=str(path))), DMelTokenizer()
+    bins = torch.tensor([[0, 15] + [3] * 78])
+    want = lo + (bins[0].float() + 0.5) * (hi - lo) / 16  # hand-computed bin centres per channel
+    assert torch.allclose(fitted.decode(bins)[0], want)
+    shard = sorted(synth_data.glob("shard-*.tar"))[0]
+    ep = Episode.from_sample(next(iter(wds.WebDataset(str(shard), shardshuffle=False))))
+    x = fixed.log_mel(ep.audio["user"])
+    speech = x > -6  # cells with sound
+    err = {name: (t.decode(t.encode(ep.audio["user"])) - x)[speech].abs().mean().item()
+           for name, t in (("fitted", fitted), ("fixed", fixed))}
+    assert err["fitted"] < err["fixed"], err
+
+
+def test_bad_ranges_file_names_the_key(tmp_path):
+    from tml.audio.dmel import DMelConfig
+
+    with pytest.raises(DMelError, match="dmel.ranges_file"):
+        DMelTokenizer(DMelConfig(ranges_file=str(tmp_path / "missing.json")))

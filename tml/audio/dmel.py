@@ -11,12 +11,19 @@ Range, measured with this front end (HTK mel, no filterbank norm, power 2) on th
 synthetic set (peaks ~0.75): cells inside words have log10 mel power median -1.6, 5% / 10% / 90% / 99% quantiles
 -5.2 / -4.2 / +0.8 / +1.95, max 3.3; digital silence sits at the ``eps`` floor (-10). So the authors' global
 range [-7, 2] fits: silence and the quietest speech cells land in bin 0, the loudest ~0.8% clip to the top bin.
+
+Per-channel ranges fitted to a data set (``fit_channel_ranges``; ``data_prep`` writes them as ``dmel_ranges.json``
+beside the shards) spend the 16 bins where each channel's speech actually lies: low channels are louder than high
+ones, so one global range wastes bins at both ends. Select them with ``dmel.ranges_file``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torchaudio
 
@@ -38,6 +45,30 @@ class DMelConfig:
     f_min: float = 0.0
     f_max: float | None = None  # None = sample_rate / 2
     eps: float = 1e-10  # power floor before log10, so digital silence is finite (log10 = -10 < log_min)
+    ranges_file: str | None = None  # JSON {"log_min": [n_mels], "log_max": [n_mels]} from fit_channel_ranges;
+    # None = the global [log_min, log_max] for every channel
+
+
+def fit_channel_ranges(log_mels: list[torch.Tensor], low_q: float = 0.01, high_q: float = 0.995,
+                       floor: float = -9.0) -> dict:
+    """Per-channel log-mel ranges from a data set.
+
+    Args:
+        log_mels: FloatTensor[frames, n_mels] per recording (``DMelTokenizer.log_mel``).
+        low_q, high_q: quantiles of each channel's non-silent cells (above ``floor``) that become its range.
+    Returns:
+        {"log_min": [n_mels], "log_max": [n_mels], "low_q", "high_q", "frames"} (JSON-ready).
+    """
+    x = torch.cat([m.reshape(-1, m.shape[-1]) for m in log_mels]).numpy()
+    lo, hi = [], []
+    for c in range(x.shape[1]):
+        v = x[:, c][x[:, c] > floor]
+        if v.size < 10:
+            raise DMelError(f"channel {c} has only {v.size} non-silent cells; fit on more audio")
+        a, b = np.quantile(v, [low_q, high_q])
+        lo.append(round(float(a), 4))
+        hi.append(round(float(max(b, a + 0.5)), 4))  # keep a usable width even for a near-constant channel
+    return {"log_min": lo, "log_max": hi, "low_q": low_q, "high_q": high_q, "frames": int(x.shape[0])}
 
 
 class DMelTokenizer:
@@ -62,12 +93,31 @@ class DMelTokenizer:
             f_min=cfg.f_min, f_max=f_max, n_mels=cfg.n_mels, power=2.0, center=True, pad_mode="constant",
             norm=None, mel_scale="htk",
         )
+        # Per-channel range [C]: the global one, or fitted ranges from cfg.ranges_file.
+        lo = torch.full((cfg.n_mels,), float(cfg.log_min))
+        hi = torch.full((cfg.n_mels,), float(cfg.log_max))
+        if cfg.ranges_file:
+            path = Path(cfg.ranges_file)
+            try:
+                r = json.loads(path.read_text())
+                lo, hi = torch.tensor(r["log_min"], dtype=torch.float32), torch.tensor(r["log_max"], dtype=torch.float32)
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DMelError(f"dmel.ranges_file={cfg.ranges_file}: cannot read per-channel ranges ({e}); make it "
+                                f"with `python -m data_prep.fit_dmel --data DIR` or set dmel.ranges_file=null") from e
+            if lo.shape != (cfg.n_mels,) or hi.shape != (cfg.n_mels,) or not bool((hi > lo).all()):
+                raise DMelError(f"dmel.ranges_file={cfg.ranges_file}: need log_min < log_max, {cfg.n_mels} values each "
+                                f"(dmel.n_mels)")
+        self.log_lo, self.log_hi = lo, hi
+        self.bin_width_c = (hi - lo) / cfg.n_bins  # [C]
         self.bin_width = (cfg.log_max - cfg.log_min) / cfg.n_bins
 
     @property
     def bin_centers(self) -> torch.Tensor:
-        """FloatTensor[n_bins]: the log-mel value each bin id decodes to."""
-        return self.cfg.log_min + (torch.arange(self.cfg.n_bins, dtype=torch.float32) + 0.5) * self.bin_width
+        """FloatTensor[n_bins] (global range) or [n_bins, n_mels] (per-channel ranges): what each bin id decodes to."""
+        k = torch.arange(self.cfg.n_bins, dtype=torch.float32) + 0.5
+        if not self.cfg.ranges_file:
+            return self.cfg.log_min + k * self.bin_width
+        return self.log_lo + k[:, None] * self.bin_width_c
 
     def num_frames(self, samples: int) -> int:
         return samples // self.cfg.hop_length + 1
@@ -88,8 +138,12 @@ class DMelTokenizer:
 
     def quantize(self, log_mel: torch.Tensor) -> torch.Tensor:
         """Log-mel FloatTensor[..., n_mels] -> bin ids LongTensor[..., n_mels] in [0, n_bins)."""
-        x = log_mel.clamp(self.cfg.log_min, self.cfg.log_max)
-        idx = torch.floor((x - self.cfg.log_min) / self.bin_width).long()
+        if not self.cfg.ranges_file:
+            x = log_mel.clamp(self.cfg.log_min, self.cfg.log_max)
+            idx = torch.floor((x - self.cfg.log_min) / self.bin_width).long()
+        else:
+            lo, w = self.log_lo.to(log_mel.device), self.bin_width_c.to(log_mel.device)
+            idx = torch.floor((log_mel - lo) / w).long()
         return idx.clamp_(0, self.cfg.n_bins - 1)  # log_max itself falls in the top bin
 
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
@@ -103,7 +157,10 @@ class DMelTokenizer:
         if bins.numel() and (int(bins.min()) < 0 or int(bins.max()) >= self.cfg.n_bins):
             raise DMelError(f"dMel bin ids must lie in [0, {self.cfg.n_bins}); got [{int(bins.min())}, "
                             f"{int(bins.max())}]")
-        return self.bin_centers.to(bins.device)[bins]
+        if not self.cfg.ranges_file:
+            return self.bin_centers.to(bins.device)[bins]
+        lo, w = self.log_lo.to(bins.device), self.bin_width_c.to(bins.device)
+        return lo + (bins.to(torch.float32) + 0.5) * w
 
     def silence_bins(self, frames: int) -> torch.Tensor:
         """LongTensor[frames, n_mels]: the bins of digital silence (log-mel at the eps floor), used for padding."""

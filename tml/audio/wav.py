@@ -38,8 +38,13 @@ def decode_wav(data: bytes, name: str = "<bytes>") -> tuple[torch.Tensor, int]:
             if f.getsampwidth() != 2:
                 raise AudioFormatError(f"{name}: {8 * f.getsampwidth()}-bit WAV; tml reads 16-bit PCM")
             ch, sr, n = f.getnchannels(), f.getframerate(), f.getnframes()
-            pcm = np.frombuffer(f.readframes(n), dtype="<i2")
-    except (wave.Error, EOFError) as e:
+            raw = f.readframes(n)
+        if len(raw) != n * ch * 2:  # the header promises more frames than the file holds
+            raise AudioFormatError(f"{name}: truncated WAV ({len(raw)} bytes of data, header says {n * ch * 2})")
+        pcm = np.frombuffer(raw, dtype="<i2")
+    except (wave.Error, EOFError, ValueError) as e:
+        if isinstance(e, AudioFormatError):
+            raise
         raise AudioFormatError(f"{name}: not a readable WAV file ({e})") from e
     w = torch.from_numpy(pcm.astype(np.float32) / 32768.0).reshape(-1, ch).T.contiguous()
     return w, sr

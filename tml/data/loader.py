@@ -1,13 +1,24 @@
-"""webdataset shards -> a resumable, rank-aware stream of packed ``Batch`` es.
+"""webdataset shards -> a resumable, rank- and worker-aware stream of packed ``Batch`` es.
 
-Order: every epoch the shard list is shuffled with ``seed + epoch`` and rank ``r`` of ``w`` reads shards
-``r, r + w, ...`` of it, samples in file order. Each rank packs its own episodes into rows (``tml.streams.pack``).
-The loader's state is the cursor of the next row: (epoch, shard index, sample index, micro-turn offset), so a
-resumed run reads exactly the batches an uninterrupted one would have read, without decoding what it skips.
+Split. Every epoch the shard list is shuffled with ``seed + epoch``. There are ``world_size * W`` readers
+(``W = max(1, num_workers)`` per rank; nodes are just ranks): reader ``rank * W + w`` reads shards
+``reader, reader + world_size * W, ...`` of the shuffled list, samples in file order. So every sample is read
+exactly once per epoch across all ranks and workers.
 
-Bad samples (unreadable audio, wrong sample rate, malformed metadata) are skipped with a warning naming the
-shard and key, and counted; more than ``max_bad_fraction`` of bad samples stops the run with an error.
-A shard that cannot be read as tar is skipped the same way.
+Order. Reader (worker) ``w`` of a rank decodes, checks and interleaves its episodes (in a DataLoader worker
+process when ``num_workers > 0``); the rank takes one episode from each worker in turn (w = 0, 1, ..., W-1, 0, ...),
+which is the DataLoader's in-order round robin, and packs them into rows (``tml.streams.pack``).
+
+Resume. The loader's state after a batch holds, per worker, where it resumes reading (epoch, shard index, sample
+index), which worker delivers next, and the micro-turn offset inside the first episode of the next row. A loader
+rebuilt from it (same world size and num_workers) yields exactly the batches an uninterrupted one would have, and
+skips what was already read without decoding it.
+
+Bad input is skipped, counted by reason and named (shard, key, reason) in a warning: unreadable tar (the rest of
+that shard), unreadable audio or JSON, wrong sample rate (resampled, or rejected with ``resample=false``),
+NaN/inf samples, empty or mis-timed text, streams of different lengths (``tml.data.checks``). More than
+``max_bad_fraction`` bad samples (after at least ``min_samples_for_bad_fraction``) stops the run with a DataError.
+The loader only reads: nothing on disk is ever modified.
 """
 
 from __future__ import annotations
@@ -20,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tml.audio.dmel import DMelTokenizer
+from tml.data.checks import check_episode
 from tml.streams.batch import Batch
 from tml.streams.episode import Episode, EpisodeError
 from tml.streams.interleave import EpisodeTokens, interleave
@@ -42,7 +56,11 @@ class LoaderConfig:
     seq_len: int = 1000  # positions per row; a multiple of the micro-turn length wastes nothing
     micro_batch_size: int = 2  # rows per batch per rank
     seed: int = 1234
+    num_workers: int = 0  # DataLoader worker processes per rank; 0 = read in the training process
     max_bad_fraction: float = 0.05
+    min_samples_for_bad_fraction: int = 20  # judge the fraction only after this many samples
+    resample: bool = True  # episodes at another sample rate: resample (true) or reject as bad (false)
+    length_tolerance_s: float = 0.2  # allowed mismatch between stream lengths and the episode duration
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -63,52 +81,100 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-class ShardEpisodeSource:
-    """Episodes of one rank, in a deterministic order that can be re-entered at any (epoch, shard, sample)."""
+@dataclass
+class BadSample:
+    """A skipped sample: where (shard:key) and why (a short reason code plus the message)."""
 
-    def __init__(self, data_dir: str | Path, rank: int, world_size: int, seed: int):
+    where: str
+    reason: str
+    message: str
+
+
+class ShardEpisodeSource:
+    """Episodes of one reader (rank x worker), in a deterministic order that can be re-entered at any
+    (epoch, shard index, sample index)."""
+
+    def __init__(self, data_dir: str | Path, rank: int, world_size: int, seed: int, num_workers: int = 0):
         self.data_dir = Path(data_dir)
         self.shards = [s["name"] for s in read_manifest(data_dir)["shards"]]
-        if len(self.shards) < world_size:
+        self.workers = max(1, num_workers)
+        readers = world_size * self.workers
+        if len(self.shards) < readers:
             raise DataError(f"{self.data_dir} has {len(self.shards)} shards but there are {world_size} data-parallel "
-                            f"ranks; every rank needs at least one shard: regenerate with a smaller --shard-size")
+                            f"ranks x {self.workers} data.loader.num_workers = {readers} readers; every reader needs "
+                            f"a shard: lower data.loader.num_workers or regenerate with a smaller --shard-size")
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.seen = 0
-        self.bad = 0
 
-    def rank_shards(self, epoch: int) -> list[str]:
+    def rank_shards(self, epoch: int, worker: int = 0) -> list[str]:
         order = list(self.shards)
         random.Random(self.seed + epoch).shuffle(order)
-        return order[self.rank :: self.world_size]
+        return order[self.rank * self.workers + worker :: self.world_size * self.workers]
 
-    def _count_bad(self, what: str) -> None:
-        self.bad += 1
-        log.warning("skipping %s (bad samples so far: %d of %d)", what, self.bad, self.seen)
-
-    def iterate(self, start: tuple[int, int, int] = (0, 0, 0)) -> Iterator[tuple[tuple[int, int, int], Episode]]:
-        """Yield ((epoch, shard index, sample index), Episode) forever, starting at ``start``."""
+    def iterate(self, start: tuple[int, int, int] = (0, 0, 0), worker: int = 0
+                ) -> Iterator[tuple[tuple[int, int, int], Episode | BadSample]]:
+        """Yield ((epoch, shard index, sample index), Episode or BadSample) forever, starting at ``start``."""
         epoch, shard_i, sample_i = start
         while True:
-            shards = self.rank_shards(epoch)
+            shards = self.rank_shards(epoch, worker)
+            good = 0
             for si in range(shard_i, len(shards)):
                 url = str(self.data_dir / shards[si])
-                samples = wds.tarfile_samples([{"url": url}])
+                k, key = -1, None
                 try:
-                    for k, sample in enumerate(samples):
+                    for k, sample in enumerate(wds.tarfile_samples([{"url": url}])):
                         if k < sample_i:
                             continue  # resume: skip without decoding
-                        self.seen += 1
+                        key = sample.get("__key__")
                         try:
                             episode = Episode.from_sample(sample)
                         except EpisodeError as e:
-                            self._count_bad(f"{url}:{sample.get('__key__')}: {e}")
+                            yield (epoch, si, k), BadSample(f"{url}:{key}", e.reason, str(e))
                             continue
+                        good += 1
                         yield (epoch, si, k), episode
-                except (tarfile.TarError, OSError, ValueError) as e:
-                    self.seen += 1
-                    self._count_bad(f"rest of shard {url}: not readable as tar ({e})")
+                except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
+                    after = f"after key {key}" if key is not None else "from the start"
+                    yield (epoch, si, k + 1), BadSample(f"{url} ({after})", "corrupt_tar",
+                                                        f"rest of shard {url} {after}: not readable as tar ({e})")
                 sample_i = 0
-            epoch, shard_i = epoch + 1, 0
+            if good == 0 and start == (epoch, 0, 0):
+                raise DataError(f"reader {self.rank}/{worker} found no readable sample in a whole epoch of its shards "
+                                f"{shards}; check the data set in {self.data_dir}")
+            epoch, shard_i, sample_i = epoch + 1, 0, 0
+            start = (epoch, 0, 0)
+
+
+class _TokenStream(IterableDataset):
+    """One rank's readers as a DataLoader dataset: each worker process (or the training process, with no workers)
+    decodes, checks and interleaves its episodes. Yields (worker, (epoch, shard, sample), EpisodeTokens or None,
+    [BadSample, ...] skipped just before it)."""
+
+    def __init__(self, source: ShardEpisodeSource, starts: list[tuple], rotation: int, cfg: LoaderConfig,
+                 layout: MicroTurnLayout, dmel: DMelTokenizer, text: TextTokenizer):
+        self.source, self.starts, self.rotation = source, starts, rotation
+        self.cfg, self.layout, self.dmel, self.text = cfg, layout, dmel, text
+
+    def __iter__(self):
+        info = get_worker_info()
+        n = self.source.workers
+        # The DataLoader asks worker 0 first; rotating lets a resumed loader continue with the worker that was next.
+        w = ((info.id if info else 0) + self.rotation) % n
+        if info is not None:
+            torch.set_num_threads(1)
+        skipped: list[BadSample] = []
+        for pos, item in self.source.iterate(tuple(self.starts[w]), w):
+            if isinstance(item, BadSample):
+                skipped.append(item)
+                continue
+            try:
+                check_episode(item, self.layout.cfg.sample_rate, self.cfg.resample, self.cfg.length_tolerance_s)
+                tok = interleave(item, self.layout, self.dmel, self.text)
+            except EpisodeError as e:
+                skipped.append(BadSample(f"{self.source.data_dir / self.source.rank_shards(pos[0], w)[pos[1]]}:"
+                                         f"{item.key}", e.reason, str(e)))
+                continue
+            yield w, pos, tok, skipped
+            skipped = []
 
 
 class PackedBatchLoader:
@@ -122,55 +188,95 @@ class PackedBatchLoader:
         if cfg.seq_len < layout.length:
             raise DataError(f"data.loader.seq_len={cfg.seq_len} is shorter than one micro-turn "
                             f"({layout.length} positions: {layout.describe()}); raise it")
+        if cfg.num_workers < 0:
+            raise DataError(f"data.loader.num_workers={cfg.num_workers}: must be >= 0")
         self.cfg, self.layout, self.dmel, self.text = cfg, layout, dmel, text
-        self.source = ShardEpisodeSource(data_dir, rank, world_size, cfg.seed)
-        self.cursor = PackCursor((0, 0, 0), 0)
-        self.batches = 0
-        self.dropped_text = 0
-        # Counters as they stood just before the cursor's episode was read: a resumed loader reads it again.
-        self._cursor_counts = (0, 0, 0)
-        self._last_counts = (0, 0, 0)
+        self.source = ShardEpisodeSource(data_dir, rank, world_size, cfg.seed, cfg.num_workers)
+        self.world_size = world_size
+        W = self.source.workers
+        # Resume state: per worker the next read position, which worker delivers next, counters.
+        self._state = {"workers": [[0, 0, 0] for _ in range(W)], "next_worker": 0, "turn_offset": 0,
+                       "batches": 0, "seen": 0, "bad": 0, "dropped_text": 0, "bad_by_reason": {}}
+        self._live = dict(self._state, workers=[list(p) for p in self._state["workers"]], bad_by_reason={})
+        self._before_last: dict = self._state
+        self.bad_samples: list[BadSample] = []  # the most recent skipped samples (at most 100), for reports
         self._it: Iterator[Batch] | None = None
+        self._dl: DataLoader | None = None
 
+    # -- state -------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        seen, bad, dropped = self._cursor_counts
-        return {"position": list(self.cursor.position), "turn_offset": self.cursor.turn_offset,
-                "batches": self.batches, "seen": seen, "bad": bad, "dropped_text": dropped}
+        return {**json.loads(json.dumps(self._state)), "world_size": self.world_size,
+                "num_workers": self.cfg.num_workers}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cursor = PackCursor(tuple(state["position"]), int(state["turn_offset"]))
-        self.batches = int(state["batches"])
-        self.source.seen, self.source.bad = int(state["seen"]), int(state["bad"])
-        self.dropped_text = int(state["dropped_text"])
-        self._cursor_counts = (self.source.seen, self.source.bad, self.dropped_text)
+        for key, have in (("world_size", self.world_size), ("num_workers", self.cfg.num_workers)):
+            if key in state and int(state[key]) != have:
+                where = "data-parallel world size" if key == "world_size" else "data.loader.num_workers"
+                raise DataError(f"the loader state was saved with {key}={state[key]} but this run has {have}; "
+                                f"exact resume needs the same {where}")
+        if "workers" not in state:
+            raise DataError("the loader state has no per-worker positions (saved by an older tml); "
+                            "start a fresh run or resume with that version")
+        self.close()
+        self._state = json.loads(json.dumps({k: state[k] for k in self._state}))
+        self._live = json.loads(json.dumps(self._state))
         self._it = None
 
     def stats(self) -> dict:
-        return {"data/episodes_seen": self.source.seen, "data/bad_samples": self.source.bad,
-                "data/dropped_text_tokens": self.dropped_text}
+        s = self._state
+        return {"data/episodes_seen": s["seen"], "data/bad_samples": s["bad"],
+                "data/dropped_text_tokens": s["dropped_text"]}
 
-    def _tokens(self, start: tuple) -> Iterator[tuple[tuple, EpisodeTokens]]:
-        for pos, episode in self.source.iterate(start):
-            tok = interleave(episode, self.layout, self.dmel, self.text)
-            # The packer's cursor always names the episode it pulled last, so these are the cursor's counts.
-            self._last_counts = (self.source.seen - 1, self.source.bad, self.dropped_text)
-            self.dropped_text += tok.dropped_text
-            if self.source.seen >= 20 and self.source.bad > self.cfg.max_bad_fraction * self.source.seen:
-                raise DataError(f"{self.source.bad} of {self.source.seen} samples in {self.source.data_dir} are bad "
-                                f"(> data.loader.max_bad_fraction={self.cfg.max_bad_fraction}); see the warnings")
-            yield pos, tok
+    @property
+    def bad_by_reason(self) -> dict[str, int]:
+        return dict(self._state["bad_by_reason"])
+
+    # -- iteration ---------------------------------------------------------------------------------------------
+    def episodes(self) -> Iterator[tuple[tuple, EpisodeTokens]]:
+        """The rank's stream of ((worker, epoch, shard, sample), EpisodeTokens) that the packer consumes, from the
+        current state; counts and skips bad samples on the way."""
+        s = self._state
+        ds = _TokenStream(self.source, s["workers"], s["next_worker"], self.cfg, self.layout, self.dmel, self.text)
+        if self.cfg.num_workers == 0:
+            items = iter(ds)
+        else:
+            self._dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, in_order=True,
+                                  persistent_workers=False)
+            items = iter(self._dl)
+        live = self._live
+        cfg = self.cfg
+        for w, pos, tok, skipped in items:
+            # The packer's cursor always names the episode it pulled last, so the state before this episode is the
+            # state to resume from if this episode turns out to be the first of the next row.
+            self._before_last = json.loads(json.dumps(dict(live, next_worker=w)))
+            for b in skipped:
+                live["seen"] += 1
+                live["bad"] += 1
+                live["bad_by_reason"][b.reason] = live["bad_by_reason"].get(b.reason, 0) + 1
+                self.bad_samples = (self.bad_samples + [b])[-100:]
+                log.warning("skipping %s [%s]: %s (bad samples so far: %d of %d)", b.where, b.reason, b.message,
+                            live["bad"], live["seen"])
+            live["seen"] += 1
+            live["workers"][w] = [pos[0], pos[1], pos[2] + 1]
+            live["dropped_text"] += tok.dropped_text
+            if live["seen"] >= cfg.min_samples_for_bad_fraction and live["bad"] > cfg.max_bad_fraction * live["seen"]:
+                raise DataError(f"{live['bad']} of {live['seen']} samples in {self.source.data_dir} are bad "
+                                f"(> data.loader.max_bad_fraction={cfg.max_bad_fraction}); by reason: "
+                                f"{live['bad_by_reason']}; last: {self.bad_samples[-1].where}: "
+                                f"{self.bad_samples[-1].message}")
+            yield (w, *pos), tok
 
     def _batches(self) -> Iterator[Batch]:
-        rows = pack_rows(self._tokens(self.cursor.position), self.cfg.seq_len, self.layout.length,
-                         start_offset=self.cursor.turn_offset)
+        rows = pack_rows(self.episodes(), self.cfg.seq_len, self.layout.length,
+                         start_offset=self._state["turn_offset"])
         while True:
             group = []
             for _ in range(self.cfg.micro_batch_size):
                 pieces, nxt = next(rows)
                 group.append(pieces)
             batch = collate(group, self.cfg.seq_len)
-            self.cursor, self._cursor_counts = nxt, self._last_counts
-            self.batches += 1
+            self._state = dict(self._before_last, turn_offset=nxt.turn_offset,
+                               batches=self._state["batches"] + 1)
             yield batch
 
     def __iter__(self) -> "PackedBatchLoader":
@@ -180,3 +286,9 @@ class PackedBatchLoader:
         if self._it is None:
             self._it = self._batches()
         return next(self._it)
+
+    def close(self) -> None:
+        """Stop the worker processes (a new iteration starts them again)."""
+        self._it = None
+        if self._dl is not None:
+            self._dl = None

@@ -4,12 +4,29 @@ On disk an episode is one webdataset sample (``to_sample`` / ``from_sample``)::
 
     KEY.user.wav    16-bit PCM mono at ``sample_rate`` (what the user says)
     KEY.model.wav   16-bit PCM mono at ``sample_rate`` (what the model should say)
+                    (either may instead be KEY.user.npy / KEY.model.npy: float32 [samples], lossless)
     KEY.video.npy   uint8 [frames, H, W, 3] at ``video_fps`` (optional)
     KEY.json        {"key", "duration", "sample_rate", "video_fps", "words": {"user": [...], "model": [...]},
                      "background": [{"time", "text"}], "meta": {...}}
 
 Words carry ``text``, ``start`` and ``end`` in seconds; ``meta`` holds anything else a generator wants to keep
-(voices, event labels, provenance).
+(voices, provenance) and the event labels that evaluation reads.
+
+Event labels: ``meta["events"]`` is a list of ``{"type", "time", ...}`` dicts sorted by ``time`` (seconds)::
+
+    utterance_start / utterance_end   speaker, text, kind (turn | backchannel | delegate | answer | ...)
+    interruption      the user barges in: speaker="user", target="model", stop_by (time the model must be
+                      silent by, seconds)
+    non_interruption  a cough / false start / backchannel during model speech after which the model goes on:
+                      speaker, what ("cough" | "false_start" | "backchannel")
+    pause             silence inside one utterance that is not a turn end: speaker, end
+    expected_response the model should start speaking in [time, by]: speaker="model", by, reason
+    wait_request      the user asks the model to stay quiet until ``until`` (the user's go-ahead)
+    timer             a time-aware task: target (time the model should speak), tolerance
+    visual            a video event the model should react to: what ("wall_hit" | "square_appears"), answer
+    background_result a background-model result arrives: text
+
+Readers must ignore types they do not know.
 """
 
 from __future__ import annotations
@@ -28,7 +45,12 @@ AUDIO_STREAMS = ("user", "model")
 
 
 class EpisodeError(ValueError):
-    """A stored episode is malformed; the message names the sample key and the field."""
+    """A stored episode is malformed; the message names the sample key and the field, ``reason`` is a short code
+    (``bad_json``, ``unreadable_audio``, ``wrong_sample_rate``, ``bad_video``, ...) that loaders count by."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -84,30 +106,44 @@ class Episode:
         key = sample.get("__key__", "<unknown>")
         where = f"{sample.get('__url__', '<stream>')}:{key}"
         if "json" not in sample:
-            raise EpisodeError(f"sample {where} has no .json metadata")
+            raise EpisodeError(f"sample {where} has no .json metadata", "bad_json")
         try:
             info = json.loads(sample["json"])
-        except json.JSONDecodeError as e:
-            raise EpisodeError(f"sample {where}: .json is not valid JSON ({e})") from e
-        sr = int(info.get("sample_rate", 16000))
+            sr = int(info.get("sample_rate", 16000))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+            raise EpisodeError(f"sample {where}: .json is not valid episode JSON ({e})", "bad_json") from e
         audio = {}
         for s in AUDIO_STREAMS:
+            if f"{s}.npy" in sample:  # float32 [samples], lossless (e.g. after resampling)
+                try:
+                    arr = np.load(io.BytesIO(sample[f"{s}.npy"]), allow_pickle=False)
+                except (ValueError, OSError, EOFError) as e:
+                    raise EpisodeError(f"sample {where}.{s}.npy: not a readable .npy ({e})", "unreadable_audio") from e
+                if arr.ndim != 1 or arr.dtype.kind != "f":
+                    raise EpisodeError(f"sample {where}.{s}.npy must be float [samples], got {arr.dtype} {arr.shape}",
+                                       "unreadable_audio")
+                audio[s] = torch.from_numpy(arr.astype(np.float32))
+                continue
             name = f"{s}.wav"
             if name not in sample:
-                raise EpisodeError(f"sample {where} has no {name}")
+                raise EpisodeError(f"sample {where} has no {name}", "unreadable_audio")
             try:
                 w, file_sr = decode_wav(sample[name], f"{where}.{name}")
             except AudioFormatError as e:
-                raise EpisodeError(str(e)) from e
+                raise EpisodeError(str(e), "unreadable_audio") from e
             if file_sr != sr:
-                raise EpisodeError(f"sample {where}.{name} is at {file_sr} Hz but its .json says {sr} Hz")
+                raise EpisodeError(f"sample {where}.{name} is at {file_sr} Hz but its .json says {sr} Hz",
+                                   "wrong_sample_rate")
             audio[s] = w.mean(0)
         video = None
         if "video.npy" in sample:
-            arr = np.load(io.BytesIO(sample["video.npy"]), allow_pickle=False)
+            try:
+                arr = np.load(io.BytesIO(sample["video.npy"]), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise EpisodeError(f"sample {where}.video.npy: not a readable .npy ({e})", "bad_video") from e
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
                 raise EpisodeError(f"sample {where}.video.npy must be uint8 [frames, H, W, 3], got "
-                                   f"{arr.dtype} {arr.shape}")
+                                   f"{arr.dtype} {arr.shape}", "bad_video")
             video = torch.from_numpy(arr.copy())
         try:
             return cls(
@@ -121,5 +157,5 @@ class Episode:
                 background=[BackgroundEvent(**e) for e in info.get("background", [])],
                 meta=info.get("meta", {}),
             )
-        except (KeyError, TypeError) as e:
-            raise EpisodeError(f"sample {where}: malformed .json field ({e})") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise EpisodeError(f"sample {where}: malformed .json field ({e})", "bad_json") from e

@@ -140,7 +140,8 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
             elif k == Kind.PATCH:
                 f = int(t * turn_s * episode.video_fps + 1e-6)
                 if t % cfg.video_stride == 0 and f < n_frames:
-                    p, rc = frame_to_patches(episode.video[f], cfg.patch_size, cfg.frame_height, cfg.frame_width)
+                    p, rc = frame_to_patches(episode.video[f], cfg.patch_size, cfg.frame_height, cfg.frame_width,
+                                             cfg.frame_fit)
                     patches_out.append(p)
                     rc_out.append(rc)
                 else:

@@ -75,6 +75,7 @@ class LayoutConfig:
     frame_height: int = 80
     frame_width: int = 80
     video_stride: int = 1  # a video frame every `video_stride` micro-turns
+    frame_fit: str = "resize"  # frames of another size: "resize" (stretch) or "pad" (keep aspect, letterbox)
     slots: list[SlotConfig] = field(default_factory=_default_slots)
 
 
@@ -119,6 +120,8 @@ class MicroTurnLayout:
                     f"layout.patch_size={cfg.patch_size} does not divide layout.{key}={size}; use a {key} that "
                     f"is a multiple of {cfg.patch_size} (frames are resized to it)"
                 )
+        if cfg.frame_fit not in ("resize", "pad"):
+            raise ConfigError(f"layout.frame_fit={cfg.frame_fit!r}: choose resize or pad")
         if cfg.video_stride < 1:
             raise ConfigError(f"layout.video_stride={cfg.video_stride}: must be >= 1")
         audio_per_turn = cfg.micro_turn_ms // pos_ms
