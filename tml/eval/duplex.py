@@ -11,7 +11,7 @@ Definitions (all times in seconds):
 * interruption: the user barges in at time i while the model speaks; stop latency = i -> first moment the model has
   been silent for ``min_silence_s``; stopped if that happens within ``max_stop_s``;
 * false barge-in: a cough / backchannel at time c while the model speaks; counted when the model stops within
-  ``max_stop_s`` (it should not);
+  ``false_stop_s`` (it should not; the window is short so that a turn that simply ends later is not counted);
 * backchannel rate: share of long user turns during which the model produced speech shorter than
   ``max_backchannel_s``;
 * silence compliance: share of "wait / be quiet" windows in which the model spoke less than ``quiet_tolerance`` of
@@ -51,6 +51,7 @@ class MetricConfig:
     min_silence_s: float = 0.2
     max_latency_s: float = 5.0
     max_stop_s: float = 1.5
+    false_stop_s: float = 0.5
     max_backchannel_s: float = 1.0
     quiet_tolerance: float = 0.05
     on_time_tol_s: float = 0.5
@@ -125,7 +126,7 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
     for c in labels.false_barge_ins:
         if _speaking_at(active, c, cfg):
             stop = _stop_time(active, c, cfg)
-            out["false_stop"].append(int(stop is not None and stop - c <= cfg.max_stop_s))
+            out["false_stop"].append(int(stop is not None and stop - c <= cfg.false_stop_s))
     for s, e in labels.long_user_turns:
         a, b = round(s / cfg.frame_s), round(e / cfg.frame_s)
         runs = [(x, y) for x, y in _runs(active[a:b]) if (y - x) * cfg.frame_s <= cfg.max_backchannel_s
