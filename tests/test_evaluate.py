@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 from handmade import write_dataset
 from tml.audio.dmel import DMelTokenizer
+from tml.audio.wav import read_wav, write_wav
 from tml.eval.evaluate import SilenceRuleResponder, evaluate, labels_from_events
 from tml.streams import Episode, LayoutConfig, MicroTurnLayout
 from tml.text.tokenizer import train_bpe
@@ -84,3 +85,12 @@ def test_evaluate_recipe_on_a_real_checkpoint(tmp_path):
         result = json.loads((out / "eval.json").read_text())
         assert result["metrics"]["episodes"] == 2 and len(result["per_episode"]) == 2
         assert (out / "latencies.png").exists()
+    wav = tmp_path / "user.wav"
+    write_wav(wav, noise_episode().audio["user"][: SR], SR)
+    out = tmp_path / "converse"
+    proc = subprocess.run([sys.executable, "recipes/converse.py", f"checkpoint={run}", f"input={wav}",
+                           f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("micro-turn ") == 5  # 1 s = 5 micro-turns, each with its compute time
+    stereo, sr = read_wav(out / "dialogue.wav")
+    assert sr == SR and stereo.shape == (2, SR)

@@ -216,3 +216,39 @@ class StreamingSession:
         )
         self.turn += 1
         return result
+
+
+def converse(session: StreamingSession, user: torch.Tensor, sample_rate: int, text, out_dir) -> dict:
+    """Feed a user recording ``user`` [samples] at ``sample_rate`` through ``session`` in time order, printing each
+    micro-turn's compute time and text; write ``model.wav`` and stereo ``dialogue.wav`` (user left) to ``out_dir``.
+    Returns {"compute_ms": [...], "text": [(time, text)], "real_time_factor": mean compute / micro-turn length}."""
+    from pathlib import Path
+
+    import torchaudio
+
+    from tml.audio.wav import write_wav
+
+    lay = session.layout
+    sr, n = lay.cfg.sample_rate, lay.samples_per_turn
+    if sample_rate != sr:
+        user = torchaudio.functional.resample(user, sample_rate, sr)
+    user = torch.nn.functional.pad(user, (0, -user.numel() % n))
+    mels, compute, said = [], [], []
+    for t in range(user.numel() // n):
+        out = session.step(MicroTurnInputs(user_audio=user[t * n : (t + 1) * n]))
+        mels.append(out.mel)
+        compute.append(1000 * out.compute_s)
+        words = text.decode(out.text_ids)
+        if words.strip():
+            said.append((t * lay.cfg.micro_turn_ms / 1000, words))
+        print(f"micro-turn {t:5d} ({t * lay.cfg.micro_turn_ms / 1000:7.1f} s): {compute[-1]:6.1f} ms  {words}", flush=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_wave = session.dmel.to_wave(torch.cat(mels), session.vocoder)
+    model_wave = torch.nn.functional.pad(model_wave, (0, max(0, user.numel() - model_wave.numel())))[: user.numel()]
+    write_wav(out_dir / "model.wav", model_wave, sr)
+    write_wav(out_dir / "dialogue.wav", torch.stack([user, model_wave]), sr)
+    rtf = sum(compute) / len(compute) / lay.cfg.micro_turn_ms if compute else 0.0
+    print(f"{len(compute)} micro-turns, mean {sum(compute) / max(len(compute), 1):.1f} ms each, real-time factor "
+          f"{rtf:.3f}; wrote {out_dir / 'model.wav'} and {out_dir / 'dialogue.wav'}", flush=True)
+    return {"compute_ms": compute, "text": said, "real_time_factor": rtf}
