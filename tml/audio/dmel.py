@@ -167,6 +167,12 @@ class DMelTokenizer:
         floor = torch.full((frames, self.cfg.n_mels), torch.tensor(self.cfg.eps).log10().item())
         return self.quantize(floor)
 
+    def unit_to_log_mel(self, unit: torch.Tensor) -> torch.Tensor:
+        """Unit coordinates in [-1, 1] (the flow head's output space, ``tml.model.heads``) -> log10 mel, the same
+        affine map that takes bin ids to bin centres (``decode``), clipped to the kept range."""
+        c = self.cfg
+        return c.log_min + (unit.float().clamp(-1, 1) + 1) / 2 * (c.log_max - c.log_min)
+
     def to_wave(self, bins_or_mel: torch.Tensor, vocoder=None) -> torch.Tensor:
         """dMel bin ids LongTensor[frames, n_mels] or log10 mel FloatTensor[frames, n_mels] -> wave
         FloatTensor[samples] at ``sample_rate``, through ``vocoder`` (any ``log_mel -> wave`` callable; default

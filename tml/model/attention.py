@@ -74,3 +74,74 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                       cache: "KVCache") -> torch.Tensor:
+        """Streaming step: new positions ``x`` [B, T_new, dim] at absolute ``positions`` [T_new] attend to the
+        cached past and causally to each other; their keys and values join ``cache``. Returns [B, T_new, dim]."""
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v, mask = cache.extend(k, v, positions)
+        if mask.all():  # e.g. one new position and no window: the mask-free kernel is several times faster
+            mask = None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, L, -1))
+
+
+class KVCache:
+    """One layer's keys and values of past positions, for streaming inference.
+
+    Stored in buffers that grow by doubling, so appending one position costs O(1) amortised instead of copying
+    the whole past. ``window`` > 0: a query attends only to the last ``window`` positions (its own included) and
+    older entries are dropped (compacted once the buffer holds two windows), so memory and cost per step stay
+    bounded however long the session runs.
+    """
+
+    def __init__(self, window: int = 0):
+        self.window = window
+        self.length = 0
+        self.k: torch.Tensor | None = None  # [B, n_kv_heads, capacity, head_dim]; first ``length`` are valid
+        self.v: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None  # long [capacity]: absolute session position of each entry
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _reserve(self, like: torch.Tensor, positions: torch.Tensor, extra: int) -> None:
+        need = self.length + extra
+        if self.k is not None and need <= self.k.shape[2]:
+            return
+        cap = max(64, 2 * need)
+        B, H, _, D = like.shape
+        k, v = like.new_empty(B, H, cap, D), like.new_empty(B, H, cap, D)
+        pos = positions.new_empty(cap)
+        if self.k is not None:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+            pos[: self.length] = self.pos[: self.length]
+        self.k, self.v, self.pos = k, v, pos
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append new keys/values [B, n_kv_heads, T_new, head_dim] at ``positions`` [T_new]; return the keys,
+        values and mask [1, 1, T_new, T_all] the new queries use."""
+        if self.window > 0 and self.length + k.shape[2] > 2 * self.window:
+            keep = min(self.length, self.window)  # compact: the last window of entries moves to the front
+            s = self.length - keep
+            self.k[:, :, :keep] = self.k[:, :, s : self.length].clone()
+            self.v[:, :, :keep] = self.v[:, :, s : self.length].clone()
+            self.pos[:keep] = self.pos[s : self.length].clone()
+            self.length = keep
+        n = k.shape[2]
+        self._reserve(k, positions, n)
+        end = self.length + n
+        self.k[:, :, self.length : end], self.v[:, :, self.length : end], self.pos[self.length : end] = k, v, positions
+        self.length = end
+        p_all = self.pos[:end]
+        mask = p_all[None, :] <= positions[:, None]
+        if self.window > 0:
+            mask &= positions[:, None] - p_all[None, :] < self.window
+        return self.k[:, :, :end], self.v[:, :, :end], mask[None, None]

@@ -10,7 +10,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from tml.model.attention import Attention, RMSNorm, rope_cos_sin
+from tml.model.attention import Attention, KVCache, RMSNorm, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
 from tml.model.heads import DMelHead, FlowHead, TextHead
@@ -56,6 +56,12 @@ class Block(nn.Module):
         if self.moe and self.mlp is not self.moe[0]:  # replaced by AutoEP (its router: ``router.gate``)
             self.moe[0].observe_router_logits(self.mlp.router.gate(h.reshape(-1, h.shape[-1])), h.shape)
         return x + self.mlp(h)
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                       cache: KVCache) -> torch.Tensor:
+        """Streaming step over new positions only (see ``Attention.forward_cached``). [B, T_new, dim]."""
+        x = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, positions, cache)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class InteractionModel(nn.Module):

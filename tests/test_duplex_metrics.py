@@ -1,0 +1,54 @@
+"""Duplex metrics against values computed by hand from a hand-drawn activity track."""
+
+import pytest
+import torch
+
+from tml.eval.duplex import DuplexLabels, MetricConfig, aggregate, episode_metrics, onsets
+
+
+def track(duration, spans):
+    """bool activity at 10 ms with True inside each (start, end) span in seconds."""
+    a = torch.zeros(round(duration / 0.01), dtype=torch.bool)
+    for s, e in spans:
+        a[round(s / 0.01) : round(e / 0.01)] = True
+    return a
+
+
+def test_latencies_stops_and_rates_by_hand():
+    # Model speaks: 1.30-2.50 (answer 1), 3.00-3.05 (a 50 ms blip: no onset), 4.40-6.00 (answer 2, interrupted at
+    # 5.00, stops at 6.00), 7.00-7.40 (backchannel inside the long user turn 6.5-9.0), 10.0-12.0 (cough at 10.5:
+    # keeps talking), speaks at 12.2-12.5 though asked to wait in 12.0-13.0.
+    active = track(14.0, [(1.3, 2.5), (3.0, 3.05), (4.4, 6.0), (7.0, 7.4), (10.0, 12.0), (12.2, 12.5)])
+    labels = DuplexLabels(
+        duration=14.0,
+        response_turns=[(0.0, 1.0), (3.5, 4.0), (13.0, 13.5)],  # latencies 0.3, 0.4; the last gets no answer
+        interruptions=[5.0, 8.0],  # 5.0: stops at 6.0 (1.0 s); 8.0: the model is silent, nothing to interrupt
+        false_barge_ins=[10.5, 11.6],  # keeps talking 1.5 s after 10.5; stops 0.4 s after 11.6 (within 0.5 s)
+        long_user_turns=[(6.5, 9.0), (0.0, 1.0)],
+        quiet_windows=[(12.0, 13.0), (8.0, 9.0)],  # 30% speech in the first, none in the second
+        timed_cues=[1.5, 7.0, 11.0],  # onsets at 1.3 (within 0.5), 7.0 (exact); 11.0 has none within 0.5
+        answers=[(4.0, "forty two"), (0.0, "paris")],
+    )
+    text = [(4.2, "it is forty"), (4.4, "two"), (1.0, "hello")]
+    cfg = MetricConfig()
+    assert onsets(active, cfg) == pytest.approx([1.3, 4.4, 7.0, 10.0, 12.2])
+    m = episode_metrics(labels, active, text, cfg)
+    assert m["latency"] == pytest.approx([0.3, 0.4]) and m["missed_turns"] == [1]
+    assert m["stopped"] == [1] and m["stop_latency"] == pytest.approx([1.0])
+    assert m["false_stop"] == [0, 1]
+    assert m["backchannel"] == [1, 0]
+    assert m["quiet_ok"] == [0, 1]
+    assert m["on_time"] == [1, 1, 0]
+    assert m["answer_ok"] == [1, 0]
+    agg = aggregate([m, {k: [] for k in m}])
+    assert agg["turn_taking_latency_mean_s"] == pytest.approx(0.35)
+    assert agg["turn_taking_latency_median_s"] == pytest.approx(0.35)
+    assert agg["turn_taking_latency_p90_s"] == pytest.approx(0.4)
+    assert agg["turn_taking_response_rate"] == pytest.approx(2 / 3)
+    assert agg["silence_compliance"] == 0.5 and agg["on_time_rate"] == pytest.approx(2 / 3)
+    assert agg["answer_accuracy"] == 0.5
+
+
+def test_nothing_measured_gives_none():
+    agg = aggregate([episode_metrics(DuplexLabels(duration=1.0), track(1.0, []), [])])
+    assert agg["turn_taking_latency_mean_s"] is None and agg["interruption_stop_rate"] is None

@@ -1,0 +1,96 @@
+"""Duplex evaluation end to end: a scripted responder's latencies equal the hand-computed ones; the recipe runs on
+a real checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from handmade import write_dataset
+from tml.audio.dmel import DMelTokenizer
+from tml.audio.wav import read_wav, write_wav
+from tml.eval.evaluate import SilenceRuleResponder, evaluate, labels_from_events
+from tml.streams import Episode, LayoutConfig, MicroTurnLayout
+from tml.text.tokenizer import train_bpe
+
+SR = 16000
+
+
+def noise_episode() -> Episode:
+    """User noise bursts at 0.2-1.0 s and 2.0-2.6 s (clear speech-like energy in every mel channel)."""
+    g = torch.Generator().manual_seed(0)
+    user = torch.zeros(4 * SR)
+    for a, b in ((0.2, 1.0), (2.0, 2.6)):
+        user[int(a * SR) : int(b * SR)] = 0.1 * torch.randn(int((b - a) * SR), generator=g)
+    events = [
+        {"type": "utterance_start", "time": 0.2, "speaker": "user", "kind": "turn"},
+        {"type": "utterance_end", "time": 1.0, "speaker": "user", "kind": "turn"},
+        {"type": "expected_response", "time": 1.0, "speaker": "model", "by": 2.0},
+        {"type": "timer", "time": 0.5, "target": 1.3, "tolerance": 0.5},
+        {"type": "interruption", "time": 2.0, "speaker": "user", "target": "model", "stop_by": 2.3},
+        {"type": "utterance_start", "time": 2.0, "speaker": "user", "kind": "interrupt"},
+        {"type": "utterance_end", "time": 2.6, "speaker": "user", "kind": "interrupt"},
+        {"type": "expected_response", "time": 2.6, "speaker": "model", "by": 3.6},
+        {"type": "non_interruption", "time": 3.2, "speaker": "user", "what": "cough"},
+        {"type": "something_new", "time": 3.5},  # unknown types are ignored
+    ]
+    return Episode(key="noise", duration=4.0, sample_rate=SR, audio={"user": user, "model": torch.zeros(4 * SR)},
+                   meta={"events": events})
+
+
+def test_labels_from_events():
+    labels = labels_from_events(noise_episode().meta["events"], 4.0)
+    assert [e for _, e in labels.response_turns] == [1.0, 2.6]
+    assert labels.interruptions == [2.0] and labels.false_barge_ins == [3.2] and labels.timed_cues == [1.3]
+
+
+def test_silence_rule_latencies_equal_the_hand_computation(tmp_path):
+    # A 10 ms frame is speech while its 25 ms window overlaps the noise, so after noise ending at e the first silent
+    # frame is ceil((e + 0.0125) / 0.01): 102 for e = 1.0, 262 for e = 2.6. With a 0.3 s gap (30 frames) the rule
+    # speaks from the 30th silent frame: 1.31 s and 2.91 s, latencies 0.31 s. It is speaking when the user cuts in
+    # at 2.0 and is silent from frame 200 on (2.0 s: stop latency 0). It does not stop for the cough at 3.2 s, and
+    # its onset at 1.31 s is within 0.5 s of the timer target 1.3 s.
+    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+    text = train_bpe(["hello there"] * 10, 300, tmp_path / "tokenizer.json")
+    result = evaluate(lambda: SilenceRuleResponder(layout, dmel, gap_s=0.3, speak_s=1.0), [noise_episode()], layout,
+                      dmel, text, tmp_path / "out")
+    per = json.loads((tmp_path / "out" / "eval.json").read_text())["per_episode"][0]
+    assert per["latency"] == pytest.approx([0.31, 0.31], abs=1e-9)
+    assert per["stopped"] == [1] and per["stop_latency"] == pytest.approx([0.0], abs=1e-9)
+    assert per["false_stop"] == [0] and per["on_time"] == [1]
+    assert result["turn_taking_latency_mean_s"] == pytest.approx(0.31)
+    assert result["interruption_stop_rate"] == 1.0 and result["false_barge_in_rate"] == 0.0
+    for name in ("latencies.png", "timeline_noise.png", "dialogue_noise.wav"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_evaluate_recipe_on_a_real_checkpoint(tmp_path):
+    data = write_dataset(tmp_path / "data", 4, 2)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "recipes/pretrain.py", f"data.path={data}", f"hydra.run.dir={run}",
+                    "trainer.max_steps=2", "logger=none", "model.dim=64", "model.n_layers=1", "model.moe.hidden_dim=64",
+                    "model.moe.num_experts=4", "data.loader.seq_len=200"], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    for responder in ("model", "silence_rule"):
+        out = tmp_path / f"eval_{responder}"
+        proc = subprocess.run([sys.executable, "recipes/evaluate.py", f"checkpoint={run}", f"responder={responder}",
+                               "episodes=2", f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads((out / "eval.json").read_text())
+        assert result["metrics"]["episodes"] == 2 and len(result["per_episode"]) == 2
+        assert (out / "latencies.png").exists()
+    wav = tmp_path / "user.wav"
+    write_wav(wav, noise_episode().audio["user"][: SR], SR)
+    out = tmp_path / "converse"
+    proc = subprocess.run([sys.executable, "recipes/converse.py", f"checkpoint={run}", f"input={wav}",
+                           f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("micro-turn ") == 5  # 1 s = 5 micro-turns, each with its compute time
+    stereo, sr = read_wav(out / "dialogue.wav")
+    assert sr == SR and stereo.shape == (2, SR)

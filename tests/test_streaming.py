@@ -1,0 +1,147 @@
+"""Trainer-sampler alignment: the streaming session's step-by-step logits equal the training forward's."""
+
+import math
+
+import pytest
+import torch
+
+from tml.audio.dmel import DMelTokenizer
+from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
+from tml.model import InteractionModel, ModelConfig, MoEConfig
+from tml.streams import BackgroundEvent, Batch, Episode, Kind, LayoutConfig, MicroTurnLayout, Stream, Word
+from tml.streams.interleave import interleave
+from tml.streams.pack import collate
+from tml.text.tokenizer import train_bpe
+
+SR = 16000
+TURNS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    words = "hello there how are you fine thanks result forty two let me check".split()
+    text = train_bpe([" ".join(words)] * 20, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    g = torch.Generator().manual_seed(1)
+    n = int(TURNS * 0.2 * SR)
+    t = torch.arange(n) / SR
+    episode = Episode(
+        key="ep", duration=TURNS * 0.2, sample_rate=SR,
+        audio={"user": 0.3 * torch.sin(2 * math.pi * 300 * t) * (t < 1.0), "model": 0.05 * torch.randn(n, generator=g)},
+        words={"user": [Word("hello", 0.1, 0.4)], "model": [Word("fine", 1.1, 1.3), Word("thanks", 1.35, 1.6),
+                                                              Word("result", 1.7, 1.9)]},
+        video=torch.randint(0, 256, (TURNS, 80, 80, 3), generator=g, dtype=torch.uint8), video_fps=5.0,
+        background=[BackgroundEvent(0.9, "result forty two")],
+    )
+    layout = MicroTurnLayout(LayoutConfig(video_stride=2))
+    model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                                         moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))).eval()
+    dmel = DMelTokenizer()
+    tok = interleave(episode, layout, dmel, text)
+    return model, layout, dmel, text, episode, tok
+
+
+def turn_inputs(tok, layout, episode, t):
+    """The inputs of micro-turn t as a live stream would deliver them (payloads taken from the training tokens)."""
+    n = layout.length
+    sl = slice(t * n, (t + 1) * n)
+    kind, stream, ids = tok.kind[sl], tok.stream[sl], tok.text_ids[sl]
+    audio_idx = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1
+    user = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.USER)]
+    model = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.MODEL)]
+    bg = [int(i) for i in ids[stream == Stream.BACKGROUND] if i != 0]
+    return (MicroTurnInputs(user_audio=tok.audio_bins[user].reshape(-1, 80), video_frame=episode.video[t],
+                            background_text=bg),
+            {"text": ids[(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(),
+             "audio": tok.audio_bins[model].reshape(-1, 80)})
+
+
+def run_session(setup, cfg=None):
+    model, layout, dmel, text, episode, tok = setup
+    session = StreamingSession(model, layout, dmel, cfg)
+    outs = []
+    for t in range(TURNS):
+        inputs, force = turn_inputs(tok, layout, episode, t)
+        outs.append(session.step(inputs, force=force))
+    return session, outs
+
+
+def test_session_logits_equal_training_forward(setup):
+    model, layout, dmel, text, episode, tok = setup
+    batch = collate([[tok]], TURNS * layout.length)
+    with torch.no_grad():
+        ref = model(batch)
+    _, outs = run_session(setup)
+    text_logits = torch.cat([o.text_logits for o in outs])
+    audio_logits = torch.cat([o.audio_logits for o in outs])
+    assert text_logits.shape == ref.text_logits.shape and audio_logits.shape == ref.audio_logits.shape
+    assert (text_logits - ref.text_logits).abs().max() <= 1e-5
+    assert (audio_logits - ref.audio_logits).abs().max() <= 1e-5
+    assert torch.equal(text_logits.argmax(-1), ref.text_logits.argmax(-1))
+    assert torch.equal(audio_logits.argmax(-1), ref.audio_logits.argmax(-1))
+
+
+def test_bounded_cache_equals_a_banded_training_mask(setup):
+    model, layout, dmel, text, episode, tok = setup
+    window = 50  # 2.5 micro-turns
+    batch = collate([[tok]], TURNS * layout.length)
+    full = Batch.attention_mask(batch)
+    i = torch.arange(full.shape[-1])
+    banded = full & ((i[:, None] - i[None, :]) < window)
+
+    class BandedBatch(Batch):
+        def attention_mask(self):
+            return banded
+
+    with torch.no_grad():
+        ref = model(BandedBatch(**batch.__dict__))
+    session, outs = run_session(setup, SessionConfig(cache_window=window))
+    assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
+    assert (torch.cat([o.audio_logits for o in outs]) - ref.audio_logits).abs().max() <= 1e-5
+    assert all(len(c) <= 2 * window for c in session.caches)  # memory stays bounded
+
+
+def test_greedy_session_writes_the_argmax_and_feeds_it_back(setup):
+    model, layout, dmel, text, episode, tok = setup
+    session = StreamingSession(model, layout, dmel)
+    for t in range(3):
+        inputs, _ = turn_inputs(tok, layout, episode, t)
+        out = session.step(inputs)
+        assert out.text_ids == out.text_logits.argmax(-1).tolist()
+        assert torch.equal(out.audio_bins, out.audio_logits.argmax(-1).reshape(-1, 80))
+        assert out.mel.shape == (20, 80) and out.wave is None
+    assert session.position == 3 * layout.length
+
+
+def test_wave_input_matches_offline_dmel_away_from_turn_edges(setup):
+    # Streaming encode of a wave equals offline encode except the last frame of each micro-turn, whose window
+    # reaches 2.5 ms into the next one (zero-padded live).
+    model, layout, dmel, text, episode, tok = setup
+    session = StreamingSession(model, layout, dmel)
+    wave = episode.audio["user"]
+    offline = dmel.encode(wave)
+    for t in range(4):
+        live = session._encode_audio(wave[t * 3200 : (t + 1) * 3200])
+        assert torch.equal(live[:-1], offline[t * 20 : t * 20 + 19])
+
+
+def test_flow_head_session_speaks_continuous_mel_and_keeps_text_aligned(setup):
+    _, layout, dmel, text, episode, tok = setup
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                      moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))
+    cfg.heads.audio = "flow"
+    model = InteractionModel(cfg).eval()
+    batch = collate([[tok]], TURNS * layout.length)
+    with torch.no_grad():
+        ref = model(batch)
+    session = StreamingSession(model, layout, dmel)
+    outs = []
+    for t in range(TURNS):
+        inputs, force = turn_inputs(tok, layout, episode, t)
+        outs.append(session.step(inputs, force=force))
+    assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
+    free = StreamingSession(model, layout, dmel).step(turn_inputs(tok, layout, episode, 0)[0])
+    assert free.audio_logits is None and free.mel.shape == (20, 80)
+    lo, hi = dmel.cfg.log_min, dmel.cfg.log_max
+    assert (free.mel >= lo).all() and (free.mel <= hi).all() and not torch.equal(free.mel, dmel.decode(free.audio_bins))

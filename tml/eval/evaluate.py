@@ -1,0 +1,222 @@
+"""Duplex evaluation: stream held-out episodes' user side through a responder, measure what it did.
+
+A *responder* is anything with ``step(MicroTurnInputs) -> MicroTurnOutputs``: a ``StreamingSession`` over a
+checkpoint (or an untrained model), or ``SilenceRuleResponder``, the classic baseline that starts talking after a
+fixed stretch of user silence. Each episode is replayed micro-turn by micro-turn (user audio, video frames and the
+recorded background results at their arrival times); the responder's own mel output gives its speech activity,
+its text gives answers, and ``tml.eval.duplex`` scores both against the episode's event labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tml.audio.dmel import DMelTokenizer
+from tml.eval.duplex import DuplexLabels, MetricConfig, episode_metrics, speech_activity
+from tml.eval.session import MicroTurnInputs, MicroTurnOutputs
+from tml.streams.episode import Episode
+from tml.streams.layout import Kind, MicroTurnLayout, Stream
+from tml.text.tokenizer import TextTokenizer
+
+LONG_USER_TURN_S = 3.0  # user turns at least this long invite a backchannel
+
+
+def labels_from_events(events: list[dict], duration: float) -> DuplexLabels:
+    """``Episode.meta["events"]`` (schema in ``tml.streams.episode``) -> what the metrics check. Unknown types are
+    ignored."""
+    labels = DuplexLabels(duration=duration)
+    starts: dict[str, dict] = {}
+    last_user_end = 0.0
+    for e in events:
+        typ, t = e.get("type"), float(e.get("time", 0.0))
+        if typ == "utterance_start":
+            starts[e.get("speaker", "")] = e
+            if e.get("speaker") == "model" and e.get("kind") == "answer" and e.get("text"):
+                labels.answers.append((last_user_end, e["text"]))
+        elif typ == "utterance_end" and e.get("speaker") == "user":
+            s = starts.get("user")
+            if s is not None and s.get("kind") == "turn" and t - float(s["time"]) >= LONG_USER_TURN_S:
+                labels.long_user_turns.append((float(s["time"]), t))
+            last_user_end = t
+        elif typ == "expected_response":
+            labels.response_turns.append((float(starts.get("user", {}).get("time", t)), t))
+        elif typ == "interruption":
+            labels.interruptions.append(t)
+        elif typ == "non_interruption":
+            labels.false_barge_ins.append(t)
+        elif typ == "wait_request":
+            until = e.get("until")
+            labels.quiet_windows.append((t, float(until) if until is not None else duration))
+        elif typ == "timer":
+            labels.timed_cues.append(float(e.get("target", t)))
+        elif typ == "visual" and e.get("what") == "wall_hit":
+            labels.timed_cues.append(t)
+    return labels
+
+
+class SilenceRuleResponder:
+    """Baseline: after the user has spoken, once their audio has been silent for ``gap_s``, speak for ``speak_s``.
+
+    Activity is the user's mean log-mel per 10 ms frame above ``threshold``; the rule runs at frame resolution
+    inside each micro-turn, on the same clock as a model's output. Its "speech" is a constant mid-range dMel frame.
+    """
+
+    def __init__(self, layout: MicroTurnLayout, dmel: DMelTokenizer, gap_s: float = 0.3, speak_s: float = 1.0,
+                 threshold: float = -5.0, text_pad_id: int = 0):
+        self.layout, self.dmel = layout, dmel
+        self.gap = round(gap_s * 1000 / layout.cfg.mel_hop_ms)
+        self.speak = round(speak_s * 1000 / layout.cfg.mel_hop_ms)
+        self.threshold, self.pad_id = threshold, text_pad_id
+        self.history = torch.zeros(0)
+        self.user_spoke = False
+        self.silent_run = 0
+        self.speaking_left = 0
+        self.turn = 0
+        self.voice = torch.full((layout.cfg.n_mels,), layout.cfg.dmel_bins * 3 // 4, dtype=torch.long)
+
+    def step(self, inputs: MicroTurnInputs) -> MicroTurnOutputs:
+        F, C = self.layout.frames_per_turn, self.layout.cfg.n_mels
+        segment = torch.cat([self.history, inputs.user_audio.float()])
+        first = self.history.numel() // self.layout.hop_samples
+        self.history = inputs.user_audio.float()
+        user_active = speech_activity(self.dmel.log_mel(segment)[first : first + F], self.threshold)
+        bins = torch.zeros(F, C, dtype=torch.long)
+        for f in range(F):
+            if user_active[f]:
+                self.user_spoke, self.silent_run, self.speaking_left = True, 0, 0
+            else:
+                self.silent_run += 1
+                if self.user_spoke and self.silent_run == self.gap:
+                    self.speaking_left, self.user_spoke = self.speak, False
+            if self.speaking_left > 0:
+                bins[f] = self.voice
+                self.speaking_left -= 1
+        slots = self.layout.count(Stream.MODEL, Kind.TEXT)
+        out = MicroTurnOutputs(turn=self.turn, text_ids=[self.pad_id] * slots, audio_bins=bins,
+                               mel=self.dmel.decode(bins), wave=None, text_logits=torch.zeros(0), audio_logits=None,
+                               background_ids=[], compute_s=0.0)
+        self.turn += 1
+        return out
+
+
+@dataclass
+class EpisodeRun:
+    key: str
+    model_mel: torch.Tensor  # [frames, n_mels] what the responder said, as log-mel
+    user_mel: torch.Tensor  # [frames, n_mels]
+    text_by_time: list[tuple[float, str]]  # (micro-turn start, decoded text) where it wrote something
+    compute_s: list[float]  # per micro-turn
+
+
+def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer,
+                text: TextTokenizer) -> EpisodeRun:
+    """Replay ``episode``'s inputs through ``responder`` one micro-turn at a time."""
+    cfg = layout.cfg
+    T, n = layout.num_turns(episode.duration), layout.samples_per_turn
+    turn_s = cfg.micro_turn_ms / 1000
+    user = episode.audio["user"]
+    user = torch.nn.functional.pad(user, (0, max(0, T * n - user.numel())))
+    arrivals: dict[int, list[int]] = {}
+    for e in episode.background:
+        arrivals.setdefault(layout.turn_of(e.time), []).extend(i for w in e.text.split() for i in text.word_ids(w))
+    mels, said, times = [], [], []
+    for t in range(T):
+        frame = None
+        if episode.video is not None:
+            f = int(t * turn_s * episode.video_fps + 1e-6)
+            frame = episode.video[f] if f < episode.video.shape[0] else None
+        out = responder.step(MicroTurnInputs(user_audio=user[t * n : (t + 1) * n], video_frame=frame,
+                                             background_text=arrivals.get(t, [])))
+        mels.append(out.mel)
+        times.append(out.compute_s)
+        words = text.decode(out.text_ids)
+        if words.strip():
+            said.append((t * turn_s, words))
+    return EpisodeRun(episode.key, torch.cat(mels), dmel.log_mel(user[: T * n])[: T * layout.frames_per_turn],
+                      said, times)
+
+
+def score_episode(run: EpisodeRun, episode: Episode, threshold: float = -5.0,
+                  cfg: MetricConfig | None = None) -> dict:
+    labels = labels_from_events(episode.meta.get("events", []), episode.duration)
+    return episode_metrics(labels, speech_activity(run.model_mel, threshold), run.text_by_time, cfg)
+
+
+def plot_timeline(path, run: EpisodeRun, episode: Episode, threshold: float = -5.0, hop_s: float = 0.01) -> None:
+    """Both streams' speech activity over time, with the episode's labelled events."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    user = speech_activity(run.user_mel, threshold).float()
+    model = speech_activity(run.model_mel, threshold).float()
+    t = torch.arange(user.numel()) * hop_s
+    fig, ax = plt.subplots(figsize=(12, 2.6))
+    ax.fill_between(t, 1.1, 1.1 + 0.8 * user, step="post", color="tab:blue", label="user speech")
+    ax.fill_between(t, 0.0, 0.8 * model[: t.numel()], step="post", color="tab:orange", label="model speech")
+    colours = {"expected_response": "green", "interruption": "red", "non_interruption": "grey",
+               "wait_request": "purple", "timer": "black", "visual": "brown"}
+    for e in episode.meta.get("events", []):
+        if e.get("type") in colours:
+            ax.axvline(float(e["time"]), color=colours[e["type"]], lw=1, ls="--")
+    ax.set_yticks([0.4, 1.5], ["model", "user"])
+    ax.set_xlabel("seconds")
+    ax.set_title(f"{run.key}: dashed = labels (green expected response, red barge-in, grey cough/backchannel, "
+                 f"purple wait, black timer, brown visual)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_latencies(path, per_episode: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, key, title in ((axes[0], "latency", "turn-taking latency (s)"),
+                           (axes[1], "stop_latency", "interruption stop latency (s)")):
+        xs = [x for ep in per_episode for x in ep[key]]
+        ax.hist(xs, bins=20, color="tab:orange")
+        ax.set_title(f"{title}, n={len(xs)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
+             text: TextTokenizer, out_dir, threshold: float = -5.0, n_wavs: int = 3, n_timelines: int = 4,
+             vocoder=None) -> dict:
+    """Run a fresh responder (``make_responder()``) on every episode; write ``eval.json``, latency histograms,
+    per-episode timelines and a few stereo .wav files (user left, responder right) into ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    from tml.audio.wav import write_wav
+    from tml.eval.duplex import aggregate
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_episode, compute = [], []
+    for i, episode in enumerate(episodes):
+        run = run_episode(make_responder(), episode, layout, dmel, text)
+        m = score_episode(run, episode, threshold)
+        per_episode.append(m)
+        compute += run.compute_s
+        if i < n_timelines:
+            plot_timeline(out_dir / f"timeline_{episode.key}.png", run, episode, threshold)
+        if i < n_wavs:
+            mine = dmel.to_wave(run.model_mel, vocoder)
+            user = episode.audio["user"]
+            n = min(user.numel(), mine.numel())
+            write_wav(out_dir / f"dialogue_{episode.key}.wav", torch.stack([user[:n], mine[:n]]), dmel.cfg.sample_rate)
+    plot_latencies(out_dir / "latencies.png", per_episode)
+    result = aggregate(per_episode)
+    result["episodes"] = len(episodes)
+    result["compute_ms_per_micro_turn"] = 1000 * sum(compute) / max(len(compute), 1)
+    (out_dir / "eval.json").write_text(json.dumps({"metrics": result, "per_episode": per_episode}, indent=2))
+    return result

@@ -1,0 +1,63 @@
+"""Load a trained run for inference: its config, model weights, layout, tokenizers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+from tml.audio.dmel import DMelTokenizer
+from tml.data.loader import read_manifest
+from tml.model import InteractionModel
+from tml.streams.episode import Episode
+from tml.streams.layout import MicroTurnLayout
+from tml.text.tokenizer import TextTokenizer
+from tml.train.checkpoint import find_checkpoint, load_model_weights
+from tml.train.config import PretrainConfig, validate_config
+from tml.train.loop import config_from_dict
+
+
+@dataclass
+class Loaded:
+    model: InteractionModel
+    config: PretrainConfig
+    layout: MicroTurnLayout
+    text: TextTokenizer
+    dmel: DMelTokenizer
+    step_dir: Path | None  # None for an untrained model
+
+
+def load_run(checkpoint: str | Path, untrained: bool = False, seed: int = 0) -> Loaded:
+    """A pretrain run (RUN_DIR, RUN_DIR/checkpoints or a step dir) -> its model in eval mode and its data tools.
+    ``untrained=True`` builds the same model with fresh random weights (a baseline)."""
+    import torch
+
+    run_dir, step_dir = find_checkpoint(checkpoint)
+    cfg = config_from_dict(json.loads((run_dir / "config.resolved.json").read_text()))
+    layout = validate_config(cfg)
+    torch.manual_seed(seed)
+    model = InteractionModel(cfg.model)
+    if not untrained:
+        load_model_weights(model, step_dir)
+    manifest = read_manifest(cfg.data.path)
+    text = TextTokenizer.load(Path(cfg.data.path) / manifest.get("tokenizer", "tokenizer.json"))
+    return Loaded(model.eval(), cfg, layout, text, DMelTokenizer(cfg.data.dmel), None if untrained else step_dir)
+
+
+def read_episodes(data_path: str | Path, keys: list[str] | None = None, limit: int = 0) -> list[Episode]:
+    """Episodes of a data set in shard order: those named in ``keys`` (sample keys or shard-order indices), or the
+    first ``limit`` (0 = all)."""
+    out, i = [], 0
+    wanted = set(keys or [])
+    for s in read_manifest(data_path)["shards"]:
+        for sample in wds.tarfile_samples([{"url": str(Path(data_path) / s["name"])}]):
+            if not wanted or sample["__key__"] in wanted or str(i) in wanted:
+                out.append(Episode.from_sample(sample))
+                if limit and len(out) >= limit:
+                    return out
+            i += 1
+    if wanted and len(out) < len(wanted):
+        raise KeyError(f"episodes {sorted(wanted)}: found only {[e.key for e in out]} in {data_path} ({i} samples)")
+    return out

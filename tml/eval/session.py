@@ -1,0 +1,254 @@
+"""Streaming micro-turn runtime: a trained model run as it is deployed, 200 ms in and 200 ms out at a time.
+
+Each ``step`` takes one micro-turn of input (user audio, optionally a video frame and background-model text),
+runs the input slots through the model as one chunk against the KV cache, then writes the output slots one
+position at a time in layout order, exactly as in training (``tml.streams.batch``): the hidden state of the last
+input slot predicts the first model text token, each output position predicts the next, and every generated
+payload is fed back as the next position's input. Nothing of the past is recomputed; with
+``SessionConfig.cache_window`` the cache keeps only that many positions, so cost per micro-turn stays flat in
+arbitrarily long sessions.
+
+Audio front end: frames of micro-turn ``t`` are computed from the last 200 ms of history plus this micro-turn's
+samples. The final frame's 25 ms window reaches 2.5 ms into the next micro-turn, which a live stream does not have
+yet: it is zero-padded (as the end of a recording is in training), the only difference from offline encoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tml.audio.dmel import DMelTokenizer
+from tml.eval.background import DelegationBridge
+from tml.model import InteractionModel
+from tml.model.attention import KVCache, rope_cos_sin
+from tml.model.heads import FlowHead, unit_to_bins
+from tml.model.sampling import SamplingConfig, sample_logits
+from tml.streams.batch import Batch
+from tml.streams.layout import Kind, MicroTurnLayout, Stream
+from tml.vision.patches import frame_to_patches
+
+
+def _greedy() -> SamplingConfig:
+    return SamplingConfig(text_temperature=0.0, audio_temperature=0.0)
+
+
+@dataclass
+class SessionConfig:
+    cache_window: int = 0  # positions each query may attend to (0 = the whole session)
+    sampling: SamplingConfig = field(default_factory=_greedy)  # how text and audio are drawn (greedy by default)
+
+
+@dataclass
+class MicroTurnInputs:
+    """One micro-turn of input. ``user_audio``: float wave [samples_per_turn] at the layout's rate, or long dMel
+    bins [frames_per_turn, n_mels] already encoded. ``background_text``: token ids arriving in this micro-turn
+    (they queue into the background slots, spilling into later micro-turns as in training)."""
+
+    user_audio: torch.Tensor
+    video_frame: torch.Tensor | None = None  # uint8 [H, W, 3]
+    background_text: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MicroTurnOutputs:
+    turn: int
+    text_ids: list[int]  # the model's text slots (pad id where it wrote nothing)
+    audio_bins: torch.Tensor  # long [frames_per_turn, n_mels]
+    mel: torch.Tensor  # float [frames_per_turn, n_mels]: log-mel (bin centres, or the flow head's values)
+    wave: torch.Tensor | None  # float [samples_per_turn] when the session has a vocoder
+    text_logits: torch.Tensor  # [text slots, vocab]: the distributions the text was drawn from
+    audio_logits: torch.Tensor | None  # [audio slots, S, C, bins] for the dMel head; None for the flow head
+    background_ids: list[int]  # what the background slots read in this micro-turn (pad id where empty)
+    compute_s: float
+
+
+class StreamingSession:
+    """Run ``model`` one micro-turn at a time with a KV cache (see module docstring). Batch size 1."""
+
+    def __init__(self, model: InteractionModel, layout: MicroTurnLayout, dmel: DMelTokenizer,
+                 cfg: SessionConfig | None = None, text_pad_id: int = 0,
+                 vocoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 background: DelegationBridge | None = None):
+        """``vocoder``: any ``log-mel [frames, n_mels] -> wave [samples]`` callable; ``background``: a bridge to a
+        background model that turns the model's ``<delegate>`` spans into results on the background stream."""
+        self.model, self.layout, self.dmel = model.eval(), layout, dmel
+        self.background = background
+        self.cfg = cfg or SessionConfig()
+        self.pad_id, self.vocoder = text_pad_id, vocoder
+        self.caches = [KVCache(self.cfg.cache_window) for _ in model.layers]
+        self.generator = torch.Generator().manual_seed(self.cfg.sampling.validate().seed)
+        self.turn = 0
+        self.position = 0
+        self.background_queue: list[int] = []
+        self.history = torch.zeros(0)
+        self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
+        self.device = next(model.parameters()).device
+
+    # -- model plumbing ----------------------------------------------------------------------------------------
+    def _forward(self, kind: list[int], stream: list[int], text_ids: list[int], audio_bins: torch.Tensor,
+                 patches: torch.Tensor, patch_rc: torch.Tensor) -> torch.Tensor:
+        """Embed and run new positions through every layer against the caches. Returns hidden [T_new, dim]."""
+        n = len(kind)
+        cfg = self.model.cfg
+        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]  # noqa: E731
+        empty = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        chunk = Batch(kind=long(kind), stream=long(stream), micro_turn=empty, position_ids=empty, doc_ids=empty,
+                      text_ids=long(text_ids), audio_bins=audio_bins.to(self.device), patches=patches.to(self.device),
+                      patch_rc=patch_rc.to(self.device), target_kind=empty, target_text=empty,
+                      target_audio=audio_bins[:0].to(self.device))
+        positions = torch.arange(self.position, self.position + n, device=self.device)
+        self.position += n
+        x = self.model.embed(chunk)
+        cos, sin = rope_cos_sin(positions[None], cfg.head_dim, cfg.rope_theta, dtype=x.dtype)
+        for layer, cache in zip(self.model.layers, self.caches):
+            x = layer.forward_cached(x, cos, sin, positions, cache)
+        return self.model.norm(x)[0]
+
+    def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """This micro-turn's user audio -> dMel bins [frames_per_turn, n_mels] (see module docstring)."""
+        F = self.layout.frames_per_turn
+        if audio.dtype == torch.long:
+            if audio.shape != (F, self.layout.cfg.n_mels):
+                raise ValueError(f"user_audio bins must be [{F}, {self.layout.cfg.n_mels}], got {tuple(audio.shape)}")
+            return audio
+        n = self.layout.samples_per_turn
+        if audio.ndim != 1 or audio.numel() != n:
+            raise ValueError(f"user_audio must be {n} samples ({self.layout.cfg.micro_turn_ms} ms at "
+                             f"{self.layout.cfg.sample_rate} Hz) per micro-turn, got shape {tuple(audio.shape)}")
+        segment = torch.cat([self.history, audio.float()])
+        first = self.history.numel() // self.layout.hop_samples
+        self.history = audio.float()
+        return self.dmel.encode(segment)[first : first + F]
+
+    # -- one micro-turn ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, inputs: MicroTurnInputs, force: dict | None = None) -> MicroTurnOutputs:
+        """Read one micro-turn of input and write one micro-turn of output.
+
+        ``force`` (teacher forcing, for evaluation and tests): {"text": [ids per model text slot], "audio": long
+        [frames_per_turn, n_mels]} fed back instead of the sampled payloads; logits are still returned.
+        """
+        t0 = time.perf_counter()
+        lay, cfg = self.layout, self.layout.cfg
+        S, C = cfg.frames_per_audio_position, cfg.n_mels
+        user_bins = self._encode_audio(inputs.user_audio).view(-1, S, C)
+        now = self.turn * cfg.micro_turn_ms / 1000  # session time at the start of this micro-turn
+        self.background_queue.extend(inputs.background_text)
+        if self.background is not None:  # results that arrived by now; never waits for one
+            self.background_queue.extend(self.background.arrivals(now))
+        show_frame = inputs.video_frame is not None and self.turn % cfg.video_stride == 0
+
+        # Input slots as one chunk, in layout order.
+        kind, stream, text_ids, audio, patches, rcs, background_ids = [], [], [], [], [], [], []
+        for slot in lay.slots:
+            if slot.stream == Stream.MODEL:
+                break
+            for j in range(slot.count):
+                k, tid = slot.kind, 0
+                if slot.kind == Kind.AUDIO:
+                    audio.append(user_bins[j])
+                elif slot.kind == Kind.TEXT:
+                    tid = self.background_queue.pop(0) if self.background_queue else self.pad_id
+                    background_ids.append(tid)
+                elif slot.kind == Kind.PATCH and not show_frame:
+                    k = Kind.PAD
+                kind.append(int(k))
+                stream.append(int(slot.stream))
+                text_ids.append(tid)
+            if slot.kind == Kind.PATCH and show_frame:
+                p, rc = frame_to_patches(inputs.video_frame, cfg.patch_size, cfg.frame_height, cfg.frame_width)
+                patches.append(p)
+                rcs.append(rc)
+        P = cfg.patch_size
+        h = self._forward(kind, stream, text_ids,
+                          torch.stack(audio) if audio else torch.zeros(0, S, C, dtype=torch.long),
+                          torch.cat(patches) if patches else torch.zeros(0, P, P, 3, dtype=torch.uint8),
+                          torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long))[-1]
+
+        # Output slots, one position at a time: predict from h, feed the payload back, get the next h.
+        out_text, out_audio, out_mel, text_logits, audio_logits = [], [], [], [], []
+        sc, flow = self.cfg.sampling, isinstance(self.model.audio_head, FlowHead)
+        forced_text = list(force["text"]) if force else None
+        forced_audio = force["audio"].view(-1, S, C) if force else None
+        outputs = [(s.kind, s.stream) for s in lay.slots if s.stream == Stream.MODEL for _ in range(s.count)]
+        for i, (k, st) in enumerate(outputs):
+            if k == Kind.TEXT:
+                logits = self.model.text_head(h[None])[0]
+                tid = int(sample_logits(logits, sc.text_temperature, sc.text_top_p, self.generator))
+                tid = forced_text[len(out_text)] if forced_text is not None else tid
+                text_logits.append(logits)
+                out_text.append(tid)
+                payload = dict(text_ids=[tid], audio_bins=torch.zeros(0, S, C, dtype=torch.long))
+            else:
+                if flow:  # continuous log-mel sample; it feeds back quantised, like real audio
+                    unit = self.model.audio_head.sample(h[None], sc.flow_steps, sc.flow_solver, sc.guidance,
+                                                        self.generator)[0]
+                    bins = unit_to_bins(unit, self.model.cfg.dmel_bins)
+                    mel = self.dmel.unit_to_log_mel(unit)
+                else:
+                    logits = self.model.audio_head(h[None])[0]  # [S, C, bins]
+                    bins = sample_logits(logits, sc.audio_temperature, sc.audio_top_p, self.generator)
+                    audio_logits.append(logits)
+                    mel = None
+                if forced_audio is not None:
+                    bins, mel = forced_audio[len(out_audio)], None
+                out_audio.append(bins)
+                out_mel.append(self.dmel.decode(bins) if mel is None else mel)
+                payload = dict(text_ids=[0], audio_bins=bins[None])
+            h = self._forward([int(k)], [int(st)], payload["text_ids"], payload["audio_bins"],
+                              torch.zeros(0, P, P, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))[-1]
+
+        if self.background is not None:
+            self.background.observe(out_text, now + cfg.micro_turn_ms / 1000)
+        bins = torch.stack(out_audio).reshape(-1, C) if out_audio else torch.zeros(0, C, dtype=torch.long)
+        mel = torch.stack(out_mel).reshape(-1, C) if out_mel else torch.zeros(0, C)
+        result = MicroTurnOutputs(
+            turn=self.turn, text_ids=out_text, audio_bins=bins, mel=mel,
+            wave=self.vocoder(mel) if self.vocoder is not None else None,
+            text_logits=torch.stack(text_logits) if text_logits else torch.zeros(0),
+            audio_logits=torch.stack(audio_logits) if audio_logits else None,
+            background_ids=background_ids,
+            compute_s=time.perf_counter() - t0,
+        )
+        self.turn += 1
+        return result
+
+
+def converse(session: StreamingSession, user: torch.Tensor, sample_rate: int, text, out_dir) -> dict:
+    """Feed a user recording ``user`` [samples] at ``sample_rate`` through ``session`` in time order, printing each
+    micro-turn's compute time and text; write ``model.wav`` and stereo ``dialogue.wav`` (user left) to ``out_dir``.
+    Returns {"compute_ms": [...], "text": [(time, text)], "real_time_factor": mean compute / micro-turn length}."""
+    from pathlib import Path
+
+    import torchaudio
+
+    from tml.audio.wav import write_wav
+
+    lay = session.layout
+    sr, n = lay.cfg.sample_rate, lay.samples_per_turn
+    if sample_rate != sr:
+        user = torchaudio.functional.resample(user, sample_rate, sr)
+    user = torch.nn.functional.pad(user, (0, -user.numel() % n))
+    mels, compute, said = [], [], []
+    for t in range(user.numel() // n):
+        out = session.step(MicroTurnInputs(user_audio=user[t * n : (t + 1) * n]))
+        mels.append(out.mel)
+        compute.append(1000 * out.compute_s)
+        words = text.decode(out.text_ids)
+        if words.strip():
+            said.append((t * lay.cfg.micro_turn_ms / 1000, words))
+        print(f"micro-turn {t:5d} ({t * lay.cfg.micro_turn_ms / 1000:7.1f} s): {compute[-1]:6.1f} ms  {words}", flush=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_wave = session.dmel.to_wave(torch.cat(mels), session.vocoder)
+    model_wave = torch.nn.functional.pad(model_wave, (0, max(0, user.numel() - model_wave.numel())))[: user.numel()]
+    write_wav(out_dir / "model.wav", model_wave, sr)
+    write_wav(out_dir / "dialogue.wav", torch.stack([user, model_wave]), sr)
+    rtf = sum(compute) / len(compute) / lay.cfg.micro_turn_ms if compute else 0.0
+    print(f"{len(compute)} micro-turns, mean {sum(compute) / max(len(compute), 1):.1f} ms each, real-time factor "
+          f"{rtf:.3f}; wrote {out_dir / 'model.wav'} and {out_dir / 'dialogue.wav'}", flush=True)
+    return {"compute_ms": compute, "text": said, "real_time_factor": rtf}
