@@ -72,13 +72,6 @@ def read_episode(data_path: str, episode: str) -> Episode:
     raise KeyError(f"episode={episode!r}: no sample with that key, and only {i} samples in {data_path}")
 
 
-def unit_to_log_mel(unit: torch.Tensor, dmel: DMelTokenizer) -> torch.Tensor:
-    """Unit coordinates [..., n_mels] (tml.model.heads) -> log10 mel on the dMel range (flow samples can overshoot
-    [-1, 1] a little: clip like the data)."""
-    c = dmel.cfg
-    return c.log_min + (unit.float().clamp(-1, 1) + 1) / 2 * (c.log_max - c.log_min)
-
-
 def run(cfg: SampleConfig, out: Path) -> dict:
     cfg.sampling.validate()
     run_dir, step_dir = find_checkpoint(cfg.checkpoint)
@@ -105,7 +98,7 @@ def run(cfg: SampleConfig, out: Path) -> dict:
         h_audio = out_tf.hidden[batch.target_kind == Kind.AUDIO]
         gen = torch.Generator().manual_seed(cfg.sampling.seed)
         # Every model audio position is a target (of the slot before it), so these are in time order.
-        one_step = unit_to_log_mel(sample_audio(model.audio_head, h_audio, cfg.sampling, gen), dmel).flatten(0, 1)
+        one_step = dmel.unit_to_log_mel(sample_audio(model.audio_head, h_audio, cfg.sampling, gen)).flatten(0, 1)
 
     model_pos = (tok.stream == Stream.MODEL) & (tok.kind == Kind.AUDIO)
     ref_bins = tok.audio_bins[model_pos[tok.kind == Kind.AUDIO]]  # [T * audio slots, S, C] in time order
@@ -133,7 +126,7 @@ def run(cfg: SampleConfig, out: Path) -> dict:
     # 2. Free-running on the model side.
     if cfg.generate:
         g = generate_model_side(model, tok, cfg.sampling)
-        gen_mel = unit_to_log_mel(g.model_audio_unit, dmel).flatten(0, 1)
+        gen_mel = dmel.unit_to_log_mel(g.model_audio_unit).flatten(0, 1)
         metrics["generated_vs_reference"] = gm = compare(gen_mel)
         panels.append(("generated model", gen_mel))
         title += f": generated vs reference mel L1 {gm['mel_l1']:.2f}, SC {gm['spectral_convergence']:.2f}"
