@@ -9,7 +9,8 @@ For each (tokens, dim, experts, hidden, top_k) shape:
             (torch.where per expert, index_add_ back)
   ms_dense  a dense SwiGLU of hidden width top_k * hidden: the same active FLOPs as the MoE's experts
 Goals on a 2-core CPU: ms / ms_dense <= 1.3 at every shape; ms_naive / ms >= 3 with many small experts (64, top-8).
-Times are medians over --reps runs after warm-up, on the same inputs and a random output gradient.
+Times are medians over --reps rounds after warm-up (the three variants interleaved in each round), on the same
+inputs and a random output gradient; ratios are medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -49,20 +50,18 @@ def naive_mixtral(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def time_fwd_bwd(fn, x: torch.Tensor, grad: torch.Tensor, params, reps: int) -> float:
-    times = []
-    for i in range(reps + 2):  # 2 warm-up runs
-        for p in params:
-            p.grad = None
-        xi = x.detach().requires_grad_(True)
-        t0 = time.perf_counter()
-        fn(xi).backward(grad)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+def fwd_bwd_seconds(fn, x: torch.Tensor, grad: torch.Tensor, params) -> float:
+    for p in params:
+        p.grad = None
+    xi = x.detach().requires_grad_(True)
+    t0 = time.perf_counter()
+    fn(xi).backward(grad)
+    return time.perf_counter() - t0
 
 
 def bench_shape(tokens: int, dim: int, experts: int, hidden: int, top_k: int, reps: int) -> dict:
+    """The three variants timed in turn within each repetition, so that load from other processes on a shared
+    machine hits all three alike; ratios are medians of the per-repetition ratios."""
     torch.manual_seed(0)
     moe = MoE(dim, MoEConfig(hidden_dim=hidden, num_experts=experts, top_k=top_k, route_norm=True,
                              aux_loss_coeff=0.0))
@@ -72,12 +71,21 @@ def bench_shape(tokens: int, dim: int, experts: int, hidden: int, top_k: int, re
             torch.nn.init.normal_(p, std=dim ** -0.5)
     x = torch.randn(tokens, dim)
     grad = torch.randn(tokens, dim)
-    ms = time_fwd_bwd(lambda xi: moe(xi[None])[0], x, grad, list(moe.parameters()), reps)
-    ms_naive = time_fwd_bwd(lambda xi: naive_mixtral(moe, xi), x, grad, list(moe.parameters()), reps)
-    ms_dense = time_fwd_bwd(dense, x, grad, list(dense.parameters()), reps)
-    return {"shape": {"tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k},
-            "ms": ms, "ms_naive": ms_naive, "ms_dense": ms_dense,
-            "vs_dense": ms / ms_dense, "naive_speedup": ms_naive / ms}
+    variants = {
+        "ms": (lambda xi: moe(xi[None])[0], list(moe.parameters())),
+        "ms_naive": (lambda xi: naive_mixtral(moe, xi), list(moe.parameters())),
+        "ms_dense": (dense, list(dense.parameters())),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(reps + 2):  # 2 warm-up rounds
+        for k, (fn, params) in variants.items():
+            t = fwd_bwd_seconds(fn, x, grad, params)
+            if i >= 2:
+                times[k].append(1000 * t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"shape": {"tokens": tokens, "dim": dim, "experts": experts, "hidden": hidden, "top_k": top_k}, **med,
+            "vs_dense": statistics.median(a / b for a, b in zip(times["ms"], times["ms_dense"])),
+            "naive_speedup": statistics.median(a / b for a, b in zip(times["ms_naive"], times["ms"]))}
 
 
 def main() -> None:

@@ -129,9 +129,13 @@ class GroupedExperts(nn.Module):
         expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)
         slot = expert * cap + torch.arange(x.shape[0], device=x.device) - (offs.long() - counts)[expert]
         buf = x.new_zeros(self.num_experts * cap, x.shape[1]).index_copy(0, slot, x).view(self.num_experts, cap, -1)
-        h = F.silu(torch.bmm(buf, self.w1.transpose(1, 2))) * torch.bmm(buf, self.w3.transpose(1, 2))
-        y = torch.bmm(h, self.w2.transpose(1, 2))
+        y = self.forward_padded_buffer(buf)
         return _GatherRows.apply(y.view(self.num_experts * cap, -1), slot)
+
+    def forward_padded_buffer(self, buf: torch.Tensor) -> torch.Tensor:
+        """buf [E, rows, dim] (expert e's tokens in buf[e], zero rows as padding) -> [E, rows, dim]."""
+        h = F.silu(torch.bmm(buf, self.w1.transpose(1, 2))) * torch.bmm(buf, self.w3.transpose(1, 2))
+        return torch.bmm(h, self.w2.transpose(1, 2))
 
 
 class MoE(nn.Module):
@@ -296,9 +300,20 @@ class MoE(nn.Module):
         # Each token repeated top_k times, then permuted into expert order: the backward is a sum over the copies
         # and an inverse permutation, with no accumulating scatter.
         x_rep = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, self.dim)
-        y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
-        full = y.new_zeros(flat.numel(), self.dim) if keep is not None else y.new_empty(y.shape)
-        y = full.index_copy(0, order, y)  # back to (token, k) order
+        cap = int(counts.max()) if x.device.type == "cpu" and counts.numel() else 0
+        if (keep is None and self.ep_size == 1 and self.experts.mm is _expert_mm and 0 < cap
+                and cap * self.num_experts <= 2 * flat.numel()):
+            # CPU fast path: (token, k) rows straight into the zero-padded [E, cap, dim] buffer and back, one copy
+            # each way (see GroupedExperts._forward_padded).
+            pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
+            slot = flat * cap + pos - (counts.cumsum(0) - counts)[flat]
+            buf = x_rep.new_zeros(self.num_experts * cap, self.dim).index_copy(0, slot, x_rep)
+            y = self.experts.forward_padded_buffer(buf.view(self.num_experts, cap, self.dim))
+            y = _GatherRows.apply(y.view(-1, self.dim), slot)
+        else:
+            y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
+            full = y.new_zeros(flat.numel(), self.dim) if keep is not None else y.new_empty(y.shape)
+            y = full.index_copy(0, order, y)  # back to (token, k) order
         out = (y.view(-1, self.top_k, self.dim) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
