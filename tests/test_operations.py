@@ -19,6 +19,7 @@ import torch
 
 from conftest import ROOT
 from test_pretrain import TINY, metrics
+from tml.audio.wav import read_wav
 from tml.model import ModelConfig
 from tml.model.flops import active_matmul_params, flops_per_token
 from tml.train.checkpoint import damage, prune_checkpoints, resharded_loader_state, tag_for
@@ -287,6 +288,8 @@ def test_manifest_export_and_model_card(synth_data, tmp_path):
     assert man["data"]["shards"] == {s["name"]: s["sha256"] for s in data_manifest["shards"]}
     assert man["data"]["license"] == data_manifest["license"]
     assert list((run / "samples").glob("dmel_*.png"))
+    wav = next((run / "samples").glob("dmel_*.wav"))  # the predictions as audio (also sent to W&B)
+    assert read_wav(wav)[0].shape[-1] > 16000
     m = metrics(run)
     assert all(0 < r["mfu"] < 1.5 for r in m)  # measured CPU peak: a fraction of it (noisy on a shared machine)
 

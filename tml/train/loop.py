@@ -99,7 +99,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         optimizer_fn=lambda groups: torch.optim.AdamW(moe_param_groups(groups), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
         scheduler_fn=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, DMelTokenizer(cfg.data.dmel), text,
+    dmel = DMelTokenizer(cfg.data.dmel)
+    loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, dmel, text,
                                rank=dist.rank, world_size=dist.world_size)
 
     step = 0
@@ -192,7 +193,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         if step % t.log_every == 0 or step == t.max_steps:
             logger.log(record)
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
-                logger.log_samples(step, out, batch, record)
+                logger.log_samples(step, out, batch, record, dmel)
         if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
             logger.close()
             raise NonFiniteError(f"{nonfinite_in_a_row} steps in a row (up to step {step}) had a NaN/inf loss or "

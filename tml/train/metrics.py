@@ -84,20 +84,29 @@ class MetricsLogger:
                   f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s elapsed {elapsed:.0f}s",
                   flush=True)
 
-    def log_samples(self, step: int, out, batch, record: dict) -> None:
+    def log_samples(self, step: int, out, batch, record: dict, dmel=None) -> None:
         """PNG (under ``samples/``) and W&B images of the last micro-batch's teacher-forced dMel predictions
-        (argmax of ``out.audio_logits``) against the targets, and of the expert load when logged."""
+        (argmax of ``out.audio_logits``; dMel head only) against the targets, and of the expert load when logged;
+        with ``dmel`` (a DMelTokenizer) also the predictions as audio (Griffin-Lim): ``samples/dmel_STEP.wav`` and
+        ``wandb.Audio``."""
         if not self.enabled:
             return
         import matplotlib.pyplot as plt
 
         from tml.train.figures import dmel_figure, expert_load_figure, load_matrix
 
-        figs = {}
-        n = min(50, out.audio_logits.shape[0])  # 50 positions = 2 s of model audio
+        figs, wav_path = {}, None
+        n = 0 if out.audio_logits is None else min(50, out.audio_logits.shape[0])  # 50 positions = 2 s of audio
         if n:
             pred = out.audio_logits[:n].detach().argmax(-1)
             figs["samples/dmel"] = dmel_figure(pred, batch.target_audio[:n], f"step {step}")
+            if dmel is not None:
+                from tml.audio.wav import write_wav
+
+                wave = dmel.to_wave(pred.reshape(-1, pred.shape[-1]).cpu())
+                (self.run_dir / "samples").mkdir(exist_ok=True)
+                wav_path = self.run_dir / "samples" / f"dmel_{step:08d}.wav"
+                write_wav(wav_path, wave, dmel.cfg.sample_rate)
         loads = load_matrix(record)
         if loads is not None:
             figs["samples/expert_load"] = expert_load_figure(loads, f"expert load, step {step}")
@@ -107,7 +116,10 @@ class MetricsLogger:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({k: wandb.Image(f) for k, f in figs.items()}, step=step)
+            media = {k: wandb.Image(f) for k, f in figs.items()}
+            if wav_path is not None:  # from the file: an array would need the soundfile package
+                media["samples/dmel_audio"] = wandb.Audio(str(wav_path))
+            self.wandb.log(media, step=step)
         for fig in figs.values():
             plt.close(fig)
 
