@@ -21,7 +21,7 @@ COMPARED = ("loss", "loss/text", "loss/audio", "loss/aux", "lr", "grad_norm")
 
 def run_recipe(run_dir, *overrides, nproc=1, timeout=600):
     cmd = [sys.executable, "recipes/pretrain.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "recipes/pretrain.py"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "recipes/pretrain.py"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*cmd, *TINY, f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
