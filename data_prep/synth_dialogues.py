@@ -18,7 +18,6 @@ complete).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import math
@@ -35,6 +34,7 @@ import torch
 
 from data_prep.espeak import EspeakVoice
 from data_prep.fit_dmel import RANGES_FILE, fit_dir
+from data_prep.shards import sha256
 from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 
@@ -776,14 +776,6 @@ def _episode_pool(workers: int):
     return ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=1)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def generate(cfg: SynthConfig) -> dict:
     """Write the whole set into ``cfg.out``; returns the manifest.
 
@@ -832,7 +824,7 @@ def generate(cfg: SynthConfig) -> dict:
     shards = []
     for name in sorted(counts):
         os.replace(partial / name, out / name)
-        shards.append({"name": name, "episodes": counts[name], "sha256": _sha256(out / name)})
+        shards.append({"name": name, "episodes": counts[name], "sha256": sha256(out / name)})
     os.replace(partial / "tokenizer.json", out / "tokenizer.json")
     partial.rmdir()
     ranges = fit_dir(out, [s["name"] for s in shards])  # per-channel dMel ranges beside the shards
