@@ -15,7 +15,7 @@ import torch
 
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.duplex import DuplexLabels, MetricConfig, episode_metrics, speech_activity
-from tml.eval.session import MicroTurnInputs, MicroTurnOutputs
+from tml.eval.session import LiveLogMel, MicroTurnInputs, MicroTurnOutputs
 from tml.streams.episode import Episode
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
 from tml.text.tokenizer import TextTokenizer
@@ -69,7 +69,7 @@ class SilenceRuleResponder:
         self.gap = round(gap_s * 1000 / layout.cfg.mel_hop_ms)
         self.speak = round(speak_s * 1000 / layout.cfg.mel_hop_ms)
         self.threshold, self.pad_id = threshold, text_pad_id
-        self.history = torch.zeros(0)
+        self.live_mel = LiveLogMel(layout, dmel)
         self.user_spoke = False
         self.silent_run = 0
         self.speaking_left = 0
@@ -78,10 +78,7 @@ class SilenceRuleResponder:
 
     def step(self, inputs: MicroTurnInputs) -> MicroTurnOutputs:
         F, C = self.layout.frames_per_turn, self.layout.cfg.n_mels
-        segment = torch.cat([self.history, inputs.user_audio.float()])
-        first = self.history.numel() // self.layout.hop_samples
-        self.history = inputs.user_audio.float()
-        user_active = speech_activity(self.dmel.log_mel(segment)[first : first + F], self.threshold)
+        user_active = speech_activity(self.live_mel(inputs.user_audio), self.threshold)
         bins = torch.zeros(F, C, dtype=torch.long)
         for f in range(F):
             if user_active[f]:

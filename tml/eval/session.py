@@ -66,6 +66,21 @@ class MicroTurnOutputs:
     compute_s: float
 
 
+class LiveLogMel:
+    """Log-mel of a live audio stream, one micro-turn at a time: the micro-turn's frames computed from the previous
+    micro-turn's samples plus this one's (see the module docstring). [samples_per_turn] -> [frames_per_turn, n_mels]."""
+
+    def __init__(self, layout: MicroTurnLayout, dmel: DMelTokenizer):
+        self.layout, self.dmel = layout, dmel
+        self.history = torch.zeros(0)
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        segment = torch.cat([self.history, chunk.float()])
+        first = self.history.numel() // self.layout.hop_samples
+        self.history = chunk.float()
+        return self.dmel.log_mel(segment)[first : first + self.layout.frames_per_turn]
+
+
 class StreamingSession:
     """Run ``model`` one micro-turn at a time with a KV cache (see module docstring). Batch size 1."""
 
@@ -84,7 +99,7 @@ class StreamingSession:
         self.turn = 0
         self.position = 0
         self.background_queue: list[int] = []
-        self.history = torch.zeros(0)
+        self.live_mel = LiveLogMel(layout, dmel)
         self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
         self.device = next(model.parameters()).device
 
@@ -119,10 +134,7 @@ class StreamingSession:
         if audio.ndim != 1 or audio.numel() != n:
             raise ValueError(f"user_audio must be {n} samples ({self.layout.cfg.micro_turn_ms} ms at "
                              f"{self.layout.cfg.sample_rate} Hz) per micro-turn, got shape {tuple(audio.shape)}")
-        segment = torch.cat([self.history, audio.float()])
-        first = self.history.numel() // self.layout.hop_samples
-        self.history = audio.float()
-        return self.dmel.encode(segment)[first : first + F]
+        return self.dmel.quantize(self.live_mel(audio))
 
     # -- one micro-turn ----------------------------------------------------------------------------------------
     @torch.no_grad()
