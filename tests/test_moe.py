@@ -50,6 +50,23 @@ def make_moe(**overrides) -> MoE:
     return moe
 
 
+def assert_matches_reference(moe, x, out, r, reference) -> None:
+    """Backpropagate ``(out * r).sum() + aux`` through ``moe`` and through ``reference() -> (out, aux)`` on the same
+    weights and input; forward, aux loss, input and parameter gradients must agree."""
+    ((out * r).sum() + moe.last_aux_loss).backward()
+    got = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    got_x = x.grad.clone()
+    moe.zero_grad()
+    x.grad = None
+    ref, ref_aux = reference()
+    ((ref * r).sum() + ref_aux).backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe.last_aux_loss, ref_aux, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-5, msg=f"grad of {n}")
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("shared", [0, 1])
@@ -60,20 +77,7 @@ def test_matches_naive_reference_forward_and_grads(score_func, top_k, shared, ro
     x = torch.randn(3, 7, DIM, requires_grad=True)
     r = torch.randn(3, 7, DIM)  # random cotangent: exercises a generic (non-broadcast) output gradient
 
-    out = moe(x)
-    ((out * r).sum() + moe.last_aux_loss).backward()
-    got = {n: p.grad.clone() for n, p in moe.named_parameters()}
-    got_x = x.grad.clone()
-    moe.zero_grad()
-    x.grad = None
-
-    ref, ref_aux = reference_moe(moe, x)
-    ((ref * r).sum() + ref_aux).backward()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(moe.last_aux_loss, ref_aux, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
-    for n, p in moe.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-5, msg=f"grad of {n}")
+    assert_matches_reference(moe, x, moe(x), r, lambda: reference_moe(moe, x))
 
 
 def test_backward_through_plain_sum():
@@ -220,19 +224,7 @@ def test_group_limited_capacity_seq_loss_and_padding_match_loop(opts):
     moe.token_mask = valid
     out = moe(x)
     assert moe.token_mask is None  # used once
-    r = torch.randn_like(out)
-    ((out * r).sum() + moe.last_aux_loss).backward()
-    got = {n: p.grad.clone() for n, p in moe.named_parameters()}
-    got_x = x.grad.clone()
-    moe.zero_grad()
-    x.grad = None
-    ref, ref_aux = reference_routing(moe, x, valid)
-    ((ref * r).sum() + ref_aux).backward()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(moe.last_aux_loss, ref_aux, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(got_x, x.grad, atol=1e-5, rtol=1e-5)
-    for n, p in moe.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, atol=1e-5, rtol=1e-5, msg=f"grad of {n}")
+    assert_matches_reference(moe, x, out, torch.randn_like(out), lambda: reference_routing(moe, x, valid))
     assert int(moe.last_expert_counts.sum()) == int(valid.sum()) * moe.top_k
 
 
