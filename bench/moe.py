@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from tml.model import MoE, MoEConfig, SwiGLU
 
 SHAPES = [  # tokens, dim, experts, hidden, top_k
-    (2048, 256, 8, 512, 2),
+    (2048, 256, 8, 512, 2),  # few large experts
     (2048, 256, 32, 256, 4),
-    (2048, 256, 64, 128, 8),
+    (2048, 256, 64, 128, 8),  # many small experts
+    (2048, 512, 16, 384, 2),  # model=small's MoE layer
 ]
 
 

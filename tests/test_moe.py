@@ -277,27 +277,25 @@ def test_megablocks_backend_without_package_names_the_extra():
         MoE(DIM, MoEConfig(hidden_dim=HIDDEN, num_experts=E, expert_backend="megablocks"))
 
 
-def test_cpu_padded_bmm_path_equals_grouped_mm():
-    """The CPU bmm-over-padded-groups path and grouped_mm agree, values and gradients, with an empty expert."""
-    torch.manual_seed(0)
-    from tml.model.moe import GroupedExperts, _expert_mm
-
-    ex = GroupedExperts(4, DIM, HIDDEN)
-    offs = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # expert 1 gets no rows
-    x = torch.randn(20, DIM, requires_grad=True)
-    r = torch.randn(20, DIM)
-    outs = []
-    for padded in (True, False):
-        ex.zero_grad()
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.6])
+def test_cpu_gather_dispatch_equals_gpu_permute_dispatch(capacity_factor):
+    """The two token dispatch strategies (CPU: gather + index_add; GPU: repeat + permutation, no atomics) give the
+    same output and gradients, dropless and with capacity dropping."""
+    moe = make_moe(top_k=2, num_shared_experts=1, capacity_factor=capacity_factor, aux_loss_coeff=1e-2)
+    x = torch.randn(2, 9, DIM, requires_grad=True)
+    r = torch.randn(2, 9, DIM)
+    results = []
+    for dispatch in ("_dispatch_gather", "_dispatch_permute"):
+        moe.zero_grad()
         x.grad = None
-        if padded:
-            y = ex._forward_padded(x, offs)
-        else:
-            y = _expert_mm(F.silu(_expert_mm(x, ex.w1, offs)) * _expert_mm(x, ex.w3, offs), ex.w2, offs)
-        (y * r).sum().backward()
-        outs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in ex.parameters()]))
-    (y0, gx0, gp0), (y1, gx1, gp1) = outs
-    torch.testing.assert_close(y0, y1, atol=1e-5, rtol=1e-5)
+        if dispatch == "_dispatch_permute":  # force the GPU strategy on CPU
+            moe._dispatch_gather = moe._dispatch_permute
+        out = moe(x)
+        ((out * r).sum() + moe.last_aux_loss).backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters()}))
+    del moe._dispatch_gather
+    (o0, gx0, gp0), (o1, gx1, gp1) = results
+    torch.testing.assert_close(o0, o1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx0, gx1, atol=1e-5, rtol=1e-5)
-    for a, b in zip(gp0, gp1):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for n in gp0:
+        torch.testing.assert_close(gp0[n], gp1[n], atol=1e-5, rtol=1e-5, msg=f"grad of {n}")

@@ -101,41 +101,20 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=std if out_std is None else out_std)
 
-    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             x: [N, dim] tokens sorted by expert; rows offs[e-1]:offs[e] go to expert e.
             offs: int32 [E] cumulative token counts (offs[-1] == N).
+            scale: optional [N] per-row factor on the hidden activation (the routing weight; the experts are linear
+                after it, so this equals scaling the output, on the narrower tensor when hidden < dim)
         Returns:
             [N, dim]
         """
-        if x.device.type == "cpu" and self.mm is _expert_mm:
-            counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
-            # padding at most doubles the work (balanced-enough routing); else grouped_mm, slow but no padding
-            if counts.numel() and int(counts.max()) * self.num_experts <= 2 * x.shape[0]:
-                return self._forward_padded(x, offs)
         h = F.silu(self.mm(x, self.w1, offs)) * self.mm(x, self.w3, offs)
+        if scale is not None:
+            h = h * scale.unsqueeze(-1).to(h.dtype)
         return self.mm(h, self.w2, offs)
-
-    def _forward_padded(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """CPU path, same result: each expert's rows copied into a zero-padded [E, max_rows, dim] buffer and run
-        through ``bmm``. PyTorch's CPU grouped_mm loops over groups with slow strided matmuls (its backward for the
-        weights is ~10x a bmm of the same size); padding costs (max rows / mean rows - 1) extra FLOPs, small when
-        routing is balanced. Zero rows give zero outputs and zero weight gradients."""
-        counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
-        cap = int(counts.max()) if counts.numel() else 0
-        if cap == 0:
-            return x.new_zeros(x.shape[0], self.w2.shape[1]) + 0 * x.sum()
-        expert = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts)
-        slot = expert * cap + torch.arange(x.shape[0], device=x.device) - (offs.long() - counts)[expert]
-        buf = x.new_zeros(self.num_experts * cap, x.shape[1]).index_copy(0, slot, x).view(self.num_experts, cap, -1)
-        y = self.forward_padded_buffer(buf)
-        return _GatherRows.apply(y.view(self.num_experts * cap, -1), slot)
-
-    def forward_padded_buffer(self, buf: torch.Tensor) -> torch.Tensor:
-        """buf [E, rows, dim] (expert e's tokens in buf[e], zero rows as padding) -> [E, rows, dim]."""
-        h = F.silu(torch.bmm(buf, self.w1.transpose(1, 2))) * torch.bmm(buf, self.w3.transpose(1, 2))
-        return torch.bmm(h, self.w2.transpose(1, 2))
 
 
 class MoE(nn.Module):
@@ -274,6 +253,40 @@ class MoE(nn.Module):
             return self.experts(xs, counts.cumsum(0).to(torch.int32))
         return expert_parallel_apply(self.experts, xs, counts, self.ep_group, self.ep_size)
 
+    def _dispatch_gather(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                         counts: torch.Tensor) -> torch.Tensor:
+        """CPU: gather each kept (token, k) assignment's token in expert order, run the experts with the routing weight
+        folded in, and ``index_add`` the rows back onto their tokens (deterministic on CPU, and one pass over the
+        [M, dim] expert outputs).
+
+        Args:
+            x: [N, dim]; weights: fp32 [N, top_k]; order: long [M] kept assignments (flat token * top_k + k) sorted
+            by expert (capacity-dropped ones left out); counts: long [E] kept assignments per expert
+        Returns:
+            [N, dim] routing-weighted sum of each token's expert outputs
+        """
+        token = order // self.top_k
+        xs = x.index_select(0, token)
+        scale = weights.reshape(-1).index_select(0, order)
+        if self.ep_size == 1:
+            ys = self.experts(xs, counts.cumsum(0).to(torch.int32), scale)
+        else:
+            ys = expert_parallel_apply(self.experts, xs, counts, self.ep_group, self.ep_size)
+            ys = ys * scale.unsqueeze(-1).to(ys.dtype)
+        return x.new_zeros(x.shape[0], self.dim).index_add(0, token, ys)
+
+    def _dispatch_permute(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                          counts: torch.Tensor) -> torch.Tensor:
+        """GPU: the same result as ``_dispatch_gather`` without accumulating scatters (``index_add`` uses atomics on
+        CUDA, so its sums are not reproducible): each token is repeated top_k times and permuted into expert order,
+        whose backward is a sum over the copies and an inverse permutation. Same arguments and result."""
+        x_rep = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, self.dim)
+        y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
+        n_assign = x.shape[0] * self.top_k
+        full = y.new_zeros(n_assign, self.dim) if order.numel() < n_assign else y.new_empty(y.shape)
+        y = full.index_copy(0, order, y)  # back to (token, k) order
+        return (y.view(-1, self.top_k, self.dim) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, dim] -> [B, T, dim]."""
         if (x.element_size() * self.dim) % 16 or (x.element_size() * self.hidden_dim) % 16:
@@ -297,24 +310,8 @@ class MoE(nn.Module):
             order = order[keep]
             counts = torch.zeros_like(counts).scatter_add_(0, flat[order], torch.ones_like(order))
 
-        # Each token repeated top_k times, then permuted into expert order: the backward is a sum over the copies
-        # and an inverse permutation, with no accumulating scatter.
-        x_rep = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, self.dim)
-        cap = int(counts.max()) if x.device.type == "cpu" and counts.numel() else 0
-        if (keep is None and self.ep_size == 1 and self.experts.mm is _expert_mm and 0 < cap
-                and cap * self.num_experts <= 2 * flat.numel()):
-            # CPU fast path: (token, k) rows straight into the zero-padded [E, cap, dim] buffer and back, one copy
-            # each way (see GroupedExperts._forward_padded).
-            pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
-            slot = flat * cap + pos - (counts.cumsum(0) - counts)[flat]
-            buf = x_rep.new_zeros(self.num_experts * cap, self.dim).index_copy(0, slot, x_rep)
-            y = self.experts.forward_padded_buffer(buf.view(self.num_experts, cap, self.dim))
-            y = _GatherRows.apply(y.view(-1, self.dim), slot)
-        else:
-            y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
-            full = y.new_zeros(flat.numel(), self.dim) if keep is not None else y.new_empty(y.shape)
-            y = full.index_copy(0, order, y)  # back to (token, k) order
-        out = (y.view(-1, self.top_k, self.dim) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+        dispatch = self._dispatch_gather if x.device.type == "cpu" else self._dispatch_permute
+        out = dispatch(x, weights, order, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
