@@ -78,7 +78,11 @@ def test_recipe_ep2_both_backends_and_resume_match_ep1(ep_data, tmp_path):
 
 
 def test_recipe_ep4_both_backends_match_ep1(ep_data, tmp_path):
-    common = [*TINY, f"data.path={ep_data}", "trainer.max_steps=3"]
+    """Also cross-checks AutoEP's own router against ours on sigmoid scores with group-limited routing (2 groups of
+    2 experts, each token confined to its best group), which EP=1 and the native backend compute with MoE.route."""
+    routing = ["model.moe.score_func=sigmoid", "model.moe.route_norm=true", "model.moe.n_groups=2",
+               "model.moe.topk_groups=1"]
+    common = [*TINY, *routing, f"data.path={ep_data}", "trainer.max_steps=3"]
     run = lambda name, *o: torchrun(4, "recipes/pretrain.py", *common, f"hydra.run.dir={tmp_path / name}", *o)
     run("ep1", "parallel=zero1")
     run("native", "parallel=zero1", "parallel.expert_parallel_size=4", "parallel.moe_backend=native")
