@@ -126,6 +126,8 @@ def test_aux_and_z_loss_by_hand():
     assert moe.last_expert_counts.tolist() == [2, 1]
     expected = 0.1 * 19 / 18 + 0.01 * math.log(4) ** 2
     assert moe.last_aux_loss.item() == pytest.approx(expected, rel=1e-6)
+    # the terms before their coefficients (switch, seq (off), z), for the metrics
+    assert moe.last_router_terms.tolist() == pytest.approx([19 / 18, 0.0, math.log(4) ** 2], rel=1e-6)
 
 
 def test_empty_input():

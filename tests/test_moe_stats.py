@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tml.model.moe_plots import plot_expert_load
-from tml.model.moe_stats import expert_load_metrics
+from tml.model import MoE, MoEConfig
+from tml.model.moe_stats import expert_load_metrics, router_metrics
 
 
 def test_load_metrics_by_hand():
@@ -27,3 +28,19 @@ def test_heatmap_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="moe/layer"):
         plot_expert_load([{"step": 1, "loss": 1.0}], tmp_path / "x.png")
+
+
+def test_router_metrics_report_enabled_terms_and_biases():
+    """Two layers; switch and z enabled, seq off: means over layers of the enabled terms only; with bias balancing,
+    each layer's bias and the mean over layers of max |bias| (0.3 and 0.1 -> 0.2)."""
+    terms = torch.tensor([[1.2, 9.0, 3.0], [0.8, 9.0, 1.0]])
+    cfg = MoEConfig(hidden_dim=8, num_experts=2, top_k=1, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
+    assert router_metrics(terms, cfg, []) == pytest.approx({"moe/switch_loss": 1.0, "moe/z_loss": 2.0})
+    cfg.load_balance_coeff = 1e-3
+    moes = [MoE(8, cfg), MoE(8, cfg)]
+    moes[0].expert_bias.copy_(torch.tensor([0.3, -0.3]))
+    moes[1].expert_bias.copy_(torch.tensor([-0.1, 0.05]))
+    m = router_metrics(terms, cfg, moes)
+    assert m["moe/layer0/bias"] == pytest.approx([0.3, -0.3]) and m["moe/layer1/bias"] == pytest.approx([-0.1, 0.05])
+    assert m["moe/bias_absmax"] == pytest.approx(0.2)
+    assert router_metrics(torch.zeros(0, 3), cfg, []) == {}

@@ -264,12 +264,13 @@ def test_plot_tool_draws_loss_lr_throughput_and_expert_load(tmp_path):
     records = [{"step": s, "loss": 5.0 / s, "loss/text": 3.0 / s, "loss/audio": 2.0 / s, "lr": 1e-3,
                 "tokens_per_s": 100.0 + s, "mfu": 0.1,
                 **{f"moe/layer{i}/load": [0.4, 0.3, 0.2, 0.1] for i in range(3)},
-                **{f"moe/layer{i}/max_over_mean": 1.6 for i in range(3)}} for s in range(1, 6)]
+                **{f"moe/layer{i}/max_over_mean": 1.6 for i in range(3)},
+                "moe/switch_loss": 1.0 + 0.1 / s, "moe/z_loss": 4.0 / s} for s in range(1, 6)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     proc = subprocess.run([sys.executable, "-m", "tml.tools.plot", str(tmp_path)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    names = {"loss", "lr", "throughput", "expert_load", "expert_load_time"}
+    names = {"loss", "lr", "throughput", "expert_load", "expert_load_time", "router"}
     assert {p.stem for p in (tmp_path / "plots").glob("*.png")} == names
     from matplotlib.image import imread
 

@@ -46,6 +46,10 @@ def test_pretrain_learns_and_resumes_bitwise(synth_data, tmp_path):
     for i in range(2):  # per-layer expert load of both MoE layers, for the heatmap
         assert len(m[-1][f"moe/layer{i}/load"]) == 4 and sum(m[-1][f"moe/layer{i}/load"]) == pytest.approx(1.0)
         assert 1.0 <= m[-1][f"moe/layer{i}/max_over_mean"] <= 4.0
+    # the one enabled balancing term (switch, coefficient 0.01 in model=tiny) is logged before its coefficient:
+    # loss/aux sums coefficient * term over the 2 MoE layers, moe/switch_loss averages the term over them
+    assert m[-1]["loss/aux"] == pytest.approx(0.01 * 2 * m[-1]["moe/switch_loss"], rel=1e-5)
+    assert "moe/z_loss" not in m[-1] and "moe/bias_absmax" not in m[-1]
     assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000016"
     assert list((straight / "wandb").glob("offline-run-*")), "W&B offline files missing"
     assert (straight / "config.resolved.json").exists()

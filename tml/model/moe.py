@@ -10,8 +10,8 @@ Parameter layout (fixed: DeepSpeed AutoEP and Hugging Face MoE checkpoints expec
 
 ``MoE.forward`` keeps the plain ``[B, T, dim] -> [B, T, dim]`` signature so AutoEP can swap the module for its
 expert-parallel layer; the step's router statistics are left on the module instead (``last_aux_loss``,
-``last_expert_counts``) and collected by the model, which also tells it which positions are packing padding
-(``token_mask``) so that padding never counts in balancing losses or load statistics.
+``last_expert_counts``, ``last_router_terms``) and collected by the model, which also tells it which positions are
+packing padding (``token_mask``) so that padding never counts in balancing losses or load statistics.
 
 Expert parallelism (``tml.parallel.expert``) keeps only this rank's ``num_experts / ep_size`` experts in
 ``experts`` and sends each token to its expert's rank with ``all_to_all_single`` (uneven splits).
@@ -125,6 +125,7 @@ class MoE(nn.Module):
       last_aux_loss       scalar: the enabled balancing losses (switch, sequence-level, z-loss), times coefficients
       last_expert_counts  long [E]: real (unmasked) tokens routed to each expert, before any capacity dropping
                           (sums to real tokens * top_k)
+      last_router_terms   fp32 [3]: the enabled balancing terms before their coefficients (ROUTER_TERMS order)
     Masked positions are still computed (their output is discarded by the losses) but never counted.
     """
 
@@ -149,6 +150,7 @@ class MoE(nn.Module):
         self.token_mask: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
+        self.last_router_terms: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pick top_k experts per token.
@@ -182,50 +184,57 @@ class MoE(nn.Module):
         probs = scores if self.score_func == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
         return weights, experts, probs, logits
 
-    def _router_losses(self, experts: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor,
-                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Balancing losses over the real tokens, and their expert counts.
+    ROUTER_TERMS = ("switch", "seq", "z")  # the balancing terms, in the order of ``last_router_terms``
+
+    def _set_router_stats(self, experts: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor,
+                          valid: torch.Tensor) -> None:
+        """Balancing losses over the real tokens, their expert counts and the terms' values, left on the module.
 
         Args:
             experts: long [B, T, top_k]; probs, logits: fp32 [B, T, E]; valid: fp32 [B, T] (1 = real token)
-        Returns:
-            loss: scalar, sum of the enabled terms times their coefficients:
+        Sets:
+            last_aux_loss: scalar, sum of the enabled terms times their coefficients:
               switch   ``E * sum_e f_e * P_e`` over the whole batch (f_e: fraction of the top_k assignments that
                        went to e, no gradient; P_e: mean routing probability of e); 1 when routing is uniform
               seq      the same inside each row, averaged over rows with real tokens (DeepSeek-V3)
               z        ST-MoE ``mean(logsumexp(logits)^2)``
-            counts: long [E] assignments of real tokens per expert
+            last_expert_counts: long [E] assignments of real tokens per expert
+            last_router_terms: fp32 [3] the enabled terms' values before their coefficients, in ROUTER_TERMS order
+              (0 where disabled or without real tokens); detached, for the metrics
         """
         assign = torch.zeros_like(probs).scatter_(-1, experts, 1.0) * valid[..., None]  # [B, T, E]
         counts = assign.sum((0, 1)).round().long()
         n = valid.sum()
         loss = probs.sum() * 0.0  # zero that still depends on the router (an empty batch still backprops)
-        if n == 0:
-            return loss, counts
-        if self.aux_loss_coeff:
+        terms = [loss.detach()] * 3
+        if n > 0 and self.aux_loss_coeff:
             f = assign.sum((0, 1)) / (n * self.top_k)
             p = (probs * valid[..., None]).sum((0, 1)) / n
-            loss = loss + self.aux_loss_coeff * self.num_experts * (f * p).sum()
-        if self.seq_aux_loss_coeff:
+            terms[0] = self.num_experts * (f * p).sum()
+            loss = loss + self.aux_loss_coeff * terms[0]
+        if n > 0 and self.seq_aux_loss_coeff:
             n_row = valid.sum(1)  # [B]
             rows = n_row > 0
             f = assign.sum(1)[rows] / (n_row[rows, None] * self.top_k)
             p = (probs * valid[..., None]).sum(1)[rows] / n_row[rows, None]
-            loss = loss + self.seq_aux_loss_coeff * self.num_experts * (f * p).sum(-1).mean()
-        if self.z_loss_coeff:
-            z = torch.logsumexp(logits, dim=-1).square()
-            loss = loss + self.z_loss_coeff * (z * valid).sum() / n
-        return loss, counts
+            terms[1] = self.num_experts * (f * p).sum(-1).mean()
+            loss = loss + self.seq_aux_loss_coeff * terms[1]
+        if n > 0 and self.z_loss_coeff:
+            terms[2] = (torch.logsumexp(logits, dim=-1).square() * valid).sum() / n
+            loss = loss + self.z_loss_coeff * terms[2]
+        self.last_aux_loss, self.last_expert_counts = loss, counts
+        self.last_router_terms = torch.stack(terms).detach()
 
     def observe_router_logits(self, logits: torch.Tensor, shape: torch.Size) -> None:
-        """Set ``last_aux_loss`` / ``last_expert_counts`` from router logits [N, E] of a layer that replaced this one
-        (DeepSpeed AutoEP routes the same way from the same gate weights); ``shape`` is the input's [B, T, dim]."""
+        """Set the router statistics (``last_aux_loss``, ``last_expert_counts``, ``last_router_terms``) from router
+        logits [N, E] of a layer that replaced this one (DeepSpeed AutoEP routes the same way from the same gate
+        weights); ``shape`` is the input's [B, T, dim]."""
         mask, self.token_mask = self.token_mask, None
         valid = torch.ones(shape[:-1], device=logits.device) if mask is None else mask.to(logits.device).float()
         _, experts, probs, logits = self.route_logits(logits.float())
         E = self.num_experts
-        self.last_aux_loss, self.last_expert_counts = self._router_losses(
-            experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E), logits.view(*shape[:-1], E), valid)
+        self._set_router_stats(experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E),
+                               logits.view(*shape[:-1], E), valid)
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor) -> None:
@@ -316,8 +325,8 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
 
         E = self.num_experts
-        self.last_aux_loss, self.last_expert_counts = self._router_losses(
-            experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E), logits.view(*shape[:-1], E), valid)
+        self._set_router_stats(experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E),
+                               logits.view(*shape[:-1], E), valid)
         return out.view(shape)
 
 

@@ -30,6 +30,7 @@ class ModelOutput:
     audio_logits: Optional[torch.Tensor]  # dmel head: [N_audio, frames, n_mels, bins]; None with the flow head
     aux_loss: torch.Tensor  # scalar: router losses summed over MoE layers (already times their coefficients)
     expert_counts: torch.Tensor  # long [n_moe_layers, E]: tokens routed to each expert in this forward
+    router_terms: torch.Tensor  # fp32 [n_moe_layers, 3]: balancing terms before coefficients (MoE.ROUTER_TERMS)
     # flow head: [N_audio] velocity regression error per audio target (fresh noise every forward); else None
     audio_flow_mse: Optional[torch.Tensor] = None
 
@@ -144,13 +145,16 @@ class InteractionModel(nn.Module):
             flow_mse = self.audio_head.loss(h_audio, batch.target_audio)
         else:
             audio_logits = self.audio_head(h_audio)
-        aux_loss, expert_counts = self._router_stats(h)
-        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, flow_mse)
+        aux_loss, expert_counts, router_terms = self._router_stats(h)
+        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, flow_mse)
 
-    def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(aux loss summed over MoE layers, expert counts [n_moe_layers, E], router terms [n_moe_layers, 3])."""
         moes = self.moe_layers()
         if not moes:
-            return h.new_zeros((), dtype=torch.float32), torch.zeros(0, self.cfg.moe.num_experts, dtype=torch.long,
-                                                                     device=h.device)
+            return (h.new_zeros((), dtype=torch.float32),
+                    torch.zeros(0, self.cfg.moe.num_experts, dtype=torch.long, device=h.device),
+                    torch.zeros(0, len(MoE.ROUTER_TERMS), device=h.device))
         aux = torch.stack([m.last_aux_loss for m in moes]).sum()
-        return aux, torch.stack([m.last_expert_counts for m in moes])
+        return (aux, torch.stack([m.last_expert_counts for m in moes]),
+                torch.stack([m.last_router_terms for m in moes]))

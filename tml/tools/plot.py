@@ -2,7 +2,8 @@
 
 Writes ``loss.png`` (total and per stream), ``lr.png``, ``throughput.png`` (tokens/s and MFU) and, when the run
 logged ``moe/layer{i}/load``, ``expert_load.png`` (heatmap of the last record) and ``expert_load_time.png``
-(max over mean load per layer over steps). Default output: ``RUN_DIR/plots``.
+(max over mean load per layer over steps), and ``router.png`` when it logged balancing terms (``moe/switch_loss``,
+``moe/seq_loss``, ``moe/z_loss``, ``moe/bias_absmax``). Default output: ``RUN_DIR/plots``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
         layers = load_matrix(with_load[-1]).shape[0]
         figs["expert_load_time"] = _lines(with_load, [f"moe/layer{i}/max_over_mean" for i in range(layers)],
                                           "expert load imbalance", "max / mean load")
+    router = [k for k in ("moe/switch_loss", "moe/seq_loss", "moe/z_loss", "moe/bias_absmax")
+              if any(k in r for r in records)]
+    if router:
+        figs["router"] = _lines(records, router, "router balancing (terms before coefficients)", "value")
     paths = []
     for name, fig in figs.items():
         paths.append(out / f"{name}.png")

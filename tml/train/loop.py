@@ -24,7 +24,7 @@ from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import PackedBatchLoader, read_manifest
 from tml.model import InteractionModel, compute_losses, param_counts
 from tml.model.flops import flops_per_token
-from tml.model.moe_stats import expert_load_metrics
+from tml.model.moe_stats import expert_load_metrics, router_metrics
 from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
 from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
 from tml.streams.layout import ConfigError
@@ -140,7 +140,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         t0 = time.perf_counter()
         sums = torch.zeros(len(LOGGED) + 1, dtype=torch.float64)  # losses..., tokens
         lr = optimizer.param_groups[0]["lr"]
-        expert_counts = grad_norm = None
+        expert_counts = router_terms = grad_norm = None
         nonfinite = False
         for _ in range(t.grad_accum_steps):
             batch = next(loader).to(dist.device)
@@ -152,8 +152,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             engine.backward(losses["loss"])
             sums[:-1] += torch.stack([losses[k].detach().double().cpu() for k in LOGGED])
             sums[-1] += batch.num_tokens()
-            counts = out.expert_counts.detach()
+            counts, terms = out.expert_counts.detach(), out.router_terms.detach().double()
             expert_counts = counts if expert_counts is None else expert_counts + counts
+            router_terms = terms if router_terms is None else router_terms + terms
             if not engine.is_gradient_accumulation_boundary():
                 engine.step()
                 continue
@@ -180,6 +181,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(expert_counts)  # global load: the same bias update and metrics on every rank
         engine.module.update_expert_bias(expert_counts)
+        torch.distributed.all_reduce(router_terms)
         elapsed = time.perf_counter() - t0
         n_micro = t.grad_accum_steps * dist.world_size
         if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
@@ -189,6 +191,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                   "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
                   "mfu": flops_per_step / elapsed / (peak * dist.world_size), "nonfinite_skipped": skipped}
         record.update(expert_load_metrics(expert_counts))
+        record.update(router_metrics(router_terms.cpu() / n_micro, cfg.model.moe, engine.module.moe_layers()))
         record.update(loader.stats())
         if step % t.log_every == 0 or step == t.max_steps:
             logger.log(record)
