@@ -22,7 +22,8 @@ from test_pretrain import TINY, metrics
 from tml.audio.wav import read_wav
 from tml.model import ModelConfig
 from tml.model.flops import active_matmul_params, flops_per_token
-from tml.train.checkpoint import damage, prune_checkpoints, resharded_loader_state, tag_for
+from tml.train.checkpoint import (CheckpointError, damage, prune_checkpoints, resharded_loader_state, tag_for,
+                                  universal_resume_tag)
 from tml.train.optim import warmup_cosine
 from tml.train.signals import EXIT_STOPPED_BY_SIGNAL
 
@@ -91,9 +92,21 @@ def test_flops_per_token_by_hand():
 def test_prune_keeps_last_n_and_every_k(tmp_path):
     for s in range(1, 11):
         (tmp_path / tag_for(s)).mkdir()
+    (tmp_path / (tag_for(3) + "_universal")).mkdir()  # a conversion goes with its source
     (tmp_path / "latest").write_text(tag_for(10))
     prune_checkpoints(tmp_path, keep_last=2, keep_every=4)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == [tag_for(s) for s in (4, 8, 9, 10)]
+
+
+def test_universal_resume_only_for_zero_partitions_from_another_world_size(tmp_path):
+    (tmp_path / tag_for(8)).mkdir()
+    (tmp_path / tag_for(8) / "complete.json").write_text(json.dumps({"step": 8, "world_size": 2, "files": {}}))
+    (tmp_path / "latest").write_text(tag_for(8))
+    assert universal_resume_tag(tmp_path, world_size=1, zero_stage=2, expert_parallel_size=1) == tag_for(8)
+    assert universal_resume_tag(tmp_path, world_size=2, zero_stage=2, expert_parallel_size=1) is None  # same size
+    assert universal_resume_tag(tmp_path, world_size=1, zero_stage=0, expert_parallel_size=1) is None  # whole state
+    with pytest.raises(CheckpointError, match="parallel.expert_parallel_size=2"):
+        universal_resume_tag(tmp_path, world_size=4, zero_stage=1, expert_parallel_size=2)
 
 
 def test_resharded_loader_state_starts_the_next_epoch():
@@ -227,6 +240,30 @@ def test_two_rank_checkpoint_resumes_on_other_world_sizes(synth_data, tmp_path_f
     assert m[8]["loss"] < 0.8 * m[0]["loss"]
     # Data: every new rank starts the epoch after the furthest the old ranks reached, from its first sample.
     assert m[8]["data/episodes_seen"] <= 2 * nproc
+
+
+def test_zero2_checkpoint_resumes_on_one_rank_like_zero0(synth_data, tmp_path_factory):
+    """ZeRO 2 partitions the optimizer per rank, so a 2-rank checkpoint resumed on 1 rank is converted to DeepSpeed's
+    universal format first. Independent expectation: the same run at ZeRO 0, whose checkpoint holds the whole
+    optimizer state and loads on 1 rank as it is. The resumed steps agree: step 9's loss checks the weights, step
+    10's loss and both grad norms the Adam moments and the schedule."""
+    base = tmp_path_factory.getbasetemp()
+    common = [f"data.path={synth_data}", "trainer.save_every=8", "logger=none"]
+    resumed = {}
+    for zero, src in ((0, base / "two_ranks_8_steps"), (2, base / "two_ranks_8_steps_zero2")):  # ZeRO 0 run shared
+        if not (src / "checkpoints" / tag_for(8) / "complete.json").exists():
+            run_recipe(src, *common, f"parallel.zero_stage={zero}", "trainer.max_steps=8", nproc=2)
+        run = tmp_path_factory.mktemp(f"zero{zero}_on1") / "run"
+        shutil.copytree(src, run)
+        proc = run_recipe(run, *common, f"parallel.zero_stage={zero}", "trainer.max_steps=10", "trainer.resume=true")
+        assert f"resumed from {run / 'checkpoints' / tag_for(8)} at step 8" in proc.stdout
+        converted = (run / "checkpoints" / (tag_for(8) + "_universal")).is_dir()
+        assert converted == (zero == 2) and ("universal format" in proc.stdout + proc.stderr) == (zero == 2)
+        resumed[zero] = metrics(run)
+    for a, b in zip(resumed[0][8:], resumed[2][8:]):
+        assert b["lr"] == a["lr"]
+        for k in ("loss", "loss/text", "loss/audio", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
 
 
 # ------------------------------------------------------------------------------------ launch and sweeps

@@ -74,11 +74,14 @@ def setup_distributed(cfg: ParallelConfig) -> DistInfo:
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, grad_clip: float,
-                     precision: str, zero_stage: int, expert_parallel: dict | None = None) -> dict[str, Any]:
+                     precision: str, zero_stage: int, expert_parallel: dict | None = None,
+                     load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON config for one run (optimizer and schedule are passed as objects, not here).
-    ``expert_parallel``: DeepSpeed's AutoEP section (``tml.parallel.expert.autoep_config``), if any."""
+    ``expert_parallel``: DeepSpeed's AutoEP section (``tml.parallel.expert.autoep_config``), if any.
+    ``load_universal``: the resume loads a universal-format checkpoint (``tml.train.checkpoint.convert_to_universal``)."""
     return {
         **({"expert_parallel": expert_parallel} if expert_parallel else {}),
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,

@@ -18,7 +18,10 @@ Another number of ranks: at ZeRO stage 0 DeepSpeed keeps the whole optimizer sta
 checkpoint loads on any world size. The per-rank data cursors cannot be mapped onto another number of ranks, so the
 loader restarts deterministically at the first sample of the epoch after the furthest epoch any old rank reached
 (``resharded_loader_state``); step count, schedule, model and optimizer state carry over exactly. ZeRO >= 1
-partitions the optimizer state per rank: convert with DeepSpeed's ``ds_to_universal`` first (see the error text).
+partitions the optimizer state per rank: such a checkpoint is first converted by rank 0 with DeepSpeed's
+``ds_to_universal`` into ``step_XXXXXXXX_universal`` next to it (kept, and reused by a later resume; pruned with its
+source) and loaded with DeepSpeed's ``checkpoint.load_universal``, which re-partitions the fp32 weights and the Adam
+moments over the new ranks (``universal_resume_tag``, ``convert_to_universal``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
+UNIVERSAL = "_universal"  # suffix of a checkpoint converted to DeepSpeed's universal format
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -125,6 +131,7 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[i
     gone = [s for s in steps if s not in keep and tag_for(s) != latest]
     for s in gone:
         shutil.rmtree(ckpt_dir / tag_for(s), ignore_errors=True)
+        shutil.rmtree(ckpt_dir / (tag_for(s) + UNIVERSAL), ignore_errors=True)
     return gone
 
 
@@ -167,33 +174,85 @@ def resharded_loader_state(states: list[dict]) -> dict:
     return {"restart_epoch": max(w[0] for s in states for w in s["workers"]) + 1}
 
 
-def load_checkpoint(engine, ckpt_dir: Path, rank: int, world_size: int, zero_stage: int) -> tuple[str, dict]:
+def universal_resume_tag(ckpt_dir: Path, world_size: int, zero_stage: int, expert_parallel_size: int) -> str | None:
+    """The checkpoint a resume will load when it has to go through DeepSpeed's universal format: at ZeRO >= 1 one
+    written by another number of ranks (its optimizer partitions do not fit the new ranks). None when the newest
+    complete checkpoint loads as it is. Decide this before building the engine: ``checkpoint.load_universal`` is
+    part of its config."""
+    if zero_stage == 0:
+        return None
+    for tag in resume_candidates(ckpt_dir):
+        if damage(ckpt_dir / tag) is None:
+            written_by = json.loads((ckpt_dir / tag / MARKER).read_text())["world_size"]
+            if written_by == world_size:
+                return None
+            if expert_parallel_size > 1:
+                raise CheckpointError(
+                    f"{ckpt_dir / tag} was written by {written_by} ranks; resuming on {world_size} with "
+                    f"parallel.expert_parallel_size={expert_parallel_size} would move experts between ranks, which "
+                    f"the universal conversion does not do for sharded experts: resume on {written_by} ranks")
+            return tag
+    return None
+
+
+def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
+    """Rank 0 converts ``ckpt_dir/tag`` with ``python -m deepspeed.checkpoint.ds_to_universal`` into
+    ``tag + "_universal"`` (via ``.tmp``, renamed when complete; an existing conversion is reused); every rank waits
+    for it. Returns the converted tag. Raises CheckpointError with the converter's output if it fails."""
+    import torch.distributed as dist
+
+    out = tag + UNIVERSAL
+    if rank == 0 and not (ckpt_dir / out).is_dir():
+        tmp = ckpt_dir / ".tmp" / out
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        log.warning("converting %s to DeepSpeed's universal format for the new number of ranks", ckpt_dir / tag)
+        # --inject_missing_state: our saves carry no Megatron tensor-parallel metadata, which the converter wants
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state",
+                               "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {ckpt_dir / tag} to the universal format failed:\n"
+                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        os.replace(tmp, ckpt_dir / out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def load_checkpoint(engine, ckpt_dir: Path, rank: int, world_size: int, zero_stage: int,
+                    universal_tag: str | None = None) -> tuple[str, dict]:
     """Load the newest complete checkpoint into ``engine``; return its tag and this rank's trainer state
-    (step, loader, rng). On another world size the loader state is ``resharded_loader_state``."""
+    (step, loader, rng). On another world size the loader state is ``resharded_loader_state``.
+
+    ``universal_tag`` (from ``convert_to_universal``; the engine built with ``checkpoint.load_universal``): load the
+    DeepSpeed state from that conversion and the trainer state from the checkpoint it was converted from."""
+    if universal_tag is not None:
+        tag = universal_tag.removesuffix(UNIVERSAL)
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=universal_tag)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found nothing to load in {ckpt_dir / universal_tag}")
+        return tag, _resharded_state(ckpt_dir, tag, rank, world_size)
     tried = []
     for tag in resume_candidates(ckpt_dir):
         why = damage(ckpt_dir / tag)
         if why is None:
             meta = json.loads((ckpt_dir / tag / MARKER).read_text())
             if meta["world_size"] != world_size and zero_stage > 0:
+                # only as a fallback from a newer, damaged checkpoint: the engine was built for a same-size load
                 raise CheckpointError(
                     f"{ckpt_dir / tag} was written by {meta['world_size']} ranks and parallel.zero_stage="
-                    f"{zero_stage} partitions the optimizer per rank: resume on {meta['world_size']} ranks, or "
-                    f"convert it with `python -m deepspeed.checkpoint.ds_to_universal --input_folder "
-                    f"{ckpt_dir / tag} --output_folder {ckpt_dir / tag}_universal` (or use parallel.zero_stage=0)")
+                    f"{zero_stage} partitions the optimizer per rank; it is the fallback from newer damaged "
+                    f"checkpoints ({'; '.join(tried)}): remove those and resume again (it is then converted to the "
+                    f"universal format), or resume on {meta['world_size']} ranks")
             try:
                 path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
                 if path is None:
                     raise CheckpointError("DeepSpeed found nothing to load")
                 if meta["world_size"] == world_size:
                     return tag, torch.load(ckpt_dir / tag / f"trainer_state_rank{rank}.pt", weights_only=False)
-                old = [torch.load(ckpt_dir / tag / f"trainer_state_rank{r}.pt", weights_only=False)
-                       for r in range(meta["world_size"])]
-                state = dict(old[0], loader=resharded_loader_state([s["loader"] for s in old]))
-                if rank == 0:
-                    log.warning("%s was written by %d ranks, resuming on %d: the data loader restarts at epoch %d",
-                                ckpt_dir / tag, meta["world_size"], world_size, state["loader"]["restart_epoch"])
-                return tag, state
+                return tag, _resharded_state(ckpt_dir, tag, rank, world_size)
             except CheckpointError:
                 raise
             except Exception as e:  # a damaged file that kept its size
@@ -204,6 +263,17 @@ def load_checkpoint(engine, ckpt_dir: Path, rank: int, world_size: int, zero_sta
     raise CheckpointError(f"trainer.resume=true but {ckpt_dir} holds no complete checkpoint"
                           + (f" (tried {'; '.join(tried)})" if tried else "")
                           + "; start without trainer.resume or point hydra.run.dir at the run to resume")
+
+
+def _resharded_state(ckpt_dir: Path, tag: str, rank: int, world_size: int) -> dict:
+    """Trainer state for resuming ``tag`` on a world size other than the one that wrote it."""
+    written_by = json.loads((ckpt_dir / tag / MARKER).read_text())["world_size"]
+    old = [torch.load(ckpt_dir / tag / f"trainer_state_rank{r}.pt", weights_only=False) for r in range(written_by)]
+    state = dict(old[0], loader=resharded_loader_state([s["loader"] for s in old]))
+    if rank == 0:
+        log.warning("%s was written by %d ranks, resuming on %d: the data loader restarts at epoch %d",
+                    ckpt_dir / tag, written_by, world_size, state["loader"]["restart_epoch"])
+    return state
 
 
 def find_checkpoint(path: str | Path) -> tuple[Path, Path]:

@@ -29,7 +29,8 @@ from tml.parallel.engine import build_engine, deepspeed_config, setup_distribute
 from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
 from tml.streams.layout import ConfigError
 from tml.text.tokenizer import TextTokenizer
-from tml.train.checkpoint import checkpoint_steps, load_checkpoint, save_checkpoint, set_rng_state
+from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, save_checkpoint,
+                                  set_rng_state, universal_resume_tag)
 from tml.train.config import PretrainConfig, validate_config
 from tml.train.manifest import build_manifest, write_manifest
 from tml.train.metrics import MetricsLogger
@@ -90,9 +91,15 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     model = InteractionModel(cfg.model)
     counts = param_counts(model)
     autoep = prepare_expert_parallel(model, cfg.parallel, cfg.model, dist.world_size)  # shards experts (native)
+    # A ZeRO >= 1 checkpoint written by another number of ranks is converted to DeepSpeed's universal format first.
+    universal = None
+    if resume and (source := universal_resume_tag(ckpt_dir, dist.world_size, cfg.parallel.zero_stage,
+                                                  cfg.parallel.expert_parallel_size)):
+        universal = convert_to_universal(ckpt_dir, source, dist.rank)
     ds_config = deepspeed_config(micro_batch_size=cfg.data.loader.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                                  world_size=dist.world_size, grad_clip=t.grad_clip, precision=t.precision,
-                                 zero_stage=cfg.parallel.zero_stage, expert_parallel=autoep)
+                                 zero_stage=cfg.parallel.zero_stage, expert_parallel=autoep,
+                                 load_universal=universal is not None)
     schedule = warmup_cosine(t.warmup_steps, t.decay_steps, t.min_lr_ratio)
     engine, optimizer, _ = build_engine(
         model, ds_config, param_groups(model, t.weight_decay),
@@ -105,7 +112,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
 
     step = 0
     if resume:
-        tag, state = load_checkpoint(engine, ckpt_dir, dist.rank, dist.world_size, cfg.parallel.zero_stage)
+        tag, state = load_checkpoint(engine, ckpt_dir, dist.rank, dist.world_size, cfg.parallel.zero_stage,
+                                     universal_tag=universal)
         restore_expert_shards(engine)
         step = state["step"]
         loader.load_state_dict(state["loader"])
