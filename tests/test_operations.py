@@ -4,6 +4,7 @@ scripts (bash -n, shellcheck, the per-node wrapper run by hand), a submitit swee
 model card, manifest)."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -135,6 +136,20 @@ def test_sigkill_at_random_step_then_resume_is_bitwise(synth_data, tmp_path, npr
 
 
 # ---------------------------------------------- kill inside a save, damaged checkpoints, non-finite guard
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_nan_gradients_with_finite_loss_skip_the_step(synth_data, tmp_path, zero):
+    """Step 2's gradients are NaN while its loss is finite. ZeRO 0: our check of the whole gradients; ZeRO 2: the
+    gradients are partitioned and DeepSpeed's optimizer skips the step itself. Either way the step is counted as
+    skipped, the schedule does not advance, and no NaN reaches the weights (every later loss is finite)."""
+    run_recipe(tmp_path, f"data.path={synth_data}", "logger=none", "trainer.max_steps=4", "trainer.save_every=100",
+               f"parallel.zero_stage={zero}", "trainer.fault.nan_grad_at_step=2")
+    m = metrics(tmp_path)
+    assert [r["nonfinite_skipped"] for r in m] == [0, 1, 1, 1]
+    assert math.isnan(m[1]["grad_norm"]) and math.isfinite(m[2]["grad_norm"])
+    assert m[2]["lr"] == m[1]["lr"] and m[1]["lr"] > m[0]["lr"]
+    assert all(math.isfinite(r["loss"]) for r in m)
 
 
 def test_kill_in_save_damaged_checkpoint_and_nonfinite_guard(synth_data, tmp_path):

@@ -26,6 +26,7 @@ class FaultConfig:
     """Fault injection for tests of the operations machinery (0 = off)."""
 
     nan_at_step: int = 0  # make the loss of this step NaN on every rank
+    nan_grad_at_step: int = 0  # make the gradients of this step NaN on every rank (its loss stays finite)
     kill_in_save_at_step: int = 0  # SIGKILL-like exit while the checkpoint of this step is being written
 
 

@@ -54,6 +54,18 @@ def _broadcast_run_dir(run_dir: Path, rank: int) -> Path:
     return Path(box[0])
 
 
+class _NaNGradient(torch.autograd.Function):
+    """Identity whose backward returns NaN: the fault ``trainer.fault.nan_grad_at_step`` (finite loss, NaN grads)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
 def _grads_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
@@ -157,6 +169,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                                     text_pad_id=text.pad_id)
             if t.fault.nan_at_step == step + 1:
                 losses["loss"] = losses["loss"] * float("nan")
+            if t.fault.nan_grad_at_step == step + 1:
+                losses["loss"] = _NaNGradient.apply(losses["loss"])
             engine.backward(losses["loss"])
             sums[:-1] += torch.stack([losses[k].detach().double().cpu() for k in LOGGED])
             sums[-1] += batch.num_tokens()
@@ -167,7 +181,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                 engine.step()
                 continue
             # Non-finite guard: any rank's NaN/inf loss (or gradient, at ZeRO 0 where grads are whole) skips the
-            # optimizer step on all ranks: gradients are dropped, weights, optimizer and lr schedule stay.
+            # optimizer step on all ranks: gradients are dropped, weights, optimizer and lr schedule stay. At
+            # ZeRO >= 1 the gradients live in DeepSpeed's partitions: its optimizer checks their global norm and
+            # skips the step itself (counted in engine.skipped_steps, schedule not advanced); we count it the same.
             bad = torch.tensor([float(not math.isfinite(float(sums[0])))])
             if cfg.parallel.zero_stage == 0:
                 bad[0] += float(not _grads_finite(engine.module))
@@ -179,7 +195,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             else:
                 if cfg.parallel.zero_stage == 0:
                     grad_norm = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO >= 1 and bf16
+                skipped_by_deepspeed = engine.skipped_steps
                 engine.step()
+                if engine.skipped_steps > skipped_by_deepspeed:
+                    grad_norm, nonfinite = float("nan"), True
         step += 1
         skipped += int(nonfinite)
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if nonfinite else 0
