@@ -174,6 +174,7 @@ def test_kill_in_save_damaged_checkpoint_and_nonfinite_guard(synth_data, tmp_pat
     assert f"resumed from {ckpts / tag_for(3)}" in proc.stdout
     assert proc.returncode != 0 and "trainer.max_nonfinite_in_a_row=1" in proc.stderr
     assert "checkpoint of step 4" in proc.stderr and (ckpts / "latest").read_text() == tag_for(4)
+    assert [r["nonfinite_skipped"] for r in metrics(run)] == [0, 1, 1, 1, 2]  # the count carried over the resume
     assert not (ckpts / ".tmp" / tag_for(4)).exists()
 
     # The newest checkpoint loses bytes: resume falls back to the previous one with a warning.

@@ -81,8 +81,10 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank: int, world_size: int,
-                    keep_last: int = 0, keep_every: int = 0, crash_after_files: bool = False) -> Path:
+                    nonfinite_skipped: int = 0, keep_last: int = 0, keep_every: int = 0,
+                    crash_after_files: bool = False) -> Path:
     """Save a complete, resumable checkpoint of ``step`` (collective: all ranks call it). Returns its directory.
+    ``nonfinite_skipped``: the run's count of skipped non-finite steps so far, restored on resume.
 
     ``crash_after_files`` kills this process after the files are written but before the checkpoint is published
     (fault injection for tests: ``trainer.fault.kill_in_save_at_step``)."""
@@ -92,7 +94,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank:
         shutil.rmtree(tmp_root / tag, ignore_errors=True)  # left by a save that was killed
         (tmp_root / tag).mkdir(parents=True)
     torch.distributed.barrier()
-    torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": world_size},
+    torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": world_size,
+                "nonfinite_skipped": nonfinite_skipped},
                tmp_root / tag / f"trainer_state_rank{rank}.pt")
     engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
     torch.distributed.barrier()

@@ -122,12 +122,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, dmel, text,
                                rank=dist.rank, world_size=dist.world_size)
 
-    step = 0
+    step = skipped = 0  # skipped: steps skipped as non-finite since the run began (carried over by resumes)
     if resume:
         tag, state = load_checkpoint(engine, ckpt_dir, dist.rank, dist.world_size, cfg.parallel.zero_stage,
                                      universal_tag=universal)
         restore_expert_shards(engine)
-        step = state["step"]
+        step, skipped = state["step"], state.get("nonfinite_skipped", 0)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         if is_main:
@@ -149,12 +149,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
 
     def save(at_step: int) -> None:
         save_checkpoint(engine, ckpt_dir, at_step, loader.state_dict(), dist.rank, dist.world_size,
-                        keep_last=t.keep_last, keep_every=t.keep_every,
+                        nonfinite_skipped=skipped, keep_last=t.keep_last, keep_every=t.keep_every,
                         crash_after_files=t.fault.kill_in_save_at_step == at_step)
 
     signals = SignalFlag()
     record: dict = {}
-    skipped = nonfinite_in_a_row = 0
+    nonfinite_in_a_row = 0
     saved_step = step
     while step < t.max_steps:
         t0 = time.perf_counter()
