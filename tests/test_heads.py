@@ -155,7 +155,7 @@ def test_flow_sampling_solvers_and_guidance():
 def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     """Generate at temperature 0 (dmel) / fixed noise (flow), then run ONE forward over the generated sequence: the
     hidden state before every model position must predict exactly what was generated there (the incremental path
-    through prefixes equals the full causal forward), and the input positions must be the recording's."""
+    through the KV cache equals the full causal forward), and the input positions must be the recording's."""
     from tml.model.generate import generate_model_side
     from tml.streams.interleave import EpisodeTokens
 
@@ -174,8 +174,8 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     assert g.model_text.shape == (3, 4) and g.model_audio_unit.shape == (15, 4, 80)
     torch.testing.assert_close(unit_to_bins(g.model_audio_unit, NB), g.audio_bins[model_pos[is_audio]])
 
-    from tml.model.generate import prefix_batch
-    out = model(prefix_batch(tok, tok.kind.numel(), g.text_ids, g.audio_bins))
+    from tml.model.generate import span_batch
+    out = model(span_batch(tok, 0, tok.kind.numel(), g.text_ids, g.audio_bins))
     text_q = torch.nonzero(model_pos & (tok.kind == Kind.TEXT)).flatten()
     assert torch.equal(model.text_head(out.hidden[0, text_q - 1]).argmax(-1), g.text_ids[text_q])
     audio_q = torch.nonzero(model_pos & is_audio).flatten()

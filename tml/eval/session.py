@@ -24,7 +24,7 @@ import torch
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
-from tml.model.attention import KVCache, rope_cos_sin
+from tml.model.attention import KVCache
 from tml.model.heads import FlowHead, unit_to_bins
 from tml.model.sampling import SamplingConfig, sample_logits
 from tml.streams.batch import Batch
@@ -108,20 +108,15 @@ class StreamingSession:
                  patches: torch.Tensor, patch_rc: torch.Tensor) -> torch.Tensor:
         """Embed and run new positions through every layer against the caches. Returns hidden [T_new, dim]."""
         n = len(kind)
-        cfg = self.model.cfg
         long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]  # noqa: E731
         empty = torch.zeros(1, n, dtype=torch.long, device=self.device)
         chunk = Batch(kind=long(kind), stream=long(stream), micro_turn=empty, position_ids=empty, doc_ids=empty,
                       text_ids=long(text_ids), audio_bins=audio_bins.to(self.device), patches=patches.to(self.device),
                       patch_rc=patch_rc.to(self.device), target_kind=empty, target_text=empty,
                       target_audio=audio_bins[:0].to(self.device))
-        positions = torch.arange(self.position, self.position + n, device=self.device)
+        hidden = self.model.forward_cached(chunk, self.caches, self.position)[0]
         self.position += n
-        x = self.model.embed(chunk)
-        cos, sin = rope_cos_sin(positions[None], cfg.head_dim, cfg.rope_theta, dtype=x.dtype)
-        for layer, cache in zip(self.model.layers, self.caches):
-            x = layer.forward_cached(x, cos, sin, positions, cache)
-        return self.model.norm(x)[0]
+        return hidden
 
     def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """This micro-turn's user audio -> dMel bins [frames_per_turn, n_mels] (see module docstring)."""

@@ -6,8 +6,8 @@ payload; at every MODEL-stream text or audio position the hidden state of the po
 wrote. Audio feeds back through the dMel bag, i.e. quantised to bins, the same path as real audio; the continuous
 unit coordinates (the flow head's samples, or bin centres) are kept for listening.
 
-There is no KV cache yet: each generated position re-runs the prefix, so cost grows with the square of the
-episode length (seconds for the tiny model on a 10 s episode on CPU).
+Positions go through the model once each, with a KV cache per layer (``InteractionModel.forward_cached``): the
+positions since the last sample are fed as one chunk, so cost grows linearly with the episode length.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tml.model.attention import KVCache
 from tml.model.heads import unit_to_bins
 from tml.model.sampling import SamplingConfig, sample_audio, sample_logits
 from tml.model.transformer import InteractionModel
@@ -40,18 +41,21 @@ class Generation:
     model_text: torch.Tensor
 
 
-def prefix_batch(tok: EpisodeTokens, p: int, text_ids: torch.Tensor, audio_bins: torch.Tensor) -> Batch:
-    """Positions [0, p) of one episode as a one-row Batch without targets (we read hidden states, not losses)."""
-    kind = tok.kind[:p]
+def span_batch(tok: EpisodeTokens, a: int, b: int, text_ids: torch.Tensor, audio_bins: torch.Tensor) -> Batch:
+    """Positions [a, b) of one episode as a one-row Batch without targets (we read hidden states, not losses);
+    ``text_ids`` [n] and ``audio_bins`` [n_audio, S, C] hold the episode's payloads so far."""
+    kind = tok.kind[a:b]
+    before = tok.kind[:a]
+    a_audio, a_patch = int((before == Kind.AUDIO).sum()), int((before == Kind.PATCH).sum())
     n_audio, n_patch = int((kind == Kind.AUDIO).sum()), int((kind == Kind.PATCH).sum())
     S, C = tok.audio_bins.shape[1:]
     row = lambda x: x[None].clone()  # noqa: E731
-    return Batch(kind=row(kind), stream=row(tok.stream[:p]), micro_turn=row(tok.micro_turn[:p]),
-                 position_ids=torch.arange(p)[None], doc_ids=torch.zeros(1, p, dtype=torch.long),
-                 text_ids=row(text_ids[:p]), audio_bins=audio_bins[:n_audio].clone(),
-                 patches=tok.patches[:n_patch], patch_rc=tok.patch_rc[:n_patch],
-                 target_kind=torch.zeros(1, p, dtype=torch.long), target_text=torch.full((1, p), IGNORE_INDEX),
-                 target_audio=torch.zeros(0, S, C, dtype=torch.long))
+    return Batch(kind=row(kind), stream=row(tok.stream[a:b]), micro_turn=row(tok.micro_turn[a:b]),
+                 position_ids=torch.arange(a, b)[None], doc_ids=torch.zeros(1, b - a, dtype=torch.long),
+                 text_ids=row(text_ids[a:b]), audio_bins=audio_bins[a_audio:a_audio + n_audio].clone(),
+                 patches=tok.patches[a_patch:a_patch + n_patch], patch_rc=tok.patch_rc[a_patch:a_patch + n_patch],
+                 target_kind=torch.zeros(1, b - a, dtype=torch.long),
+                 target_text=torch.full((1, b - a), IGNORE_INDEX), target_audio=torch.zeros(0, S, C, dtype=torch.long))
 
 
 @torch.no_grad()
@@ -64,11 +68,12 @@ def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: Sampli
     audio_row = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1  # row of audio_bins of each AUDIO position
     is_model = tok.stream == Stream.MODEL
     units = []
+    caches, fed = [KVCache() for _ in model.layers], 0  # positions [0, fed) are in the caches
     for q in torch.nonzero(is_model & ((tok.kind == Kind.TEXT) | (tok.kind == Kind.AUDIO))).flatten().tolist():
         if q == 0:
             raise ValueError(f"episode {tok.key}: a MODEL position is first in the micro-turn; nothing predicts it")
-        out = model(prefix_batch(tok, q, text_ids, audio_bins).to(device))
-        h = out.hidden[0, q - 1 : q]
+        h = model.forward_cached(span_batch(tok, fed, q, text_ids, audio_bins).to(device), caches, fed)[0, -1:]
+        fed = q
         if tok.kind[q] == Kind.TEXT:
             text_ids[q] = sample_logits(model.text_head(h), cfg.text_temperature, cfg.text_top_p, gen).cpu()[0]
         else:

@@ -121,6 +121,18 @@ class InteractionModel(nn.Module):
         for moe, counts in zip(self.moe_layers(), expert_counts):
             moe.update_bias(counts)
 
+    def forward_cached(self, batch: Batch, caches: list[KVCache], start: int) -> torch.Tensor:
+        """Incremental inference: run the positions of ``batch`` (one row, the next ``T`` positions of a sequence
+        whose first ``start`` positions are in ``caches``, one KVCache per layer) through every layer, appending
+        them to the caches. Only the payload fields of ``batch`` are read. Returns final-norm hidden [1, T, dim],
+        equal to those positions' hidden states in one full causal forward."""
+        x = self.embed(batch)
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        cos, sin = rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer.forward_cached(x, cos, sin, positions, cache)
+        return self.norm(x)
+
     def forward(self, batch: Batch) -> ModelOutput:
         B, L = batch.shape
         if L > self.cfg.max_positions:
