@@ -205,6 +205,7 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
     import torch.distributed as dist
 
     out = tag + UNIVERSAL
+    error = None
     if rank == 0 and not (ckpt_dir / out).is_dir():
         tmp = ckpt_dir / ".tmp" / out
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,12 +216,18 @@ def convert_to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
                                str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state",
                                "--num_extract_workers", "1", "--num_merge_workers", "1"],
                               capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CheckpointError(f"converting {ckpt_dir / tag} to the universal format failed:\n"
-                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        os.replace(tmp, ckpt_dir / out)
+        if proc.returncode == 0:
+            os.replace(tmp, ckpt_dir / out)
+        else:
+            error = CheckpointError(f"converting {ckpt_dir / tag} to the universal format failed:\n"
+                                    f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    failed = torch.tensor([float(error is not None)])
     if dist.is_initialized():
-        dist.barrier()
+        dist.all_reduce(failed)  # every rank learns of rank 0's failure instead of waiting for it
+    if error is not None:
+        raise error
+    if failed.item():
+        raise CheckpointError(f"rank 0 failed to convert {ckpt_dir / tag} to the universal format (see its log)")
     return out
 
 
