@@ -39,7 +39,7 @@ from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 
 GENERATOR = "data_prep.synth_dialogues"
-GENERATOR_VERSION = "2.0"
+GENERATOR_VERSION = "2.1"  # 2.1: delegate events (the model's <delegate> query </delegate> text)
 SAMPLE_RATE = 16000
 VIDEO_FPS = 5
 VIDEO_SIZE = 80
@@ -589,6 +589,8 @@ def _events(turns: list[Spoken], background: list[BackgroundEvent], video: Video
             i = s.line.pause_after
             ev.append({"type": "pause", "time": r(s.start + s.words[i].end), "end": r(s.start + s.words[i + 1].start),
                        "speaker": who})
+        if k == "delegate":  # what the model writes (not says) when it hands the request over: interleave
+            ev.append({"type": "delegate", "time": r(s.end), "speaker": who, "query": s.line.query})
         if k == "wait":
             back = next((t for t in main if t.start > s.end and t.line.speaker == "user"), None)
             ev.append({"type": "wait_request", "time": r(s.end), "until": r(back.start) if back else None})

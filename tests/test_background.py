@@ -76,3 +76,34 @@ def test_session_delegates_and_reads_the_answer_in_its_arrival_turn(text):
     got = [i for t in range(arrival, closes + 6) for i in seen[t] if i != text.pad_id]
     assert seen[arrival][0] == want[0] and got == want
     bg.close()
+
+
+def test_synthetic_delegation_reaches_the_tool_through_the_model_text(text):
+    """A generated delegation episode, interleaved: the model's text stream carries ``<delegate> a * b </delegate>``
+    from the micro-turn in which its "let me check" ends; the bridge, reading that stream micro-turn by micro-turn,
+    submits exactly the query, and the calculator answers what the generator put on the background stream."""
+    from data_prep.synth_dialogues import SynthConfig, make_episode
+    from tml.streams import Stream
+    from tml.streams.interleave import interleave
+    from tml.streams.layout import Kind
+
+    for seed in range(1, 40):  # the first seed whose delegation is a multiplication (the calculator's kind)
+        ep = make_episode(0, SynthConfig(seed=seed, background_prob=1.0, backchannel_prob=0.0))
+        (event,) = [e for e in ep.meta["events"] if e["type"] == "delegate"]
+        if "*" in event["query"]:
+            break
+    layout = MicroTurnLayout(LayoutConfig())
+    tok = interleave(ep, layout, DMelTokenizer(), text)
+    model_text = tok.text_ids[(tok.stream == Stream.MODEL) & (tok.kind == Kind.TEXT)].view(tok.num_turns, -1)
+    first = int(torch.nonzero(model_text == text.delegate_id)[0, 0])
+    assert first >= int(event["time"] / 0.2 + 1e-9)  # placed at its time, or later if the slots were full
+    assert int((model_text == text.delegate_id).sum()) == int((model_text == text.end_delegate_id).sum()) == 1
+
+    bridge = DelegationBridge(ToolBackground(calculator, delay_s=0.0), text)
+    for t in range(tok.num_turns):
+        bridge.observe(model_text[t].tolist(), now=0.2 * t)
+    assert bridge.submitted == [event["query"]]
+    deadline = time.time() + 10
+    while not (ids := bridge.arrivals(now=1e9)) and time.time() < deadline:
+        time.sleep(0.01)
+    assert text.decode(ids) == ep.background[0].text  # "result: a*b", as the generator wrote it

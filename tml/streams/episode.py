@@ -25,6 +25,8 @@ Event labels: ``meta["events"]`` is a list of ``{"type", "time", ...}`` dicts so
     timer             a time-aware task: target (time the model should speak), tolerance
     visual            a video event the model should react to: what ("wall_hit" | "square_appears"), answer
     background_result a background-model result arrives: text
+    delegate          the model hands ``query`` to the background model: speaker, query. Not spoken: ``interleave``
+                      writes ``<delegate> query </delegate>`` on that speaker's text stream at ``time``
 
 Readers must ignore types they do not know.
 """

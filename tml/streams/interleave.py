@@ -9,6 +9,8 @@ layout's slot order. Per stream:
 * text: every word is placed in the micro-turn in which it starts; its tokens queue up and fill that stream's
   slots in order, spilling into later micro-turns when a micro-turn has more tokens than slots; unused slots hold
   the ``<pad>`` token (the model learns when *not* to write); background events arrive as text at their time;
+  a ``delegate`` event in ``meta["events"]`` puts ``<delegate> query </delegate>`` on its speaker's text stream
+  at its time, like a word (what the model writes, not says, to hand a request to the background model);
 * video: on micro-turns ``t % video_stride == 0`` the frame showing time ``t * 0.2`` is cut into patches; other
   micro-turns (and micro-turns past the end of the video) leave the patch slots empty (kind PAD).
 """
@@ -93,6 +95,12 @@ def place_text(words: list[tuple[float, list[int]]], num_turns: int, slots: int,
     return ids, dropped
 
 
+def delegate_span(query: str, text: TextTokenizer) -> list[int]:
+    """``<delegate> query </delegate>`` as token ids: what the model writes to hand ``query`` to the background
+    model (``tml.eval.background.DelegationBridge`` reads it back)."""
+    return [text.delegate_id, *(i for w in query.split() for i in text.word_ids(w)), text.end_delegate_id]
+
+
 def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, text: TextTokenizer) -> EpisodeTokens:
     """Episode -> EpisodeTokens in the layout's fixed slot order (see module docstring)."""
     cfg = layout.cfg
@@ -121,7 +129,10 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
             if slot.stream == Stream.BACKGROUND:
                 groups = [(e.time, [i for w in e.text.split() for i in text.word_ids(w)]) for e in episode.background]
             else:
-                groups = [(w.start, text.word_ids(w.text)) for w in episode.words.get(slot.stream.name.lower(), [])]
+                name = slot.stream.name.lower()
+                groups = [(w.start, text.word_ids(w.text)) for w in episode.words.get(name, [])]
+                groups += [(e["time"], delegate_span(e["query"], text)) for e in episode.meta.get("events", [])
+                           if e.get("type") == "delegate" and e.get("speaker") == name]
             texts[slot.stream], d = place_text(groups, T, slot.count, turn_s, text.pad_id)
             dropped += d
 
