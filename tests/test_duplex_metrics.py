@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tml.eval.duplex import DuplexLabels, MetricConfig, aggregate, episode_metrics, onsets
+from tml.eval.duplex import DuplexLabels, MetricConfig, aggregate, delegate_spans, episode_metrics, onsets
 
 
 def track(duration, spans):
@@ -47,6 +47,20 @@ def test_latencies_stops_and_rates_by_hand():
     assert agg["turn_taking_response_rate"] == pytest.approx(2 / 3)
     assert agg["silence_compliance"] == 0.5 and agg["on_time_rate"] == pytest.approx(2 / 3)
     assert agg["answer_accuracy"] == 0.5
+
+
+def test_delegation_rate_by_hand():
+    """Expected: "23 * 19" at 2.0 and "weather paris" at 6.0. The model opens a span at 2.2 that closes a micro-turn
+    later with the right words (counted); at 6.2 it asks the wrong thing; an unclosed span at 9.0 counts for
+    nothing. Rate 1/2."""
+    labels = DuplexLabels(duration=10.0, delegations=[(2.0, "23 * 19"), (6.0, "weather paris")])
+    text = [(2.2, "let me check <delegate> 23 *"), (2.4, "19 </delegate>"), (6.2, "<delegate>weather rome</delegate>"),
+            (9.0, "<delegate> weather paris")]
+    assert delegate_spans(text) == [(2.2, "23 * 19"), (6.2, "weather rome")]
+    m = episode_metrics(labels, track(10.0, []), text)
+    assert m["delegated"] == [1, 0] and aggregate([m])["delegation_rate"] == 0.5
+    late = episode_metrics(DuplexLabels(duration=10.0, delegations=[(0.1, "23 * 19")]), track(10.0, []), text)
+    assert late["delegated"] == [0]  # 2.1 s after the expected time: outside delegate_tol_s = 2.0
 
 
 def test_nothing_measured_gives_none():

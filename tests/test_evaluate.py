@@ -36,6 +36,7 @@ def noise_episode() -> Episode:
         {"type": "utterance_end", "time": 2.6, "speaker": "user", "kind": "interrupt"},
         {"type": "expected_response", "time": 2.6, "speaker": "model", "by": 3.6},
         {"type": "non_interruption", "time": 3.2, "speaker": "user", "what": "cough"},
+        {"type": "delegate", "time": 3.4, "speaker": "model", "query": "12 * 7"},
         {"type": "something_new", "time": 3.5},  # unknown types are ignored
     ]
     return Episode(key="noise", duration=4.0, sample_rate=SR, audio={"user": user, "model": torch.zeros(4 * SR)},
@@ -46,6 +47,7 @@ def test_labels_from_events():
     labels = labels_from_events(noise_episode().meta["events"], 4.0)
     assert [e for _, e in labels.response_turns] == [1.0, 2.6]
     assert labels.interruptions == [2.0] and labels.false_barge_ins == [3.2] and labels.timed_cues == [1.3]
+    assert labels.delegations == [(3.4, "12 * 7")]
 
 
 def test_silence_rule_latencies_equal_the_hand_computation(tmp_path):

@@ -17,7 +17,9 @@ Definitions (all times in seconds):
 * silence compliance: share of "wait / be quiet" windows in which the model spoke less than ``quiet_tolerance`` of
   the window;
 * on-time rate: share of timed cues (time-aware or visual tasks) with a model onset within ``on_time_tol_s``;
-* text accuracy: share of expected answers whose words appear in the model's text written after the question.
+* text accuracy: share of expected answers whose words appear in the model's text written after the question;
+* delegation rate: share of expected delegations (time, query) for which the model's text holds a closed
+  ``<delegate> ... </delegate>`` span with the query's words, opened within ``delegate_tol_s`` of that time.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class DuplexLabels:
     quiet_windows: list[tuple[float, float]] = field(default_factory=list)  # asked to wait: stay silent
     timed_cues: list[float] = field(default_factory=list)  # act ("now!", count) at these times
     answers: list[tuple[float, str]] = field(default_factory=list)  # (question end, expected answer text)
+    delegations: list[tuple[float, str]] = field(default_factory=list)  # (time, query) to hand to the background
 
 
 @dataclass
@@ -55,6 +58,7 @@ class MetricConfig:
     max_backchannel_s: float = 1.0
     quiet_tolerance: float = 0.05
     on_time_tol_s: float = 0.5
+    delegate_tol_s: float = 2.0
 
 
 def speech_activity(log_mel: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -97,6 +101,22 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
+def delegate_spans(text_by_time: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """(time its ``<delegate>`` was written, the text inside) of every closed span, in time order; a span may
+    run over several entries (the model writes a few tokens per micro-turn)."""
+    spans, opened, inside = [], None, []
+    for t, text in sorted(text_by_time, key=lambda x: x[0]):
+        for piece in re.findall(r"</?delegate>|[^\s<]+|<", text):
+            if piece == "<delegate>":
+                opened, inside = t, []
+            elif piece == "</delegate>" and opened is not None:
+                spans.append((opened, " ".join(inside)))
+                opened = None
+            elif opened is not None:
+                inside.append(piece)
+    return spans
+
+
 def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: list[tuple[float, str]],
                     cfg: MetricConfig | None = None) -> dict:
     """Raw per-episode measurements (lists of latencies and 0/1 outcomes); ``aggregate`` summarises episodes.
@@ -108,7 +128,7 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
     cfg = cfg or MetricConfig()
     on = onsets(active, cfg)
     out: dict[str, list] = {k: [] for k in ("latency", "missed_turns", "stop_latency", "stopped", "false_stop",
-                                            "backchannel", "quiet_ok", "on_time", "answer_ok")}
+                                            "backchannel", "quiet_ok", "on_time", "answer_ok", "delegated")}
     for _, end in labels.response_turns:
         nxt = [o for o in on if end <= o <= end + cfg.max_latency_s]
         if nxt:
@@ -141,6 +161,10 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
         said = set(_words(" ".join(txt for t, txt in text_by_time if t >= after)))
         want = _words(expected)
         out["answer_ok"].append(int(bool(want) and all(w in said for w in want)))
+    spans = delegate_spans(text_by_time)
+    for t, query in labels.delegations:
+        out["delegated"].append(int(any(abs(s - t) <= cfg.delegate_tol_s and _words(q) == _words(query)
+                                        for s, q in spans)))
     return out
 
 
@@ -165,5 +189,6 @@ def aggregate(per_episode: list[dict]) -> dict:
         "silence_compliance": mean(pool.get("quiet_ok", [])),
         "on_time_rate": mean(pool.get("on_time", [])),
         "answer_accuracy": mean(pool.get("answer_ok", [])),
+        "delegation_rate": mean(pool.get("delegated", [])),
         "counts": {k: len(v) for k, v in pool.items()},
     }

@@ -53,6 +53,8 @@ def labels_from_events(events: list[dict], duration: float) -> DuplexLabels:
             labels.timed_cues.append(float(e.get("target", t)))
         elif typ == "visual" and e.get("what") == "wall_hit":
             labels.timed_cues.append(t)
+        elif typ == "delegate" and e.get("speaker", "model") == "model":
+            labels.delegations.append((t, str(e.get("query", ""))))
     return labels
 
 
