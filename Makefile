@@ -2,20 +2,33 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
+LOCK    := requirements/lock.txt
 DATA    ?= data/synthetic_tiny
 STEPS   ?= 150
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: setup data pretrain test clean
+.PHONY: setup lock doctor data pretrain test clean
 
-$(BIN)/.installed: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+# The environment is the lock: every package at the version and hash in requirements/lock.txt, then tml itself
+# (editable, no dependencies of its own to resolve). A changed lock rebuilds the venv from scratch, so nothing
+# from an older lock survives. The doctor at the end fails the setup if the result differs from the lock.
+$(BIN)/.installed: $(LOCK) pyproject.toml
+	$(PY) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m tml.tools.doctor
 	touch $@
 
 setup: $(BIN)/.installed
+
+# Regenerate the lock from pyproject.toml (after adding or moving a dependency); commit the result.
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.10 \
+		--custom-compile-command "make lock" -o $(LOCK)
+
+doctor: setup
+	$(BIN)/python -m tml.tools.doctor
 
 $(DATA)/manifest.json: | $(BIN)/.installed
 	$(BIN)/python -m data_prep.synth_dialogues --out $(DATA) --episodes 96 --seed 0

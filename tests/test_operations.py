@@ -3,6 +3,7 @@ damaged checkpoints, SIGUSR1/SIGTERM stops, resume on another number of ranks, t
 scripts (bash -n, shellcheck, the per-node wrapper run by hand), a submitit sweep, and the tools (plot, export,
 model card, manifest)."""
 
+import hashlib
 import json
 import math
 import os
@@ -338,6 +339,9 @@ def test_manifest_export_and_model_card(synth_data, tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert man["git_commit"] == head and isinstance(man["git_dirty"], bool) and man["world_size"] == 1
     assert man["packages"]["torch"].startswith("2.11") and man["config"]["trainer"]["max_steps"] == 2
+    lock = ROOT / "requirements" / "lock.txt"
+    assert man["environment"]["lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert man["environment"]["matches_lock"] is True
     data_manifest = json.loads((synth_data / "manifest.json").read_text())
     assert man["data"]["shards"] == {s["name"]: s["sha256"] for s in data_manifest["shards"]}
     assert man["data"]["license"] == data_manifest["license"]

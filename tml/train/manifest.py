@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from tml.environment import facts as environment_facts
+
 PACKAGES = ("torch", "torchaudio", "deepspeed", "hydra-core", "webdataset", "tokenizers", "wandb", "numpy",
             "safetensors", "tml")
 
@@ -60,7 +62,7 @@ def build_manifest(config: dict, data_dir: str | Path, data_manifest: dict, worl
     return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **code_version(),
             "command": [sys.executable, *sys.argv], "host": socket.gethostname(),
             "platform": platform.platform(), "python": platform.python_version(), "world_size": world_size,
-            "packages": versions, "config": config, "data": data_provenance(data_dir, data_manifest)}
+            "packages": versions, "environment": environment_facts(check_imports=False), "config": config, "data": data_provenance(data_dir, data_manifest)}
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> Path:
