@@ -8,7 +8,7 @@ STEPS   ?= 150
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: setup lock doctor data pretrain test clean
+.PHONY: setup setup-gpu lock doctor data pretrain test clean
 
 # The environment is the lock: every package at the version and hash in requirements/lock.txt, then tml itself
 # (editable, no dependencies of its own to resolve). A changed lock rebuilds the venv from scratch, so nothing
@@ -22,10 +22,16 @@ $(BIN)/.installed: $(LOCK) pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Regenerate the lock from pyproject.toml (after adding or moving a dependency); commit the result.
+# On a CUDA node: the lock plus the MegaBlocks expert backend (requirements/gpu.txt says why --no-deps).
+setup-gpu: setup
+	$(BIN)/pip install --require-hashes --no-deps --no-build-isolation -r requirements/gpu.txt
+	$(BIN)/python -m tml.tools.doctor
+
+# Regenerate the lock from pyproject.toml (after adding or moving a dependency); commit the result. Existing pins
+# are kept where they still satisfy pyproject.toml; LOCK_ARGS=--upgrade moves everything to the newest allowed.
 lock: setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.10 \
-		--custom-compile-command "make lock" -o $(LOCK)
+		--custom-compile-command "make lock" $(LOCK_ARGS) -o $(LOCK)
 
 doctor: setup
 	$(BIN)/python -m tml.tools.doctor

@@ -59,3 +59,13 @@ def test_doctor_passes_here_and_fails_on_another_torchaudio(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 1
     assert "torchaudio: locked 2.11.1, installed 2.11.0" in bad.stderr and "make setup" in bad.stderr
+
+
+def test_gpu_extras_are_checked_only_where_installed():
+    """requirements/gpu.txt (megablocks) is optional: absent is fine, installed must be the pinned version."""
+    have = installed()
+    assert not any(d.startswith("megablocks") for d in lock_differences(have=have))
+    gpu = {p.name: p.version for p in read_lock(LOCK_PATH.with_name("gpu.txt"))}
+    assert lock_differences(have={**have, "megablocks": gpu["megablocks"]}) == []
+    assert lock_differences(have={**have, "megablocks": "0.9.0"}) == [f"megablocks: locked {gpu['megablocks']}, "
+                                                                      "installed 0.9.0"]

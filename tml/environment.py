@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 
 LOCK_PATH = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+# Optional GPU-node additions (make setup-gpu): checked when installed, never required.
+GPU_LOCK_PATH = LOCK_PATH.with_name("gpu.txt")
 # Installed but never in a lock: the installer itself and the project (an editable install of this checkout).
 NOT_LOCKED = {"pip", "tml"}
 FIX = ("run `make setup` (rebuilds .venv from requirements/lock.txt), or in your own environment "
@@ -71,6 +73,8 @@ def lock_differences(path: Path = LOCK_PATH, have: dict[str, str] | None = None)
     """One line per package that differs from the lock: wrong version, missing, or installed but not locked."""
     want = locked_here(path)
     have = installed() if have is None else have
+    if GPU_LOCK_PATH.exists():  # GPU extras count as locked only where installed
+        want.update({n: v for n, v in locked_here(GPU_LOCK_PATH).items() if n in have})
     out = []
     for name, version in sorted(want.items()):
         if name not in have:

@@ -41,7 +41,7 @@ class MoEConfig:
     # Token dropping for comparison runs: each expert takes at most ceil(capacity_factor * tokens * top_k / E)
     # assignments (first come, first served in token order); the rest are dropped. 0 = dropless.
     capacity_factor: float = 0.0
-    expert_backend: str = "grouped_mm"  # grouped_mm (CPU and GPU) | megablocks (GPU; pip install tml[megablocks])
+    expert_backend: str = "grouped_mm"  # grouped_mm (CPU and GPU) | megablocks (GPU; make setup-gpu)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def require_megablocks() -> None:
         from grouped_gemm.ops import gmm  # noqa: F401
     except ImportError as e:
         raise ConfigError(f"model.moe.expert_backend=megablocks needs the optional MegaBlocks package ({e}); install "
-                          f"it on a CUDA machine with `pip install tml[megablocks]`, or set "
+                          f"it on a CUDA machine with `make setup-gpu` (requirements/gpu.txt), or set "
                           f"model.moe.expert_backend=grouped_mm") from None
 
 
