@@ -105,21 +105,29 @@ def test_activation_checkpointing_only_trades_memory(tmp_path):
 
 
 def test_checkpointed_model_has_the_same_gradients():
+    """Activation checkpointing recomputes each block in backward; the recompute must see the same packing padding
+    as the forward, so the balancing losses' gradients (switch, sequence-level, z) still skip padding. The batch has
+    padding at the end of both rows; the aux loss alone and the full loss are compared."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_model import TURN, make_batch
 
-    grads = []
-    for ckpt in (False, True):
+    batch = make_batch([[2], [1]], L=3 * TURN, vocab=128, seed=1)
+    assert (batch.doc_ids < 0).sum() == 3 * TURN  # one micro-turn of padding in row 0, two in row 1
+
+    def grads(ckpt: bool, loss) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128,
-                                             moe=MoEConfig(hidden_dim=64, num_experts=4), activation_checkpointing=ckpt))
-        batch = make_batch([[2, 1]], L=3 * TURN, vocab=128, seed=1)
-        out = model(batch)
-        (out.text_logits.square().mean() + out.audio_logits.square().mean() + out.aux_loss).backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+        model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, activation_checkpointing=ckpt,
+                                             moe=MoEConfig(hidden_dim=64, num_experts=4, aux_loss_coeff=0.5,
+                                                           seq_aux_loss_coeff=0.5, z_loss_coeff=0.1)))
+        loss(model(batch)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for loss in (lambda out: out.aux_loss,
+                 lambda out: out.text_logits.square().mean() + out.audio_logits.square().mean() + out.aux_loss):
+        plain, ckpt = grads(False, loss), grads(True, loss)
+        assert plain.keys() == ckpt.keys() and any(".gate." in n for n in plain)
+        for n in plain:
+            torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_plan_rejects_impossible_sharding_and_says_what_to_turn():

@@ -223,9 +223,7 @@ def test_group_limited_capacity_seq_loss_and_padding_match_loop(opts):
     valid = torch.ones(3, 5, dtype=torch.bool)
     valid[1, 3:] = False  # packing padding at the end of row 1 ...
     valid[2] = False  # ... and a row that is all padding
-    moe.token_mask = valid
-    out = moe(x)
-    assert moe.token_mask is None  # used once
+    out = moe(x, valid)
     assert_matches_reference(moe, x, out, torch.randn_like(out), lambda: reference_routing(moe, x, valid))
     assert int(moe.last_expert_counts.sum()) == int(valid.sum()) * moe.top_k
 

@@ -8,10 +8,11 @@ Parameter layout (fixed: DeepSpeed AutoEP and Hugging Face MoE checkpoints expec
       shared_experts  SwiGLU(dim, num_shared_experts * hidden)  optional, always on
     attributes num_experts, top_k
 
-``MoE.forward`` keeps the plain ``[B, T, dim] -> [B, T, dim]`` signature so AutoEP can swap the module for its
-expert-parallel layer; the step's router statistics are left on the module instead (``last_aux_loss``,
-``last_expert_counts``, ``last_router_terms``) and collected by the model, which also tells it which positions are
-packing padding (``token_mask``) so that padding never counts in balancing losses or load statistics.
+``MoE.forward(x, token_mask)`` returns only the ``[B, T, dim]`` output, like the expert-parallel layer AutoEP can swap
+in for it; the step's router statistics are left on the module instead (``last_aux_loss``, ``last_expert_counts``,
+``last_router_terms``) and collected by the model. ``token_mask`` (True = real token) is an argument, not state, so an
+activation-checkpointing recompute in backward sees the same packing padding as the forward: padding never counts in
+balancing losses or load statistics.
 
 Expert parallelism (``tml.parallel.expert``) keeps only this rank's ``num_experts / ep_size`` experts in
 ``experts`` and sends each token to its expert's rank with ``all_to_all_single`` (uneven splits).
@@ -84,6 +85,11 @@ def require_megablocks() -> None:
                           f"model.moe.expert_backend=grouped_mm") from None
 
 
+def _valid(shape: torch.Size, token_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """fp32 [B, T]: 1 for real tokens, 0 for packing padding (all 1 without a mask)."""
+    return torch.ones(shape, device=device) if token_mask is None else token_mask.to(device).float()
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` SwiGLU experts stored as 3-D weights, applied to tokens already sorted by expert."""
 
@@ -120,8 +126,7 @@ class GroupedExperts(nn.Module):
 class MoE(nn.Module):
     """Router + dropless grouped experts (+ optional shared expert). [B, T, dim] -> [B, T, dim].
 
-    Before a forward the caller may set ``token_mask`` (bool [B, T], True = real token); it is used once and cleared.
-    After each forward:
+    After each forward (``token_mask``: optional bool [B, T], True = real token; None = all real):
       last_aux_loss       scalar: the enabled balancing losses (switch, sequence-level, z-loss), times coefficients
       last_expert_counts  long [E]: real (unmasked) tokens routed to each expert, before any capacity dropping
                           (sums to real tokens * top_k)
@@ -147,7 +152,6 @@ class MoE(nn.Module):
         # Expert parallelism (set by tml.parallel.expert.shard_experts): experts live on ep_size ranks of ep_group.
         self.ep_group = None
         self.ep_size = 1
-        self.token_mask: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
         self.last_router_terms: torch.Tensor | None = None
@@ -225,12 +229,12 @@ class MoE(nn.Module):
         self.last_aux_loss, self.last_expert_counts = loss, counts
         self.last_router_terms = torch.stack(terms).detach()
 
-    def observe_router_logits(self, logits: torch.Tensor, shape: torch.Size) -> None:
+    def observe_router_logits(self, logits: torch.Tensor, shape: torch.Size,
+                              token_mask: torch.Tensor | None = None) -> None:
         """Set the router statistics (``last_aux_loss``, ``last_expert_counts``, ``last_router_terms``) from router
         logits [N, E] of a layer that replaced this one (DeepSpeed AutoEP routes the same way from the same gate
-        weights); ``shape`` is the input's [B, T, dim]."""
-        mask, self.token_mask = self.token_mask, None
-        valid = torch.ones(shape[:-1], device=logits.device) if mask is None else mask.to(logits.device).float()
+        weights); ``shape`` is the input's [B, T, dim], ``token_mask`` as in ``forward``."""
+        valid = _valid(shape[:-1], token_mask, logits.device)
         _, experts, probs, logits = self.route_logits(logits.float())
         E = self.num_experts
         self._set_router_stats(experts.view(*shape[:-1], self.top_k), probs.view(*shape[:-1], E),
@@ -296,15 +300,14 @@ class MoE(nn.Module):
         y = full.index_copy(0, order, y)  # back to (token, k) order
         return (y.view(-1, self.top_k, self.dim) * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim]."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, dim], token_mask: optional bool [B, T] (True = real token, False = packing padding) -> [B, T, dim]."""
         if (x.element_size() * self.dim) % 16 or (x.element_size() * self.hidden_dim) % 16:
             raise ConfigError(f"model.dim={self.dim} and model.moe.hidden_dim={self.hidden_dim} must be multiples of "
                               f"{16 // x.element_size()} for {x.dtype} activations: grouped_mm needs row strides "
                               f"that are multiples of 16 bytes")
         shape = x.shape
-        mask, self.token_mask = self.token_mask, None
-        valid = (torch.ones(shape[:-1], device=x.device) if mask is None else mask.to(x.device).float())
+        valid = _valid(shape[:-1], token_mask, x.device)
         x = x.reshape(-1, self.dim)
         weights, experts, probs, logits = self.route(x)
 

@@ -50,13 +50,16 @@ class Block(nn.Module):
         # own layer, this one still computes the routing statistics and balancing losses from the new router's logits.
         self.moe: list[MoE] = [self.mlp] if isinstance(self.mlp, MoE) else []
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, dim]; cos, sin: [B, 1, L, head_dim]; mask: bool [B, 1, L, L] -> [B, L, dim]."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, L, dim]; cos, sin: [B, 1, L, head_dim]; mask: bool [B, 1, L, L]; token_mask: optional bool [B, L]
+        (False = packing padding, kept out of the MoE's balancing losses and load counts) -> [B, L, dim]."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h = self.mlp_norm(x)
         if self.moe and self.mlp is not self.moe[0]:  # replaced by AutoEP (its router: ``router.gate``)
-            self.moe[0].observe_router_logits(self.mlp.router.gate(h.reshape(-1, h.shape[-1])), h.shape)
-        return x + self.mlp(h)
+            self.moe[0].observe_router_logits(self.mlp.router.gate(h.reshape(-1, h.shape[-1])), h.shape, token_mask)
+            return x + self.mlp(h)
+        return x + (self.mlp(h, token_mask) if self.moe else self.mlp(h))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                        cache: KVCache) -> torch.Tensor:
@@ -141,13 +144,12 @@ class InteractionModel(nn.Module):
         x = self.embed(batch)
         cos, sin = rope_cos_sin(batch.position_ids, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype)
         mask = batch.attention_mask()
-        for moe in self.moe_layers():  # routing statistics and balancing losses skip packing padding
-            moe.token_mask = batch.doc_ids >= 0
+        real = batch.doc_ids >= 0  # routing statistics and balancing losses skip packing padding
         for layer in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            if self.cfg.activation_checkpointing and self.training:  # the recompute gets the same arguments
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, real, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, real)
         h = self.norm(x)
         text_logits = self.text_head(h[batch.target_kind == Kind.TEXT])
         h_audio = h[batch.target_kind == Kind.AUDIO]
