@@ -14,8 +14,9 @@ index), which worker delivers next, and the micro-turn offset inside the first e
 rebuilt from it (same world size and num_workers) yields exactly the batches an uninterrupted one would have, and
 skips what was already read without decoding it.
 
-Bad input is skipped, counted by reason and named (shard, key, reason) in a warning: unreadable tar (the rest of
-that shard), unreadable audio or JSON, wrong sample rate (resampled, or rejected with ``resample=false``),
+Bad input is skipped, counted by reason and named (shard, key, reason) in a warning: a shard whose sha256 differs
+from manifest.json (``verify``; all its episodes), a shard that yields fewer episodes than manifest.json lists (the
+missing ones), unreadable tar (the rest of that shard), unreadable audio or JSON, wrong sample rate (resampled, or rejected with ``resample=false``),
 NaN/inf samples, empty or mis-timed text, streams of different lengths (``tml.data.checks``). More than
 ``max_bad_fraction`` bad samples (after at least ``min_samples_for_bad_fraction``) stops the run with a DataError.
 The loader only reads: nothing on disk is ever modified.
@@ -27,6 +28,7 @@ import json
 import logging
 import random
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -61,6 +63,11 @@ class LoaderConfig:
     min_samples_for_bad_fraction: int = 20  # judge the fraction only after this many samples
     resample: bool = True  # episodes at another sample rate: resample (true) or reject as bad (false)
     length_tolerance_s: float = 0.2  # allowed mismatch between stream lengths and the episode duration
+    # Shard integrity against manifest.json. Episode counts are always checked (a shard that ends early counts its
+    # lost episodes as bad). sha256: hash every shard at start and skip (count as bad) a shard whose hash differs;
+    # auto: sha256 when the shards total at most verify_auto_max_gb, else count only; count: counts only.
+    verify: str = "auto"  # auto | sha256 | count
+    verify_auto_max_gb: float = 2.0
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -83,20 +90,65 @@ def read_manifest(data_dir: str | Path) -> dict:
 
 @dataclass
 class BadSample:
-    """A skipped sample: where (shard:key) and why (a short reason code plus the message)."""
+    """Skipped samples: where (shard:key) and why (a short reason code plus the message); ``count`` > 1 when a
+    damaged shard loses several episodes at once."""
 
     where: str
     reason: str
     message: str
+    count: int = 1
+
+
+def verify_shards(data_dir: str | Path, manifest: dict, mode: str = "auto", auto_max_gb: float = 2.0
+                  ) -> dict[str, str]:
+    """Hash the shards against manifest.json's sha256 (per ``mode``, see ``LoaderConfig.verify``).
+
+    Returns {shard name: why it is damaged} for every shard whose hash differs; logs which mode ran."""
+    if mode not in ("auto", "sha256", "count"):
+        raise DataError(f"data.loader.verify={mode!r}: choose auto, sha256 or count")
+    shards = manifest["shards"]
+    if mode == "count":
+        return {}
+    data_dir = Path(data_dir)
+    unhashed = [s["name"] for s in shards if not s.get("sha256")]
+    if unhashed:
+        if mode == "sha256":
+            raise DataError(f"data.loader.verify=sha256 but {data_dir / 'manifest.json'} has no sha256 for "
+                            f"{unhashed[:5]}: regenerate the data set or set data.loader.verify=count")
+        return {}
+    total = sum((data_dir / s["name"]).stat().st_size for s in shards)
+    if mode == "auto" and total > auto_max_gb * 2**30:
+        log.info("data.loader.verify=auto: %d shards (%.1f GB) exceed verify_auto_max_gb=%.1f; checking episode "
+                 "counts only", len(shards), total / 2**30, auto_max_gb)
+        return {}
+    from tml.train.manifest import sha256
+
+    t0 = time.perf_counter()
+    damaged = {}
+    for s in shards:
+        got = sha256(data_dir / s["name"])
+        if got != s["sha256"]:
+            damaged[s["name"]] = (f"sha256 {got[:12]}... differs from manifest.json's {s['sha256'][:12]}... (the "
+                                  f"file changed or is damaged)")
+    log.info("verified sha256 of %d shards (%.1f MB) in %.1f s: %d damaged", len(shards), total / 2**20,
+             time.perf_counter() - t0, len(damaged))
+    for name, why in damaged.items():
+        log.warning("shard %s: %s; its %s episodes will be skipped and counted as bad", data_dir / name, why,
+                    next(s.get("episodes", "?") for s in shards if s["name"] == name))
+    return damaged
 
 
 class ShardEpisodeSource:
     """Episodes of one reader (rank x worker), in a deterministic order that can be re-entered at any
     (epoch, shard index, sample index)."""
 
-    def __init__(self, data_dir: str | Path, rank: int, world_size: int, seed: int, num_workers: int = 0):
+    def __init__(self, data_dir: str | Path, rank: int, world_size: int, seed: int, num_workers: int = 0,
+                 verify: str = "count", verify_auto_max_gb: float = 2.0):
         self.data_dir = Path(data_dir)
-        self.shards = [s["name"] for s in read_manifest(data_dir)["shards"]]
+        manifest = read_manifest(data_dir)
+        self.shards = [s["name"] for s in manifest["shards"]]
+        self.expected = {s["name"]: s.get("episodes") for s in manifest["shards"]}  # episodes per shard, if listed
+        self.damaged = verify_shards(data_dir, manifest, verify, verify_auto_max_gb)  # shard -> why
         self.workers = max(1, num_workers)
         readers = world_size * self.workers
         if len(self.shards) < readers:
@@ -119,6 +171,13 @@ class ShardEpisodeSource:
             good = 0
             for si in range(shard_i, len(shards)):
                 url = str(self.data_dir / shards[si])
+                expected = self.expected.get(shards[si])
+                if shards[si] in self.damaged:
+                    yield (epoch, si, 0), BadSample(url, "sha256_mismatch", f"shard {url}: "
+                                                    f"{self.damaged[shards[si]]}; all its {expected} episodes skipped",
+                                                    count=expected or 1)
+                    sample_i = 0
+                    continue
                 k, key = -1, None
                 try:
                     for k, sample in enumerate(wds.tarfile_samples([{"url": url}])):
@@ -134,8 +193,18 @@ class ShardEpisodeSource:
                         yield (epoch, si, k), episode
                 except (tarfile.TarError, OSError, ValueError, UnicodeDecodeError) as e:
                     after = f"after key {key}" if key is not None else "from the start"
+                    lost = max(1, expected - (k + 1)) if expected else 1
                     yield (epoch, si, k + 1), BadSample(f"{url} ({after})", "corrupt_tar",
-                                                        f"rest of shard {url} {after}: not readable as tar ({e})")
+                                                        f"rest of shard {url} {after}: not readable as tar ({e}); "
+                                                        f"{lost} episode(s) lost", count=lost)
+                else:
+                    # A tar damaged inside can also end early without an error: count against the manifest.
+                    if expected and k + 1 < expected:
+                        after = f"after key {key}" if key is not None else "from the start"
+                        yield (epoch, si, k + 1), BadSample(
+                            f"{url} ({after})", "missing_episodes",
+                            f"shard {url} ends {after} with {k + 1} of the {expected} episodes manifest.json lists: "
+                            f"{expected - k - 1} lost (the shard is damaged or truncated)", count=expected - k - 1)
                 sample_i = 0
             if good == 0 and start == (epoch, 0, 0):
                 raise DataError(f"reader {self.rank}/{worker} found no readable sample in a whole epoch of its shards "
@@ -191,7 +260,8 @@ class PackedBatchLoader:
         if cfg.num_workers < 0:
             raise DataError(f"data.loader.num_workers={cfg.num_workers}: must be >= 0")
         self.cfg, self.layout, self.dmel, self.text = cfg, layout, dmel, text
-        self.source = ShardEpisodeSource(data_dir, rank, world_size, cfg.seed, cfg.num_workers)
+        self.source = ShardEpisodeSource(data_dir, rank, world_size, cfg.seed, cfg.num_workers, cfg.verify,
+                                         cfg.verify_auto_max_gb)
         self.world_size = world_size
         W = self.source.workers
         # Resume state: per worker the next read position, which worker delivers next, counters.
@@ -260,9 +330,9 @@ class PackedBatchLoader:
             # state to resume from if this episode turns out to be the first of the next row.
             self._before_last = json.loads(json.dumps(dict(live, next_worker=w)))
             for b in skipped:
-                live["seen"] += 1
-                live["bad"] += 1
-                live["bad_by_reason"][b.reason] = live["bad_by_reason"].get(b.reason, 0) + 1
+                live["seen"] += b.count
+                live["bad"] += b.count
+                live["bad_by_reason"][b.reason] = live["bad_by_reason"].get(b.reason, 0) + b.count
                 self.bad_samples = (self.bad_samples + [b])[-100:]
                 log.warning("skipping %s [%s]: %s (bad samples so far: %d of %d)", b.where, b.reason, b.message,
                             live["bad"], live["seen"])

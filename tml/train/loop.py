@@ -32,7 +32,7 @@ from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, save_checkpoint,
                                   set_rng_state, universal_resume_tag)
 from tml.train.config import PretrainConfig, validate_config
-from tml.train.manifest import build_manifest, write_manifest
+from tml.train.manifest import build_manifest, record_data_quality, write_manifest
 from tml.train.metrics import MetricsLogger
 from tml.train.mfu import peak_flops_per_device
 from tml.train.signals import SignalFlag, StopRequested
@@ -136,7 +136,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     if is_main:
         (run_dir / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
-        write_manifest(run_dir, build_manifest(config_dict, cfg.data.path, manifest, dist.world_size))
+        run_manifest = build_manifest(config_dict, cfg.data.path, manifest, dist.world_size)
+        run_manifest["data"]["damaged_shards"] = loader.source.damaged  # sha256 check at start (data.loader.verify)
+        write_manifest(run_dir, run_manifest)
         print(f"tml pretrain: {counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), world {dist.world_size}, "
               f"layout {layout.describe()}, run dir {run_dir}", flush=True)
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, enabled=is_main, resume_step=step, max_steps=t.max_steps)
@@ -151,6 +153,14 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         save_checkpoint(engine, ckpt_dir, at_step, loader.state_dict(), dist.rank, dist.world_size,
                         nonfinite_skipped=skipped, keep_last=t.keep_last, keep_every=t.keep_every,
                         crash_after_files=t.fault.kill_in_save_at_step == at_step)
+
+    def close() -> None:
+        """Close the logger and put every rank's bad-sample counts into the run manifest."""
+        logger.close()
+        per_rank = [None] * dist.world_size
+        torch.distributed.all_gather_object(per_rank, {**loader.stats(), "bad_by_reason": loader.bad_by_reason})
+        if is_main:
+            record_data_quality(run_dir, per_rank)
 
     signals = SignalFlag()
     record: dict = {}
@@ -225,7 +235,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
                 logger.log_samples(step, out, batch, record, dmel)
         if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-            logger.close()
+            close()
             raise NonFiniteError(f"{nonfinite_in_a_row} steps in a row (up to step {step}) had a NaN/inf loss or "
                                  f"gradient (trainer.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last "
                                  f"good state is the checkpoint of step {saved_step} in {ckpt_dir}. Lower "
@@ -236,12 +246,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             save(step)
             saved_step = step
         if stop.item():
-            logger.close()
+            close()
             if is_main:
                 print(f"stopped by signal {stop.item()} at step {step}; checkpoint saved in {ckpt_dir}", flush=True)
             raise StopRequested(int(stop.item()), step)
     signals.restore()
-    logger.close()
+    close()
     return record
 
 

@@ -65,6 +65,24 @@ def build_manifest(config: dict, data_dir: str | Path, data_manifest: dict, worl
             "packages": versions, "environment": environment_facts(check_imports=False), "config": config, "data": data_provenance(data_dir, data_manifest)}
 
 
+def record_data_quality(run_dir: Path, per_rank: list[dict]) -> dict:
+    """Put the loaders' counters (``data/*`` stats plus ``bad_by_reason``, one dict per rank) summed over ranks into
+    ``manifest.json`` as ``data_quality``; returns the sums."""
+    total: dict = {"bad_by_reason": {}}
+    for r in per_rank:
+        for k, v in r.items():
+            if k == "bad_by_reason":
+                for reason, n in v.items():
+                    total["bad_by_reason"][reason] = total["bad_by_reason"].get(reason, 0) + n
+            else:
+                total[k] = total.get(k, 0) + v
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["data_quality"] = total
+    path.write_text(json.dumps(manifest, indent=2))
+    return total
+
+
 def write_manifest(run_dir: Path, manifest: dict) -> Path:
     """Write ``manifest.json``; a resumed run keeps the first one and appends itself to ``resumes``."""
     path = run_dir / "manifest.json"
