@@ -2,7 +2,9 @@
 
 `responder=model` (default) streams each held-out episode through the checkpoint's StreamingSession;
 `responder=untrained` uses the same architecture with random weights; `responder=silence_rule` is the
-silence-threshold baseline. Writes eval.json, latency histograms, timelines and stereo .wav files to the run dir.
+silence-threshold baseline (it says `silence_reply`, spoken by espeak-ng). Every metric reads the responder's speech
+activity as a listener's VAD hears it on the playback clock (`vad.method=silero`, default; `vad.method=logmel` is the
+mean-log-mel fallback). Writes eval.json, latency histograms, timelines and stereo .wav files to the run dir.
 """
 
 from dataclasses import dataclass, field
@@ -14,9 +16,11 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from data_prep.espeak import canned_reply
 from tml.eval.evaluate import SilenceRuleResponder, evaluate
 from tml.eval.loading import load_run, read_episodes
 from tml.eval.session import SessionConfig, StreamingSession
+from tml.eval.vad import VADConfig
 
 
 @dataclass
@@ -25,8 +29,11 @@ class EvaluateConfig:
     data_path: Optional[str] = None  # held-out episodes; None = the run's data.path
     episodes: int = 20  # the first N episodes of data_path
     responder: str = "model"  # model | untrained | silence_rule
-    threshold: float = -5.0  # mean log10-mel above which a 10 ms frame counts as speech
+    threshold: float = -5.0  # silence_rule: mean log10-mel above which a 10 ms user frame counts as speech
     silence_gap_s: float = 0.3  # silence_rule: user silence before it speaks
+    silence_reply: str = "okay, I hear you."  # silence_rule: what it says
+    realtime: bool = False  # true: place output as if compute were instantaneous (default: measured compute)
+    vad: VADConfig = field(default_factory=VADConfig)  # how a listener decides that the responder speaks
     session: SessionConfig = field(default_factory=SessionConfig)
 
 
@@ -41,11 +48,13 @@ def main(cfg) -> None:
     run = load_run(cfg.checkpoint, untrained=cfg.responder == "untrained")
     episodes = read_episodes(cfg.data_path or run.config.data.path, limit=cfg.episodes)
     if cfg.responder == "silence_rule":
-        make = lambda: SilenceRuleResponder(run.layout, run.dmel, cfg.silence_gap_s, threshold=cfg.threshold)  # noqa: E731
+        reply = canned_reply(cfg.silence_reply, run.dmel, run.text)
+        make = lambda: SilenceRuleResponder(run.layout, run.dmel, cfg.silence_gap_s, threshold=cfg.threshold,  # noqa: E731
+                                            text_pad_id=run.text.pad_id, reply=reply)
     else:
         make = lambda: StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id)  # noqa: E731
     result = evaluate(make, episodes, run.layout, run.dmel, run.text, Path(HydraConfig.get().runtime.output_dir),
-                      cfg.threshold)
+                      cfg.vad, realtime=cfg.realtime)
     print(OmegaConf.to_yaml(OmegaConf.create(result)), flush=True)
 
 

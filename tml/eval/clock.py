@@ -33,3 +33,20 @@ def playback_starts(n_turns: int, micro_turn_s: float, compute_s: list[float] | 
 def playback_delay_s(micro_turn_s: float) -> float:
     """The fixed delay of a real-time model: output of micro-turn t plays at (t + 1) * micro_turn_s."""
     return micro_turn_s
+
+
+def place_on_playback_clock(x, per_turn: int, starts: list[float], rate: float, total: int, fill: float = 0.0):
+    """What a listener hears: micro-turn t's slice ``x[t * per_turn : (t + 1) * per_turn]`` placed at ``starts[t]``
+    (``playback_starts``) on a track of ``total`` items at ``rate`` per second (wave samples: rate = sample rate;
+    mel frames: rate = 100). Items before the first output, or past ``total``, are ``fill`` / cut.
+
+    x: [T * per_turn, ...] -> [total, ...]
+    """
+    out = x.new_full((total, *x.shape[1:]), fill)
+    for t, start in enumerate(starts):
+        a = round(start * rate)
+        if a >= total:
+            break
+        piece = x[t * per_turn : (t + 1) * per_turn][: total - a]
+        out[a : a + piece.shape[0]] = piece
+    return out

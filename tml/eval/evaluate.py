@@ -3,19 +3,24 @@
 A *responder* is anything with ``step(MicroTurnInputs) -> MicroTurnOutputs``: a ``StreamingSession`` over a
 checkpoint (or an untrained model), or ``SilenceRuleResponder``, the classic baseline that starts talking after a
 fixed stretch of user silence. Each episode is replayed micro-turn by micro-turn (user audio, video frames and the
-recorded background results at their arrival times); the responder's own mel output gives its speech activity,
-its text gives answers, and ``tml.eval.duplex`` scores both against the episode's event labels.
+recorded background results at their arrival times). What the responder said is placed on the playback clock
+(``tml.eval.clock``: micro-turn t's output is heard from its playback start, one micro-turn after its input at the
+earliest, later when compute falls behind) and heard by a listener's VAD (``tml.eval.vad``: Silero by default on the
+vocoded audio; the mean-log-mel threshold on the mel itself as the documented fallback). That activity and the text
+are scored against the episode's event labels by ``tml.eval.duplex``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.duplex import DuplexLabels, MetricConfig, episode_metrics, speech_activity
+from tml.eval.clock import place_on_playback_clock, playback_starts
 from tml.eval.session import LiveLogMel, MicroTurnInputs, MicroTurnOutputs
+from tml.eval.vad import VADConfig, activity
 from tml.streams.episode import Episode
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
 from tml.text.tokenizer import TextTokenizer
@@ -58,18 +63,30 @@ def labels_from_events(events: list[dict], duration: float) -> DuplexLabels:
     return labels
 
 
+@dataclass
+class Reply:
+    """A canned reply for ``SilenceRuleResponder``: its speech as dMel bins [frames, n_mels] (e.g. an espeak phrase,
+    so that a listener's VAD hears speech) and its words as (frame offset, token ids) in the order spoken."""
+
+    bins: torch.Tensor
+    words: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
 class SilenceRuleResponder:
     """Baseline: after the user has spoken, once their audio has been silent for ``gap_s``, speak for ``speak_s``.
 
-    Activity is the user's mean log-mel per 10 ms frame above ``threshold``; the rule runs at frame resolution
-    inside each micro-turn, on the same clock as a model's output. Its "speech" is a constant mid-range dMel frame.
+    Activity is the user's mean log-mel per 10 ms frame above ``threshold`` (the rule's own energy detector); the
+    rule runs at frame resolution inside each micro-turn, on the same clock as a model's output. Without ``reply``
+    its "speech" is a constant mid-range dMel frame (a hum no VAD calls speech: only the log-mel fallback hears
+    it); with ``reply`` it says that phrase instead (``speak_s`` is then the phrase's length) and writes its words
+    on the text stream in the micro-turn where each starts (spilling to the next micro-turn when the slots are full).
     """
 
     def __init__(self, layout: MicroTurnLayout, dmel: DMelTokenizer, gap_s: float = 0.3, speak_s: float = 1.0,
-                 threshold: float = -5.0, text_pad_id: int = 0):
-        self.layout, self.dmel = layout, dmel
+                 threshold: float = -5.0, text_pad_id: int = 0, reply: Reply | None = None):
+        self.layout, self.dmel, self.reply = layout, dmel, reply
         self.gap = round(gap_s * 1000 / layout.cfg.mel_hop_ms)
-        self.speak = round(speak_s * 1000 / layout.cfg.mel_hop_ms)
+        self.speak = round(speak_s * 1000 / layout.cfg.mel_hop_ms) if reply is None else reply.bins.shape[0]
         self.threshold, self.pad_id = threshold, text_pad_id
         self.live_mel = LiveLogMel(layout, dmel)
         self.user_spoke = False
@@ -77,11 +94,12 @@ class SilenceRuleResponder:
         self.speaking_left = 0
         self.turn = 0
         self.voice = torch.full((layout.cfg.n_mels,), layout.cfg.dmel_bins * 3 // 4, dtype=torch.long)
+        self.text_queue: list[int] = []
 
     def step(self, inputs: MicroTurnInputs) -> MicroTurnOutputs:
         F, C = self.layout.frames_per_turn, self.layout.cfg.n_mels
         user_active = speech_activity(self.live_mel(inputs.user_audio), self.threshold)
-        bins = torch.zeros(F, C, dtype=torch.long)
+        bins = self.dmel.silence_bins(F) if self.reply is not None else torch.zeros(F, C, dtype=torch.long)
         for f in range(F):
             if user_active[f]:
                 self.user_spoke, self.silent_run, self.speaking_left = True, 0, 0
@@ -90,10 +108,17 @@ class SilenceRuleResponder:
                 if self.user_spoke and self.silent_run == self.gap:
                     self.speaking_left, self.user_spoke = self.speak, False
             if self.speaking_left > 0:
-                bins[f] = self.voice
+                if self.reply is None:
+                    bins[f] = self.voice
+                else:
+                    k = self.speak - self.speaking_left  # frame of the reply
+                    bins[f] = self.reply.bins[k]
+                    self.text_queue += [i for at, ids in self.reply.words if at == k for i in ids]
                 self.speaking_left -= 1
         slots = self.layout.count(Stream.MODEL, Kind.TEXT)
-        out = MicroTurnOutputs(turn=self.turn, text_ids=[self.pad_id] * slots, audio_bins=bins,
+        text_ids = (self.text_queue[:slots] + [self.pad_id] * slots)[:slots]
+        self.text_queue = self.text_queue[slots:]
+        out = MicroTurnOutputs(turn=self.turn, text_ids=text_ids, audio_bins=bins,
                                mel=self.dmel.decode(bins), wave=None, text_logits=torch.zeros(0), audio_logits=None,
                                background_ids=[], compute_s=0.0)
         self.turn += 1
@@ -137,21 +162,54 @@ def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMel
                       said, times)
 
 
-def score_episode(run: EpisodeRun, episode: Episode, threshold: float = -5.0,
-                  cfg: MetricConfig | None = None) -> dict:
+def heard_model_side(run: EpisodeRun, layout: MicroTurnLayout, dmel: DMelTokenizer, vocoder=None,
+                     realtime: bool = False, wave: bool = True) -> torch.Tensor:
+    """What a listener hears of the responder: its audio placed on the playback clock (``tml.eval.clock``), with the
+    measured compute per micro-turn (``realtime=True``: as if compute were instantaneous). ``wave=True``: float
+    [samples] through ``vocoder`` (default Griffin-Lim); ``wave=False``: its log-mel [frames, n_mels] (silence at
+    the log floor before the first output). Same length as the user side."""
+    cfg = layout.cfg
+    T = len(run.compute_s)
+    starts = playback_starts(T, cfg.micro_turn_ms / 1000, None if realtime else run.compute_s)
+    if not wave:
+        floor = dmel.decode(dmel.silence_bins(1))[0].min().item()
+        return place_on_playback_clock(run.model_mel, layout.frames_per_turn, starts, 1000 / cfg.mel_hop_ms,
+                                       run.user_mel.shape[0], fill=floor)
+    samples = dmel.to_wave(run.model_mel, vocoder)
+    samples = torch.nn.functional.pad(samples, (0, max(0, T * layout.samples_per_turn - samples.numel())))
+    return place_on_playback_clock(samples, layout.samples_per_turn, starts, cfg.sample_rate,
+                                   T * layout.samples_per_turn)
+
+
+def model_activity(run: EpisodeRun, layout: MicroTurnLayout, dmel: DMelTokenizer, vad: VADConfig | None = None,
+                   vocoder=None, realtime: bool = False) -> torch.Tensor:
+    """bool [frames] on the 10 ms mel clock: where a listener's VAD hears the responder speak (``heard_model_side``
+    through ``tml.eval.vad``; the log-mel fallback reads the placed mel directly, no vocoder)."""
+    vad = (vad or VADConfig()).validate()
+    n = run.user_mel.shape[0]
+    if vad.method == "logmel":
+        return speech_activity(heard_model_side(run, layout, dmel, vocoder, realtime, wave=False), vad.logmel_threshold)
+    heard = heard_model_side(run, layout, dmel, vocoder, realtime)
+    return activity(heard, layout.cfg.sample_rate, layout.cfg.mel_hop_ms / 1000, vad, n_frames=n)
+
+
+def score_episode(run: EpisodeRun, episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer,
+                  vad: VADConfig | None = None, cfg: MetricConfig | None = None, vocoder=None,
+                  realtime: bool = False) -> dict:
+    """Duplex metrics of one replayed episode, with the responder's activity as a listener's VAD hears it."""
     labels = labels_from_events(episode.meta.get("events", []), episode.duration)
-    return episode_metrics(labels, speech_activity(run.model_mel, threshold), run.text_by_time, cfg)
+    return episode_metrics(labels, model_activity(run, layout, dmel, vad, vocoder, realtime), run.text_by_time, cfg)
 
 
-def plot_timeline(path, run: EpisodeRun, episode: Episode, threshold: float = -5.0, hop_s: float = 0.01) -> None:
-    """Both streams' speech activity over time, with the episode's labelled events."""
+def plot_timeline(path, run: EpisodeRun, episode: Episode, user_active: torch.Tensor, model_active: torch.Tensor,
+                  hop_s: float = 0.01) -> None:
+    """Both streams' speech activity (bool [frames] on the ``hop_s`` clock) over time, with the labelled events."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    user = speech_activity(run.user_mel, threshold).float()
-    model = speech_activity(run.model_mel, threshold).float()
+    user, model = user_active.float(), model_active.float()
     t = torch.arange(user.numel()) * hop_s
     fig, ax = plt.subplots(figsize=(12, 2.6))
     ax.fill_between(t, 1.1, 1.1 + 0.8 * user, step="post", color="tab:blue", label="user speech")
@@ -180,7 +238,8 @@ def plot_latencies(path, per_episode: list[dict]) -> None:
     for ax, key, title in ((axes[0], "latency", "turn-taking latency (s)"),
                            (axes[1], "stop_latency", "interruption stop latency (s)")):
         xs = [x for ep in per_episode for x in ep[key]]
-        ax.hist(xs, bins=20, color="tab:orange")
+        spread = max(xs) - min(xs) if xs else 0.0
+        ax.hist(xs, bins=20 if spread > 1e-6 else 1, color="tab:orange")  # equal values up to rounding: one bin
         ax.set_title(f"{title}, n={len(xs)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -188,10 +247,11 @@ def plot_latencies(path, per_episode: list[dict]) -> None:
 
 
 def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
-             text: TextTokenizer, out_dir, threshold: float = -5.0, n_wavs: int = 3, n_timelines: int = 4,
-             vocoder=None) -> dict:
+             text: TextTokenizer, out_dir, vad: VADConfig | None = None, n_wavs: int = 3, n_timelines: int = 4,
+             vocoder=None, realtime: bool = False) -> dict:
     """Run a fresh responder (``make_responder()``) on every episode; write ``eval.json``, latency histograms,
-    per-episode timelines and a few stereo .wav files (user left, responder right) into ``out_dir``."""
+    per-episode timelines and a few stereo .wav files (user left, responder right, as heard on the playback clock)
+    into ``out_dir``. Activity: ``vad`` (Silero by default), see ``model_activity``."""
     import json
     from pathlib import Path
 
@@ -200,22 +260,29 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    vad = (vad or VADConfig()).validate()
+    hop_s = layout.cfg.mel_hop_ms / 1000
     per_episode, compute = [], []
     for i, episode in enumerate(episodes):
         run = run_episode(make_responder(), episode, layout, dmel, text)
-        m = score_episode(run, episode, threshold)
+        model_active = model_activity(run, layout, dmel, vad, vocoder, realtime)
+        labels = labels_from_events(episode.meta.get("events", []), episode.duration)
+        m = episode_metrics(labels, model_active, run.text_by_time)
         per_episode.append(m)
         compute += run.compute_s
         if i < n_timelines:
-            plot_timeline(out_dir / f"timeline_{episode.key}.png", run, episode, threshold)
+            user = episode.audio["user"]
+            user_active = activity(user, episode.sample_rate, hop_s, vad, n_frames=run.user_mel.shape[0])
+            plot_timeline(out_dir / f"timeline_{episode.key}.png", run, episode, user_active, model_active, hop_s)
         if i < n_wavs:
-            mine = dmel.to_wave(run.model_mel, vocoder)
+            mine = heard_model_side(run, layout, dmel, vocoder, realtime)
             user = episode.audio["user"]
             n = min(user.numel(), mine.numel())
             write_wav(out_dir / f"dialogue_{episode.key}.wav", torch.stack([user[:n], mine[:n]]), dmel.cfg.sample_rate)
     plot_latencies(out_dir / "latencies.png", per_episode)
     result = aggregate(per_episode)
     result["episodes"] = len(episodes)
+    result["activity"] = vad.method
     result["compute_ms_per_micro_turn"] = 1000 * sum(compute) / max(len(compute), 1)
     (out_dir / "eval.json").write_text(json.dumps({"metrics": result, "per_episode": per_episode}, indent=2))
     return result
