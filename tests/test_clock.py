@@ -31,3 +31,15 @@ def test_place_on_playback_clock_by_hand():
     # the slow schedule of the test above (starts 0.25, 0.75, 0.95 s) at 20 items/s: items 5, 15, 19
     out = place_on_playback_clock(x, 2, [0.25, 0.75, 0.95], 20, 22)
     assert out.nonzero().flatten().tolist() == [5, 6, 15, 16, 19, 20]
+
+
+def test_the_incremental_clock_reports_the_lag_behind_real_time():
+    from tml.eval.clock import PlaybackClock
+
+    clock = PlaybackClock(0.2)  # the same hand-worked schedule as above, one micro-turn at a time
+    lags = []
+    for c in [0.05, 0.35, 0.05, 0.05]:
+        clock.add(c)
+        lags.append(clock.lag_s)
+    assert lags == pytest.approx([0.05, 0.35, 0.35, 0.35])  # 0.25-0.2, 0.75-0.4, 0.95-0.6, 1.15-0.8
+

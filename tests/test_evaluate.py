@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import ROOT
-from handmade import write_dataset
 from tml.audio.dmel import DMelTokenizer
 from tml.audio.wav import read_wav, write_wav
 from tml.eval.evaluate import SilenceRuleResponder, evaluate, labels_from_events
@@ -73,14 +72,9 @@ def test_silence_rule_latencies_equal_the_hand_computation(tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
 
-def test_evaluate_recipe_on_a_real_checkpoint(tmp_path):
-    data = write_dataset(tmp_path / "data", 4, 2)
+def test_evaluate_recipe_on_a_real_checkpoint(tmp_path, tiny_run):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "recipes/pretrain.py", f"data.path={data}", f"hydra.run.dir={run}",
-                    "trainer.max_steps=2", "logger=none", "model.dim=64", "model.n_layers=1", "model.moe.hidden_dim=64",
-                    "model.moe.num_experts=4", "data.loader.seq_len=200"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=600)
+    run = tiny_run
     for responder in ("model", "silence_rule"):
         out = tmp_path / f"eval_{responder}"
         proc = subprocess.run([sys.executable, "recipes/evaluate.py", f"checkpoint={run}", f"responder={responder}",

@@ -14,6 +14,7 @@ plugs in as any callable with the same signature.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -53,3 +54,38 @@ class GriffinLimVocoder:
             torch.random.set_rng_state(state)
         peak = wave.abs().max()
         return wave / peak if peak > 1.0 else wave  # least squares can overshoot; never clip when writing PCM
+
+
+class StreamingVocoder:
+    """A vocoder run one micro-turn at a time, for live playback: each call turns the micro-turn's log-mel
+    [frames, n_mels] into exactly ``frames * hop_length`` samples that join the previous call's without a gap.
+
+    Each call vocodes ``context`` frames of history plus the new frames (a frame-level vocoder like Griffin-Lim
+    needs the neighbours of a frame to place it) and keeps the samples from the centre of the last history frame
+    to the centre of the last new frame, so consecutive chunks tile the timeline; ``overlap`` samples are held back
+    and cross-faded with the next chunk's, which hides the phase jump between independently vocoded chunks. The
+    output therefore lags the frames by one hop plus ``overlap`` samples (20 ms with the defaults); the first call
+    starts from silent history (the log-mel floor).
+    """
+
+    def __init__(self, vocoder: Vocoder, cfg: DMelConfig | None = None, context: int = 4, overlap: int = 160):
+        cfg = cfg or DMelConfig()
+        if context < 1 or not 0 <= overlap <= cfg.hop_length * (context - 1):
+            raise ValueError(f"StreamingVocoder needs context >= 1 frame and 0 <= overlap <= (context - 1) * hop "
+                             f"({cfg.hop_length * (context - 1)} samples); got context={context}, overlap={overlap}")
+        self.vocoder, self.hop, self.context, self.overlap = vocoder, cfg.hop_length, context, overlap
+        self.history = torch.full((context, cfg.n_mels), math.log10(cfg.eps))
+        self.held = torch.zeros(overlap)  # the previous chunk's last samples, not yet emitted
+        self.fade_in = torch.linspace(0.0, 1.0, overlap + 2)[1:-1]
+
+    def __call__(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """log-mel [frames, n_mels] -> wave [frames * hop_length]."""
+        frames = log_mel.shape[0]
+        wave = self.vocoder(torch.cat([self.history, log_mel.float()]))  # [(context + frames - 1) * hop]
+        self.history = torch.cat([self.history, log_mel.float()])[-self.context:]
+        o = self.overlap
+        new = wave[(self.context - 1) * self.hop - o:]  # the overlap region, then this chunk's frames * hop samples
+        mixed = self.held * (1 - self.fade_in) + new[:o] * self.fade_in
+        out = torch.cat([mixed, new[o:]])
+        self.held = out[out.numel() - o:].clone()
+        return out[: frames * self.hop]
