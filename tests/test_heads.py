@@ -14,7 +14,7 @@ from test_model import TURN, make_batch, tiny_cfg
 from tml.model import (FlowHead, FlowHeadConfig, HeadsConfig, InteractionModel, ModelConfig, compute_losses,
                        bins_to_unit, unit_to_bins)
 from tml.model.heads import DMelHead
-from tml.model.sampling import SamplingConfig, sample_audio, sample_logits
+from tml.model.sampling import SamplingConfig, sample_logits
 from tml.streams.layout import ConfigError, Kind, Stream
 
 NB = 16
@@ -41,7 +41,7 @@ def test_flow_head_samples_both_modes_where_mse_head_averages():
     head.eval()
     for k in range(K):
         c = conds[k].expand(1000, -1)
-        flow = unit_to_bins(head.sample(c, steps=16, generator=torch.Generator().manual_seed(2)).view(-1, 2), NB)
+        flow = unit_to_bins(head.integrate(c, steps=16, generator=torch.Generator().manual_seed(2)).view(-1, 2), NB)
         avg = unit_to_bins(mse(c).detach(), NB)
         near = lambda b, j: float(((b - modes[k, j]).abs().max(-1).values <= 1).float().mean())  # noqa: E731
         mid = modes[k].float().mean(0)
@@ -78,7 +78,7 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample_logits(logits, temperature=0.0), logits.argmax(-1))
     head = DMelHead(8, 4, 80, NB)
     h = torch.randn(3, 8)
-    unit = sample_audio(head, h, SamplingConfig(audio_temperature=0.0))
+    unit = head.sample(h, SamplingConfig(floor="none", audio_temperature=0.0))
     assert torch.equal(unit_to_bins(unit, NB), head(h).argmax(-1))
 
 
@@ -132,7 +132,7 @@ def test_flow_sampling_solvers_and_guidance():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.05)
     c = torch.randn(5, 16)
-    draw = lambda **kw: head.sample(c, generator=torch.Generator().manual_seed(3), **kw)  # noqa: E731
+    draw = lambda **kw: head.integrate(c, generator=torch.Generator().manual_seed(3), **kw)  # noqa: E731
     assert draw(steps=4, solver="euler").shape == (5, 4, 80)
     # Euler and midpoint converge to the same ODE solution as steps grow; midpoint converges faster.
     exact = draw(steps=256, solver="midpoint")
@@ -140,15 +140,15 @@ def test_flow_sampling_solvers_and_guidance():
     assert err["midpoint"] < err["euler"], err
     torch.testing.assert_close(draw(guidance=1.0), draw(guidance=1.0))  # deterministic given the generator
     # temperature 0 starts every sample at the origin: the same output whatever the generator draws
-    torch.testing.assert_close(draw(temperature=0.0), head.sample(c, generator=torch.Generator().manual_seed(9),
+    torch.testing.assert_close(draw(temperature=0.0), head.integrate(c, generator=torch.Generator().manual_seed(9),
                                                                   temperature=0.0))
     assert draw(temperature=0.5).std() < draw(temperature=1.0).std()
     assert not torch.allclose(draw(guidance=3.0), draw(guidance=1.0))
     no_null = FlowHead(16, 4, 80, NB, FlowHeadConfig(hidden_dim=32, n_layers=1, cond_dropout=0.0))
     with pytest.raises(ValueError, match="cond_dropout"):
-        no_null.sample(c, guidance=2.0)
+        no_null.integrate(c, guidance=2.0)
     with pytest.raises(ValueError, match="flow_solver"):
-        head.sample(c, solver="rk4")
+        head.integrate(c, solver="rk4")
 
 
 @pytest.mark.parametrize("audio", ["dmel", "flow"])
@@ -164,7 +164,7 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     b = make_batch([[3]], L=3 * TURN, vocab=128, seed=4, empty_text=0.0)
     tok = EpisodeTokens("ep", 3, b.kind[0], b.stream[0], b.micro_turn[0], b.text_ids[0], b.audio_bins, b.patches,
                         b.patch_rc)
-    cfg = SamplingConfig(text_temperature=0.0, audio_temperature=0.0, flow_steps=4, seed=7)
+    cfg = SamplingConfig(floor="none", text_temperature=0.0, audio_temperature=0.0, flow_steps=4, seed=7)
     g = generate_model_side(model, tok, cfg)
     model_pos = b.stream[0] == Stream.MODEL
     inputs = ~model_pos
@@ -184,7 +184,7 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
         assert torch.equal(model.audio_head(h).argmax(-1), g.audio_bins[model_pos[is_audio]])
     else:  # the same noise draws, in the same order, one position at a time
         gen = torch.Generator().manual_seed(7)
-        want = torch.cat([model.audio_head.sample(h[i:i + 1], 4, "midpoint", 1.0, gen) for i in range(len(h))])
+        want = torch.cat([model.audio_head.integrate(h[i:i + 1], 4, "midpoint", 1.0, gen) for i in range(len(h))])
         torch.testing.assert_close(want, g.model_audio_unit, atol=1e-5, rtol=1e-5)
 
 

@@ -33,7 +33,7 @@ from tml.audio.plot import plot_mels
 from tml.eval.loading import load_run, read_episodes
 from tml.model import compute_losses
 from tml.model.generate import generate_model_side
-from tml.model.sampling import SamplingConfig, sample_audio
+from tml.model.sampling import SamplingConfig
 from tml.streams import Kind, Stream
 from tml.streams.interleave import interleave
 from tml.streams.pack import collate
@@ -70,7 +70,7 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
         h_audio = out_tf.hidden[batch.target_kind == Kind.AUDIO]
         gen = torch.Generator().manual_seed(cfg.sampling.seed)
         # Every model audio position is a target (of the slot before it), so these are in time order.
-        one_step = dmel.unit_to_log_mel(sample_audio(model.audio_head, h_audio, cfg.sampling, gen)).flatten(0, 1)
+        one_step = dmel.unit_to_log_mel(model.audio_head.sample(h_audio, cfg.sampling, gen)).flatten(0, 1)
 
     model_pos = (tok.stream == Stream.MODEL) & (tok.kind == Kind.AUDIO)
     ref_bins = tok.audio_bins[model_pos[tok.kind == Kind.AUDIO]]  # [T * audio slots, S, C] in time order
@@ -97,7 +97,7 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
 
     # 2. Free-running on the model side.
     if cfg.generate:
-        g = generate_model_side(model, tok, cfg.sampling)
+        g = generate_model_side(model, tok, cfg.sampling, text.pad_id)
         gen_mel = dmel.unit_to_log_mel(g.model_audio_unit).flatten(0, 1)
         metrics["generated_vs_reference"] = gm = compare(gen_mel)
         panels.append(("generated model", gen_mel))

@@ -25,21 +25,18 @@ from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
 from tml.model.attention import KVCache
-from tml.model.heads import FlowHead, unit_to_bins
-from tml.model.sampling import SamplingConfig, sample_logits
+from tml.model.heads import DMelHead, unit_to_bins
+from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
 from tml.vision.patches import frame_to_patches
 
 
-def _greedy() -> SamplingConfig:
-    return SamplingConfig(text_temperature=0.0, audio_temperature=0.0)
-
-
 @dataclass
 class SessionConfig:
     cache_window: int = 0  # positions each query may attend to (0 = the whole session)
-    sampling: SamplingConfig = field(default_factory=_greedy)  # how text and audio are drawn (greedy by default)
+    # how text and audio are drawn: by default a sampled speak/silent decision, then greedy content
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
@@ -176,35 +173,35 @@ class StreamingSession:
                           torch.cat(patches) if patches else torch.zeros(0, P, P, 3, dtype=torch.uint8),
                           torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long))[-1]
 
-        # Output slots, one position at a time: predict from h, feed the payload back, get the next h.
+        # Output slots, one position at a time: predict from h, feed the payload back, get the next h. Every draw
+        # is the head's own ``sample`` (floor decision, then content) on the session's seeded generator.
         out_text, out_audio, out_mel, text_logits, audio_logits = [], [], [], [], []
-        sc, flow = self.cfg.sampling, isinstance(self.model.audio_head, FlowHead)
+        sc, head = self.cfg.sampling, self.model.audio_head
         forced_text = list(force["text"]) if force else None
         forced_audio = force["audio"].view(-1, S, C) if force else None
         outputs = [(s.kind, s.stream) for s in lay.slots if s.stream == Stream.MODEL for _ in range(s.count)]
         for i, (k, st) in enumerate(outputs):
             if k == Kind.TEXT:
-                logits = self.model.text_head(h[None])[0]
-                tid = int(sample_logits(logits, sc.text_temperature, sc.text_top_p, self.generator))
+                logits = self.model.text_head(h[None])
+                tid = int(self.model.text_head.sample(h[None], sc, self.generator, self.pad_id, logits)[0])
                 tid = forced_text[len(out_text)] if forced_text is not None else tid
-                text_logits.append(logits)
+                text_logits.append(logits[0])
                 out_text.append(tid)
                 payload = dict(text_ids=[tid], audio_bins=torch.zeros(0, S, C, dtype=torch.long))
             else:
-                if flow:  # continuous log-mel sample; it feeds back quantised, like real audio
-                    unit = self.model.audio_head.sample(h[None], sc.flow_steps, sc.flow_solver, sc.guidance,
-                                                        self.generator)[0]
-                    bins = unit_to_bins(unit, self.model.cfg.dmel_bins)
-                    mel = self.dmel.unit_to_log_mel(unit)
-                else:
-                    logits = self.model.audio_head(h[None])[0]  # [S, C, bins]
-                    bins = sample_logits(logits, sc.audio_temperature, sc.audio_top_p, self.generator)
-                    audio_logits.append(logits)
-                    mel = None
+                if isinstance(head, DMelHead):
+                    logits = head(h[None])  # [1, S, C, bins]
+                    bins = unit_to_bins(head.sample(h[None], sc, self.generator, logits)[0], head.bins)
+                    mel = self.dmel.decode(bins)  # bin centres (also with per-channel ranges)
+                    audio_logits.append(logits[0])
+                else:  # flow: a continuous log-mel sample; it feeds back quantised, like real audio
+                    unit = head.sample(h[None], sc, self.generator)[0]
+                    bins, mel = unit_to_bins(unit, head.bins), self.dmel.unit_to_log_mel(unit)
                 if forced_audio is not None:
-                    bins, mel = forced_audio[len(out_audio)], None
+                    bins = forced_audio[len(out_audio)]
+                    mel = self.dmel.decode(bins)
                 out_audio.append(bins)
-                out_mel.append(self.dmel.decode(bins) if mel is None else mel)
+                out_mel.append(mel)
                 payload = dict(text_ids=[0], audio_bins=bins[None])
             h = self._forward([int(k)], [int(st)], payload["text_ids"], payload["audio_bins"],
                               torch.zeros(0, P, P, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))[-1]

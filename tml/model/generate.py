@@ -1,8 +1,8 @@
 """Let the model speak its side of a recorded episode: teacher-forced on every input stream, free on its own.
 
 Walk the episode's positions in order. Input positions (user audio, video, background text) keep the recording's
-payload; at every MODEL-stream text or audio position the hidden state of the position before it is sampled
-(``tml.model.sampling``) and the sample becomes that position's payload, so later positions read what the model
+payload; at every MODEL-stream text or audio position the hidden state of the position before it is sampled by
+the head's own ``sample`` (floor decision, then content: ``tml.model.sampling``) and the sample becomes that position's payload, so later positions read what the model
 wrote. Audio feeds back through the dMel bag, i.e. quantised to bins, the same path as real audio; the continuous
 unit coordinates (the flow head's samples, or bin centres) are kept for listening.
 
@@ -18,7 +18,7 @@ import torch
 
 from tml.model.attention import KVCache
 from tml.model.heads import unit_to_bins
-from tml.model.sampling import SamplingConfig, sample_audio, sample_logits
+from tml.model.sampling import SamplingConfig
 from tml.model.transformer import InteractionModel
 from tml.streams.batch import IGNORE_INDEX, Batch
 from tml.streams.interleave import EpisodeTokens
@@ -59,10 +59,12 @@ def span_batch(tok: EpisodeTokens, a: int, b: int, text_ids: torch.Tensor, audio
 
 
 @torch.no_grad()
-def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: SamplingConfig) -> Generation:
-    """Generate every MODEL text/audio position of ``tok`` (see module docstring). The model is put in eval mode."""
+def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: SamplingConfig,
+                        text_pad_id: int = 0) -> Generation:
+    """Generate every MODEL text/audio position of ``tok`` (see module docstring) with the generator seeded by
+    ``cfg.seed``. The model is put in eval mode."""
     model.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.validate().seed)
     device = next(model.parameters()).device
     text_ids, audio_bins = tok.text_ids.clone(), tok.audio_bins.clone()
     audio_row = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1  # row of audio_bins of each AUDIO position
@@ -75,9 +77,9 @@ def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: Sampli
         h = model.forward_cached(span_batch(tok, fed, q, text_ids, audio_bins).to(device), caches, fed)[0, -1:]
         fed = q
         if tok.kind[q] == Kind.TEXT:
-            text_ids[q] = sample_logits(model.text_head(h), cfg.text_temperature, cfg.text_top_p, gen).cpu()[0]
+            text_ids[q] = model.text_head.sample(h, cfg, gen, text_pad_id).cpu()[0]
         else:
-            unit = sample_audio(model.audio_head, h, cfg, gen).float().cpu()
+            unit = model.audio_head.sample(h, cfg, gen).float().cpu()
             audio_bins[audio_row[q]] = unit_to_bins(unit[0], model.cfg.dmel_bins)
             units.append(unit[0])
     S, C = tok.audio_bins.shape[1:]

@@ -4,6 +4,9 @@ Audio values shared by both audio heads: a *unit coordinate* ``y`` in [-1, 1] th
 ``y = 2 * (bin + u) / bins - 1`` with ``u`` in [0, 1) the position inside the bin. So ``y`` is a normalised clipped
 log-mel (``log_min + (y + 1) / 2 * (log_max - log_min)``), bin ``k``'s centre is ``u = 0.5``, and quantising ``y``
 gives back the bin the dMel bag reads. The model needs no knowledge of the log-mel range.
+
+Every head draws its output with ``sample(h, cfg, generator)`` (``tml.model.sampling.SamplingConfig``): first the
+floor decision (speak or stay silent), then the content given speech. See each head's ``sample``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tml.model.config import FlowHeadConfig
+from tml.model.sampling import SamplingConfig, decide_floor, sample_logits
+
+# The dMel bin of silence: digital silence (log10 eps = -10) and everything below the kept range's floor clip to the
+# lowest bin (``tml.audio.dmel``), so a silent audio position is all bins 0.
+SILENT_BIN = 0
 
 
 def bins_to_unit(bins: torch.Tensor, n_bins: int, u: torch.Tensor | float = 0.5) -> torch.Tensor:
@@ -39,6 +47,25 @@ class TextHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h)
 
+    @torch.no_grad()
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+               pad_id: int = 0, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token for hidden states h [N, dim] -> long [N] (``pad_id`` = this slot stays empty).
+
+        Floor: write with probability P(not pad) = 1 - softmax(logits)[pad] (``cfg.floor``; the model's probability
+        as trained, no temperature), then the word among the non-pad tokens with ``text_temperature`` /
+        ``text_top_p`` (0 = greedy). ``floor="none"``: one draw over all tokens, pad included. ``logits`` [N, vocab]:
+        ``self(h)`` if the caller has it already.
+        """
+        logits = self(h) if logits is None else logits
+        if cfg.floor == "none":
+            return sample_logits(logits, cfg.text_temperature, cfg.text_top_p, generator)
+        p_speak = 1.0 - logits.float().softmax(-1)[:, pad_id]
+        speak = decide_floor(p_speak, cfg.floor, generator)
+        words = logits.float().index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
+        word = sample_logits(words, cfg.text_temperature, cfg.text_top_p, generator)
+        return torch.where(speak, word, torch.full_like(word, pad_id))
+
 
 class DMelHead(nn.Module):
     """Hidden [N, dim] -> dMel logits [N, frames, n_mels, bins]: an independent ``bins``-way classification per
@@ -57,6 +84,30 @@ class DMelHead(nn.Module):
         independent given the hidden state, so it is the sum of per-channel log-softmax entries."""
         logp = self(h).float().log_softmax(-1)
         return logp.gather(-1, bins.unsqueeze(-1)).squeeze(-1).sum((1, 2))
+
+    @torch.no_grad()
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+               logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels] at bin centres.
+
+        Floor: one speak/silent draw per 40 ms position (``cfg.floor``) from P(speak) = the mean over its frames and
+        channels of P(bin != SILENT_BIN); silent means every bin is SILENT_BIN. Given speech, each channel's bin comes
+        from its distribution with the silent positions' share taken out of the silent bin, i.e. P(b | speak) ~
+        max(P(b) - (1 - P(speak)) [b = SILENT_BIN], 0) (a channel that is quieter than the position on average keeps
+        some silent mass), drawn with ``audio_temperature`` / ``audio_top_p`` (0 = greedy). ``floor="none"``: every
+        channel's bin drawn from its full distribution. ``logits`` [N, frames, n_mels, bins]: ``self(h)`` if known.
+        """
+        logits = self(h) if logits is None else logits
+        if cfg.floor == "none":
+            return bins_to_unit(sample_logits(logits, cfg.audio_temperature, cfg.audio_top_p, generator), self.bins)
+        p = logits.float().softmax(-1)  # [N, S, C, bins]
+        p_silent_bin = p[..., SILENT_BIN]
+        p_speak = 1.0 - p_silent_bin.mean((1, 2))  # [N]
+        speak = decide_floor(p_speak, cfg.floor, generator)
+        given = p.clone()
+        given[..., SILENT_BIN] = (p_silent_bin - (1.0 - p_speak)[:, None, None]).clamp_min(0.0)
+        bins = sample_logits(given.log(), cfg.audio_temperature, cfg.audio_top_p, generator)
+        return bins_to_unit(torch.where(speak[:, None, None], bins, SILENT_BIN), self.bins)
 
 
 def _time_features(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -149,8 +200,20 @@ class FlowHead(nn.Module):
         return err.view(r, n).mean(0)
 
     @torch.no_grad()
-    def sample(self, c: torch.Tensor, steps: int = 16, solver: str = "midpoint", guidance: float = 1.0,
-               generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels]: the flow
+        integrated with ``flow_steps`` / ``flow_solver`` / ``guidance`` from noise scaled by ``flow_temperature``.
+
+        Floor: the flow head has no separate speak/silent probability. Its sample is a draw of the whole position
+        from the learned distribution, silence being one of its modes, so at ``flow_temperature`` 1 the decision is
+        sampled with the model's own probability whatever ``cfg.floor`` says; ``flow_temperature`` towards 0 is the
+        deterministic decoder (the path from the noise's mean), which misses low-probability onsets as argmax does.
+        """
+        return self.integrate(h, cfg.flow_steps, cfg.flow_solver, cfg.guidance, generator, cfg.flow_temperature)
+
+    @torch.no_grad()
+    def integrate(self, c: torch.Tensor, steps: int = 16, solver: str = "midpoint", guidance: float = 1.0,
+                  generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """Integrate the flow from noise for hidden states c [N, dim] -> unit coordinates [N, frames, n_mels].
 
         ``guidance`` 1 is the plain conditional flow; > 1 extrapolates away from the unconditional one (needs a

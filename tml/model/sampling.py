@@ -1,9 +1,20 @@
-"""Sampling the model's outputs: temperature / top-p for text and dMel logits, ODE steps and guidance for flow.
+"""How the model's outputs are drawn: the floor decision (speak or stay silent), then the content.
 
-    cfg = SamplingConfig(text_temperature=0.8, audio_top_p=0.9, flow_steps=16)
-    token = sample_logits(model.text_head(h), cfg.text_temperature, cfg.text_top_p, gen)   # [N]
-    unit = sample_audio(model.audio_head, h, cfg, gen)                                      # [N, frames, n_mels]
-    bins = unit_to_bins(unit, model.cfg.dmel_bins)          # what the dMel bag reads back as the next input
+Every output head has ``sample(h, cfg, generator)`` (``tml.model.heads``); the streaming session and free generation
+call only that, so every field below reaches every head:
+
+    cfg = SamplingConfig()                                      # sampled floor decision, greedy content
+    token = model.text_head.sample(h, cfg, gen, pad_id=0)       # long [N]
+    unit = model.audio_head.sample(h, cfg, gen)                 # [N, frames, n_mels] unit coordinates
+    bins = unit_to_bins(unit, model.cfg.dmel_bins)              # what the dMel bag reads back as the next input
+
+Floor decisions. Whether to write or to stay silent is a hazard: in the gap before a reply each micro-turn has a
+calibrated chance well below 0.5 of being the one where the reply starts, and ``<pad>`` competes with hundreds of
+separate word tokens, so an argmax over tokens never starts a reply. With ``floor="sample"`` (the default) a head
+first draws speak ~ Bernoulli(P(speak)) from the model's own probability (temperature 1: the hazard as trained),
+then chooses the content given speech with the temperature / top-p fields (0 = greedy). ``floor="greedy"`` speaks
+iff P(speak) > 0.5 (the deterministic ablation), ``floor="none"`` draws each token / bin from the full
+distribution as one class among all (the decoder before floor decisions; temperature 0 is the plain argmax).
 """
 
 from __future__ import annotations
@@ -12,14 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tml.model.heads import DMelHead, FlowHead, bins_to_unit
+FLOOR_RULES = ("sample", "greedy", "none")
 
 
 @dataclass
 class SamplingConfig:
-    text_temperature: float = 1.0  # 0 = argmax
+    floor: str = "sample"  # speak/silent decision: sample | greedy (P(speak) > 0.5) | none (no separate decision)
+    text_temperature: float = 0.0  # the word given speech (floor="none": the token); 0 = argmax
     text_top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-    audio_temperature: float = 1.0  # dmel head, per channel; 0 = argmax
+    audio_temperature: float = 0.0  # dmel head, the bins given speech, per channel; 0 = argmax
     audio_top_p: float = 1.0
     flow_steps: int = 16  # flow head: ODE steps from noise (t = 0) to data (t = 1)
     flow_solver: str = "midpoint"  # euler | midpoint (2 head evaluations per step)
@@ -28,6 +40,9 @@ class SamplingConfig:
     seed: int = 0
 
     def validate(self) -> "SamplingConfig":
+        if self.floor not in FLOOR_RULES:
+            raise ValueError(f"sampling.floor={self.floor!r}: choose one of {', '.join(FLOOR_RULES)} (sample = draw "
+                             f"the speak/silent decision, the default)")
         for key in ("text_temperature", "audio_temperature"):
             if getattr(self, key) < 0:
                 raise ValueError(f"sampling.{key}={getattr(self, key)}: must be >= 0 (0 = argmax)")
@@ -50,6 +65,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 
     temperature 0 is argmax; otherwise softmax(logits / temperature) restricted to the nucleus: the classes in
     descending probability up to and including the first at which the cumulative probability reaches ``top_p``.
+    Logits of -inf are classes that cannot be drawn. The draw happens on the generator's device.
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -61,16 +77,20 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
         keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = torch.where(keep, probs, 0.0)
-    draw = torch.multinomial(probs, 1, generator=generator)
-    return draw.view(shape)
+    device = generator.device if generator is not None else probs.device
+    draw = torch.multinomial(probs.to(device), 1, generator=generator)
+    return draw.view(shape).to(logits.device)
 
 
-@torch.no_grad()
-def sample_audio(head: DMelHead | FlowHead, h: torch.Tensor, cfg: SamplingConfig,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels] (see
-    ``tml.model.heads``): the flow head's continuous sample, or the dMel head's sampled bins at their centres."""
-    if isinstance(head, FlowHead):
-        return head.sample(h, cfg.flow_steps, cfg.flow_solver, cfg.guidance, generator, cfg.flow_temperature)
-    bins = sample_logits(head(h), cfg.audio_temperature, cfg.audio_top_p, generator)
-    return bins_to_unit(bins, head.bins)
+def decide_floor(p_speak: torch.Tensor, rule: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The speak/stay-silent decision from P(speak) [N] -> bool [N].
+
+    ``sample``: True with probability P(speak), one uniform draw per row (always drawn, whatever the outcome, so a
+    seeded run consumes the generator identically whatever the model says); ``greedy``: P(speak) > 0.5.
+    """
+    if rule == "sample":
+        u = torch.rand(p_speak.shape, generator=generator, device=generator.device if generator is not None else None)
+        return u.to(p_speak.device) < p_speak
+    if rule == "greedy":
+        return p_speak > 0.5
+    raise ValueError(f"sampling.floor={rule!r} has no speak/silent decision; choose sample or greedy")
