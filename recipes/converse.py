@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from tml.audio.wav import read_wav
+from tml.cli import check_overrides, recipe_run
 from tml.eval.loading import load_run
 from tml.eval.session import SessionConfig, StreamingSession, converse
 
@@ -30,12 +31,15 @@ ConfigStore.instance().store(name="converse_schema", node=ConverseConfig)
 
 @hydra.main(version_base=None, config_path="../configs", config_name="converse")
 def main(cfg) -> None:
-    cfg: ConverseConfig = OmegaConf.to_object(cfg)
-    run = load_run(cfg.checkpoint)
-    wave, sr = read_wav(cfg.input)
-    session = StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id)
-    converse(session, wave.mean(0), sr, run.text, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with recipe_run(run_dir, "converse"):
+        cfg: ConverseConfig = OmegaConf.to_object(cfg)
+        run = load_run(cfg.checkpoint)
+        wave, sr = read_wav(cfg.input)
+        session = StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id)
+        converse(session, wave.mean(0), sr, run.text, run_dir)
 
 
 if __name__ == "__main__":
+    check_overrides(ConverseConfig)
     main()

@@ -17,10 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from data_prep.espeak import canned_reply
+from tml.cli import check_overrides, recipe_run
 from tml.eval.evaluate import SilenceRuleResponder, evaluate
 from tml.eval.loading import load_run, read_episodes
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.eval.vad import VADConfig
+from tml.streams.layout import ConfigError
 
 
 @dataclass
@@ -42,21 +44,23 @@ ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 @hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
 def main(cfg) -> None:
-    cfg: EvaluateConfig = OmegaConf.to_object(cfg)
-    if cfg.responder not in ("model", "untrained", "silence_rule"):
-        raise ValueError(f"responder={cfg.responder!r}: choose model, untrained or silence_rule")
-    run = load_run(cfg.checkpoint, untrained=cfg.responder == "untrained")
-    episodes = read_episodes(cfg.data_path or run.config.data.path, limit=cfg.episodes)
-    if cfg.responder == "silence_rule":
-        reply = canned_reply(cfg.silence_reply, run.dmel, run.text)
-        make = lambda: SilenceRuleResponder(run.layout, run.dmel, cfg.silence_gap_s, threshold=cfg.threshold,  # noqa: E731
-                                            text_pad_id=run.text.pad_id, reply=reply)
-    else:
-        make = lambda: StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id)  # noqa: E731
-    result = evaluate(make, episodes, run.layout, run.dmel, run.text, Path(HydraConfig.get().runtime.output_dir),
-                      cfg.vad, realtime=cfg.realtime)
-    print(OmegaConf.to_yaml(OmegaConf.create(result)), flush=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with recipe_run(run_dir, "evaluate"):
+        cfg: EvaluateConfig = OmegaConf.to_object(cfg)
+        if cfg.responder not in ("model", "untrained", "silence_rule"):
+            raise ConfigError(f"responder={cfg.responder!r}: choose model, untrained or silence_rule")
+        run = load_run(cfg.checkpoint, untrained=cfg.responder == "untrained")
+        episodes = read_episodes(cfg.data_path or run.config.data.path, limit=cfg.episodes)
+        if cfg.responder == "silence_rule":
+            reply = canned_reply(cfg.silence_reply, run.dmel, run.text)
+            make = lambda: SilenceRuleResponder(run.layout, run.dmel, cfg.silence_gap_s,  # noqa: E731
+                                                threshold=cfg.threshold, text_pad_id=run.text.pad_id, reply=reply)
+        else:
+            make = lambda: StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id)  # noqa: E731
+        result = evaluate(make, episodes, run.layout, run.dmel, run.text, run_dir, cfg.vad, realtime=cfg.realtime)
+        print(OmegaConf.to_yaml(OmegaConf.create(result)), flush=True)
 
 
 if __name__ == "__main__":
+    check_overrides(EvaluateConfig)
     main()

@@ -8,7 +8,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tml.train.config import register_hydra_schema
+from tml.cli import check_overrides, recipe_run
+from tml.train.config import PretrainConfig, register_hydra_schema
 from tml.train.loop import pretrain
 
 register_hydra_schema()
@@ -16,8 +17,11 @@ register_hydra_schema()
 
 @hydra.main(version_base=None, config_path="../configs", config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    pretrain(OmegaConf.to_object(cfg), HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    with recipe_run(run_dir, "pretrain"):
+        pretrain(OmegaConf.to_object(cfg), run_dir)
 
 
 if __name__ == "__main__":
+    check_overrides(PretrainConfig)
     main()

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from tml.cli import check_overrides, recipe_run
 from tml.eval.listen import ListenConfig, listen
 
 ConfigStore.instance().store(name="sample_schema", node=ListenConfig)
@@ -24,8 +25,11 @@ ConfigStore.instance().store(name="sample_schema", node=ListenConfig)
 
 @hydra.main(version_base=None, config_path="../configs", config_name="sample")
 def main(cfg) -> None:
-    listen(OmegaConf.to_object(cfg), Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with recipe_run(run_dir, "sample"):
+        listen(OmegaConf.to_object(cfg), run_dir)
 
 
 if __name__ == "__main__":
+    check_overrides(ListenConfig)
     main()

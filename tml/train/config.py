@@ -131,9 +131,14 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
     if grid > m.max_patch_grid:
         raise ConfigError(f"data.layout frames give a {grid}-patch grid side but model.max_patch_grid="
                           f"{m.max_patch_grid}; raise model.max_patch_grid")
-    if cfg.data.loader.seq_len < layout.length:
-        raise ConfigError(f"data.loader.seq_len={cfg.data.loader.seq_len} is shorter than one micro-turn "
-                          f"({layout.length} positions); raise it")
+    seq_len, turn = cfg.data.loader.seq_len, layout.length
+    if seq_len < turn:
+        raise ConfigError(f"data.loader.seq_len={seq_len} is shorter than one micro-turn "
+                          f"({turn} positions); raise it")
+    if seq_len % turn:  # rows hold whole micro-turns: the rest of a row would be padding, computed for nothing
+        raise ConfigError(f"data.loader.seq_len={seq_len} is not a multiple of the micro-turn length ({turn} "
+                          f"positions: {layout.describe()}); use {seq_len // turn * turn} or "
+                          f"{(seq_len // turn + 1) * turn}")
     return layout
 
 
