@@ -5,10 +5,12 @@ BIN     := $(VENV)/bin
 LOCK    := requirements/lock.txt
 DATA    ?= data/synthetic_tiny
 STEPS   ?= 150
+TINY    ?= outputs/tiny
+PORT    ?= 8765
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: setup setup-gpu lock doctor data pretrain test clean
+.PHONY: setup setup-gpu lock doctor data pretrain serve test clean
 
 # The environment is the lock: every package at the version and hash in requirements/lock.txt, then tml itself
 # (editable, no dependencies of its own to resolve). A changed lock rebuilds the venv from scratch, so nothing
@@ -43,6 +45,14 @@ data: $(DATA)/manifest.json
 
 pretrain: setup data
 	$(BIN)/python recipes/pretrain.py model=tiny data=synthetic trainer.max_steps=$(STEPS)
+
+# Talk to a checkpoint in the browser: serves CHECKPOINT=RUN_DIR, or else trains the tiny model once into $(TINY).
+$(TINY)/checkpoints/latest: | $(BIN)/.installed $(DATA)/manifest.json
+	$(BIN)/python recipes/pretrain.py model=tiny data=synthetic data.path=$(DATA) trainer.max_steps=$(STEPS) \
+		hydra.run.dir=$(TINY)
+
+serve: setup $(if $(CHECKPOINT),,$(TINY)/checkpoints/latest)
+	$(BIN)/python recipes/serve.py checkpoint=$(or $(CHECKPOINT),$(TINY)) port=$(PORT)
 
 test: setup
 	$(BIN)/python -m pytest -x -q tests

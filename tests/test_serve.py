@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from websockets.asyncio.client import connect
+from websockets.sync.client import connect as sync_connect
 
 from conftest import ROOT
 from tml.audio.vocoder import GriffinLimVocoder, StreamingVocoder
@@ -270,3 +272,119 @@ def test_the_command_line_client_writes_the_stereo_dialogue(server, run, tmp_pat
     a = round(t0["plays_at_s"] * SR)
     assert torch.allclose(stereo[1, a : a + 3200], reference[0][1].clamp(-1, 1)[: 2 * SR - a], atol=2 / 32768)
     assert stereo[1, :a].abs().max() == 0  # nothing before the first output could be heard
+
+
+# -- the page, in a real browser ---------------------------------------------------------------------------------
+CHROMIUM = shutil.which("chromium")
+
+
+class DevTools:
+    """The Chrome DevTools protocol over a WebSocket (the websockets package; no playwright, no download)."""
+
+    def __init__(self, ws):
+        self.ws, self.id = ws, 0
+
+    def call(self, method: str, **params) -> dict:
+        self.id += 1
+        self.ws.send(json.dumps({"id": self.id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def js(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+
+def best_alignment(segment: torch.Tensor, reference: torch.Tensor) -> float:
+    """Highest normalised cross-correlation of ``segment`` with any same-length stretch of ``reference``."""
+    n, m = segment.numel(), reference.numel()
+    size = 1 << (n + m).bit_length()
+    num = torch.fft.irfft(torch.fft.rfft(reference, size) * torch.fft.rfft(segment.flip(0), size), size)[n - 1 : m]
+    energy = torch.nn.functional.pad(reference.double().square().cumsum(0), (1, 0))
+    den = (energy[n:] - energy[:-n]).clamp_min(1e-12).sqrt() * segment.double().norm()
+    return float((num.double() / den).max())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium); "
+                                             "the browser test drives it headless")
+def test_the_page_talks_to_the_server_in_a_real_browser(server, tmp_path):
+    from data_prep.espeak import speak
+
+    url, out = server
+    speech, _ = speak("hello there, can you hear me? this is a test of the live page.")
+    mic = tmp_path / "mic.wav"  # the fake microphone plays this file in a loop
+    write_wav(mic, 0.8 * speech, SR)
+    profile = tmp_path / "profile"
+    page = url.replace("ws://", "http://").replace("/ws", "/?autostart=1")
+    browser = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+         f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required",
+         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", "--window-size=1280,900", page],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline and browser.poll() is None, "chromium did not open DevTools"
+            time.sleep(0.2)
+        import urllib.request
+
+        port = port_file.read_text().split()[0]
+        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        cdp = sync_connect(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"], max_size=None)
+        tools = DevTools(cdp.__enter__())
+        deadline = time.monotonic() + 120
+        while (tools.js("window.tml ? tml.turns : 0") or 0) < 15:  # 3 s of conversation
+            errors = tools.js("window.tml ? tml.errors : []")
+            assert not errors and time.monotonic() < deadline, f"page: {errors}; {tools.js('tml.log')}"
+            time.sleep(0.25)
+        shot = tools.call("Page.captureScreenshot", format="png")["data"]
+        (tmp_path / "page.png").write_bytes(__import__("base64").b64decode(shot))
+        status = tools.js("document.getElementById('status').dataset.turns")
+        tools.js("document.getElementById('stop').click()")
+        page_state = tools.js("JSON.stringify({session: tml.session, turns: tml.turns, audio: tml.audioSamples, "
+                              "text: tml.modelTurns.map(m => m.text), levels: tml.modelTurns.map(m => m.level), "
+                              "rtt: tml.roundTripMs, sent: tml.sentSamples})")
+        state = json.loads(page_state)
+        cdp.__exit__(None, None, None)
+    finally:
+        os.killpg(browser.pid, signal.SIGTERM)
+        browser.wait(timeout=30)
+    print(f"screenshot: {tmp_path / 'page.png'}")
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+    assert int(status) >= 15  # the page's own status element counts what it received
+
+    record = out / "sessions" / f"session_{state['session']:04d}"
+    deadline = time.monotonic() + 30
+    while not (record / "turns.jsonl").exists():  # written when the server sees the page leave
+        assert time.monotonic() < deadline, f"server wrote no record of the page's session in {record}"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    served = [json.loads(line) for line in (record / "turns.jsonl").read_text().splitlines()]
+
+    # The server heard the microphone: its recording of the user lines up with the wav the fake device played.
+    heard, _ = read_wav(record / "user.wav")
+    assert heard.shape[1] >= 15 * 3200
+    loud = heard[0, 3200 : 3200 + SR]  # 1 s, past the start-up
+    assert loud.square().mean().sqrt() > 0.01
+    assert best_alignment(loud, torch.cat([speech] * 3)) > 0.9
+
+    # The page received the model's audio and text, micro-turn by micro-turn, as the server sent them.
+    k = state["turns"]
+    assert k <= len(served) and state["audio"] == k * 3200
+    assert state["text"] == [t["text"] for t in served[:k]] and any(s.strip() for s in state["text"])
+    dialogue, _ = read_wav(record / "dialogue.wav")
+    for t, level in zip(served[:k], state["levels"]):  # the page's level of each micro-turn, from what it got
+        a = round(t["plays_at_s"] * SR)
+        if a + 3200 <= dialogue.shape[1]:
+            chunk = dialogue[1, a : a + 3200]
+            assert level == pytest.approx(10 * math.log10(chunk.square().mean() + 1e-12), abs=0.05)
+    assert len(state["rtt"]) == k and all(r > 0 for r in state["rtt"])

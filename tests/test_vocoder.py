@@ -59,3 +59,19 @@ def test_compare_by_hand():
     want = abs(amp(-4.0) - amp(-3.0)) / (amp(0.0) ** 2 + amp(-2.0) ** 2 + amp(-4.0) ** 2 + amp(-7.0) ** 2) ** 0.5
     assert spectral_convergence(ref, other) == pytest.approx(want, rel=1e-5)
     assert log_mel_correlation(ref, ref) == pytest.approx(1.0)
+
+
+def test_griffin_lim_equals_torchaudios_and_leaves_the_global_rng_alone(tok, speech):
+    import torchaudio
+
+    from tml.audio.vocoder import griffin_lim
+
+    voc = GriffinLimVocoder(tok.cfg, n_iter=8)
+    spec = voc.inverse_mel(torch.pow(10.0, tok.log_mel(speech)).T).clamp_min(0.0)
+    torch.manual_seed(voc.seed)  # the reference: torchaudio's own transform, initial phase from the seeded global RNG
+    reference = voc.griffin_lim(spec)
+    state = torch.random.get_rng_state()
+    mine = griffin_lim(spec, voc.griffin_lim, torch.Generator().manual_seed(voc.seed))
+    torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert isinstance(voc.griffin_lim, torchaudio.transforms.GriffinLim)

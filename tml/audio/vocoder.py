@@ -46,14 +46,29 @@ class GriffinLimVocoder:
         power = torch.pow(10.0, log_mel.detach().float().cpu()).T  # [n_mels, frames]
         spec = self.inverse_mel(power).clamp_min(0.0)  # [n_stft, frames] power
         # Griffin-Lim starts from random phase: fix it so the same mel always gives the same wave.
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-        try:
-            wave = self.griffin_lim(spec)
-        finally:
-            torch.random.set_rng_state(state)
+        wave = griffin_lim(spec, self.griffin_lim, torch.Generator().manual_seed(self.seed))
         peak = wave.abs().max()
         return wave / peak if peak > 1.0 else wave  # least squares can overshoot; never clip when writing PCM
+
+
+def griffin_lim(power: torch.Tensor, gl: torchaudio.transforms.GriffinLim, generator: torch.Generator) -> torch.Tensor:
+    """Power spectrogram [n_stft, frames] -> wave [(frames - 1) * hop], the steps of torchaudio's Griffin-Lim
+    (``torchaudio.functional.griffinlim`` with ``gl``'s settings) with the random initial phase drawn from
+    ``generator``: torchaudio draws it from the global RNG, which threads share, so two live sessions vocoding at
+    once would take each other's draws."""
+    mag = power.pow(1 / gl.power)
+    kw = dict(n_fft=gl.n_fft, hop_length=gl.hop_length, win_length=gl.win_length, window=gl.window)
+    angles = torch.rand(mag.shape, dtype=torch.complex64, generator=generator) if gl.rand_init else torch.ones_like(
+        mag, dtype=torch.complex64)
+    momentum = gl.momentum / (1 + gl.momentum)
+    previous = torch.tensor(0.0)
+    for _ in range(gl.n_iter):
+        rebuilt = torch.stft(torch.istft(mag * angles, length=gl.length, **kw), center=True, pad_mode="reflect",
+                             normalized=False, onesided=True, return_complex=True, **kw)
+        angles = rebuilt - previous * momentum if momentum else rebuilt
+        angles = angles / (angles.abs() + 1e-16)
+        previous = rebuilt
+    return torch.istft(mag * angles, length=gl.length, **kw)
 
 
 class StreamingVocoder:

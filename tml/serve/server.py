@@ -188,9 +188,15 @@ class Server:
             raise ValueError(f"serve.max_sessions={self.cfg.max_sessions}: must be >= 1")
         probe = make_session()
         self.layout, self.dmel_cfg = probe.layout, probe.dmel.cfg
+        # Warm up (first calls pay one-time setup: allocator, kernels, the vocoder's least-squares solver), so the
+        # first user's first micro-turn does not open with a backlog that, by the playback clock, never drains.
+        LiveSession(probe, self._vocoder(), text, record=False).step(torch.zeros(probe.layout.samples_per_turn))
         self.pool = ThreadPoolExecutor(self.cfg.max_sessions, thread_name_prefix="session")
         self.active: set[int] = set()
         self.ids = itertools.count()
+
+    def _vocoder(self) -> StreamingVocoder:
+        return StreamingVocoder(GriffinLimVocoder(self.dmel_cfg, self.cfg.vocoder_iters), self.dmel_cfg)
 
     # -- HTTP: the page and a status document -------------------------------------------------------------------
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -227,8 +233,7 @@ class Server:
             except asyncio.TimeoutError:
                 raise ProtocolError(f"no start message within {START_TIMEOUT_S:.0f} s") from None
             fmt = parse_start(first, self.layout.cfg.sample_rate)
-            live = LiveSession(self.make_session(), StreamingVocoder(GriffinLimVocoder(self.dmel_cfg,
-                               self.cfg.vocoder_iters), self.dmel_cfg), self.text, bool(self.cfg.record_dir))
+            live = LiveSession(self.make_session(), self._vocoder(), self.text, bool(self.cfg.record_dir))
             await conn.send(json.dumps({**self.status(), "type": "ready", "session": sid, "format": fmt,
                                         "output_format": "f32le"}))
             log.info("session %d started (%s), %d of %d in use", sid, fmt, len(self.active), self.cfg.max_sessions)
@@ -285,9 +290,10 @@ class Server:
             try:
                 if meta["behind"] and time.monotonic() - warned_at > BEHIND_REPEAT_S:
                     warned_at = time.monotonic()
-                    msg = (f"behind real time: micro-turn {meta['turn']} took {meta['compute_ms']:.0f} ms for "
-                           f"{1000 * live.micro_turn_s:.0f} ms of audio (real-time factor {meta['rtf']:.2f}); "
-                           f"output now plays {meta['lag_ms']:.0f} ms late")
+                    msg = (f"behind real time: micro-turn {meta['turn']}'s output plays {meta['lag_ms']:.0f} ms after "
+                           f"its input ended (a real-time model: under {1000 * live.micro_turn_s:.0f} ms); this "
+                           f"micro-turn took {meta['compute_ms']:.0f} ms (real-time factor {meta['rtf']:.2f}), and a "
+                           f"backlog from slower ones never drains because playback cannot overlap")
                     log.warning("session %d: %s", sid, msg)
                     await conn.send(json.dumps({"type": "warning", "message": msg}))
                 await conn.send(json.dumps(meta))

@@ -68,6 +68,7 @@ function connect() {
 function onJson(msg) {
   if (msg.type === 'ready') {
     tml.state = 'running';
+    tml.session = msg.session;
     $('stop').disabled = false;
     $('checkpoint').textContent = `${msg.checkpoint} · session ${msg.session} · ${msg.sample_rate} Hz · ` +
       `${msg.micro_turn_ms} ms micro-turns · browser audio at ${ctx.sampleRate} Hz`;
@@ -136,18 +137,19 @@ function metrics(msg, rtt) {
   $('m-lag').textContent = `lag: ${msg.lag_ms.toFixed(0)} ms`;
   const w = $('warning');
   w.className = msg.behind ? 'on' : '';
-  w.textContent = msg.behind ? `Behind real time: this micro-turn took ${msg.compute_ms.toFixed(0)} ms of compute ` +
-    `for ${(tml.microTurnS * 1000).toFixed(0)} ms of audio; the model's output now plays ` +
-    `${msg.lag_ms.toFixed(0)} ms after your input (real time: under ${(tml.microTurnS * 1000).toFixed(0)} ms).` : '';
+  w.textContent = msg.behind ? `Behind real time: the model's output now plays ${msg.lag_ms.toFixed(0)} ms after ` +
+    `your input (a real-time model: under ${(tml.microTurnS * 1000).toFixed(0)} ms). This micro-turn took ` +
+    `${msg.compute_ms.toFixed(0)} ms of compute for ${(tml.microTurnS * 1000).toFixed(0)} ms of audio.` : '';
 }
 
 function draw() {
   const c = $('timeline'), g = c.getContext('2d');
   c.width = c.clientWidth || 1200;
-  const W = c.width, T = tml.microTurnS;
-  const now = Math.max(tml.userLevel.length, ...tml.modelTurns.slice(-1).map((m) => m.at / T + 1), W / PX_PER_TURN);
-  const x0 = now - W / PX_PER_TURN;  // leftmost micro-turn shown
-  const X = (turn) => (turn - x0) * PX_PER_TURN;
+  const W = c.width, T = tml.microTurnS, GUTTER = 46;  // speaker names left of the time axis
+  const span = (W - GUTTER) / PX_PER_TURN;               // micro-turns shown
+  const now = Math.max(tml.userLevel.length, ...tml.modelTurns.slice(-1).map((m) => m.at / T + 1), span);
+  const x0 = now - span;  // leftmost micro-turn shown
+  const X = (turn) => GUTTER + (turn - x0) * PX_PER_TURN;
   g.clearRect(0, 0, W, c.height);
   g.font = '11px system-ui, sans-serif';
   g.fillStyle = '#888';
@@ -162,11 +164,11 @@ function draw() {
   };
   g.fillStyle = '#1f6fb5'; g.fillText('you', 2, 30);
   g.fillStyle = '#c2571a'; g.fillText('model', 2, 90);
-  tml.userLevel.forEach((level, t) => { if (t >= x0 - 1) bar(X(t), 15, level, '#1f6fb5'); });
+  tml.userLevel.forEach((level, t) => { if (X(t) >= GUTTER) bar(X(t), 15, level, '#1f6fb5'); });
   let textEnd = -Infinity;
   for (const m of tml.modelTurns) {
     const x = X(m.at / T);
-    if (x < -PX_PER_TURN) continue;
+    if (x < GUTTER) continue;
     bar(x, 75, m.level, '#c2571a');
     if (m.behind) { g.fillStyle = '#d00'; g.fillRect(x, 118, PX_PER_TURN - 1, 4); }
     const words = m.text.trim();
