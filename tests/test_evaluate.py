@@ -84,6 +84,8 @@ def test_evaluate_recipe_on_a_real_checkpoint(tmp_path, tiny_run):
         result = json.loads((out / "eval.json").read_text())
         assert result["metrics"]["episodes"] == 2 and len(result["per_episode"]) == 2
         assert (out / "latencies.png").exists()
+        log = (out / "evaluate.log").read_text()  # what it printed, in its log file
+        assert proc.stdout.strip() and all(line in log for line in proc.stdout.splitlines())
     wav = tmp_path / "user.wav"
     write_wav(wav, noise_episode().audio["user"][: SR], SR)
     out = tmp_path / "converse"
@@ -91,5 +93,6 @@ def test_evaluate_recipe_on_a_real_checkpoint(tmp_path, tiny_run):
                            f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("micro-turn ") == 5  # 1 s = 5 micro-turns, each with its compute time
+    assert (out / "converse.log").read_text().count("micro-turn ") == 5
     stereo, sr = read_wav(out / "dialogue.wav")
     assert sr == SR and stereo.shape == (2, SR)

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT
 from handmade import write_dataset
+from tml.train.metrics import read_metrics
 from tml.parallel.expert import validate_expert_parallel
 from tml.streams import ConfigError
 
@@ -46,7 +47,7 @@ def test_sharded_moe_matches_unsharded_over_sgd_steps(ep, nproc, opts):
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def assert_same_run(a, b, what):

@@ -1,6 +1,5 @@
 """The pretraining recipe run for real, as a user runs it: plain python, resume, torchrun with 2 processes."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from conftest import ROOT
 from handmade import write_dataset
 from tml.streams import ConfigError
 from tml.train import config_from_dict, validate_config
+from tml.train.metrics import read_metrics
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.hidden_dim=64",
         "model.moe.num_experts=4", "data.loader.seq_len=200", "data.loader.micro_batch_size=2",
@@ -31,7 +31,7 @@ def run_recipe(run_dir, *overrides, nproc=1, timeout=600):
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def test_pretrain_learns_and_resumes_bitwise(synth_data, tmp_path):

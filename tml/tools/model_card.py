@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from tml.model import InteractionModel, ModelConfig, param_counts
 from tml.model.flops import flops_per_token
 from tml.train.checkpoint import MARKER
+from tml.train.metrics import read_metrics
 
 
 def _fmt(n: float) -> str:
@@ -41,7 +42,7 @@ def model_card(tag_dir: Path) -> str:
     manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
     records = []
     if (run_dir / "metrics.jsonl").exists():
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        records = read_metrics(run_dir)
     records = [r for r in records if r["step"] <= step]
     loader, t = config["data"]["loader"], config["trainer"]
     seq_len = loader["seq_len"]

@@ -14,13 +14,7 @@ import math
 from pathlib import Path
 
 from tml.train.figures import expert_load_figure, load_matrix, plt
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: RUN_DIR must be a run dir written by recipes/pretrain.py")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from tml.train.metrics import read_metrics
 
 
 def _lines(records: list[dict], keys: list[str], title: str, ylabel: str, log: bool = False):

@@ -74,7 +74,7 @@ class WandbConfig:
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     console_every: int = 10
-    progress_bar: bool = True  # tqdm bar with rate and ETA on stderr (rank 0)
+    progress_bar: bool = True  # tqdm bar with rate and ETA on stderr (rank 0), only when stderr is a terminal
     sample_every: int = 0  # W&B images of teacher-forced dMel predictions vs targets every N steps (0 = never)
 
 

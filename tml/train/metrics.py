@@ -1,7 +1,8 @@
 """Where metrics go: ``metrics.jsonl`` in the run dir (always), Weights & Biases (offline unless asked), console
 lines and a progress bar with rate and ETA, and on request images of dMel predictions and expert load.
 
-Only rank 0 writes. On resume, lines past the resumed step are dropped first, so the file reads like one
+``metrics.jsonl`` is strict JSON: a NaN or inf value is written as null and named in the record's ``nonfinite``
+field (key -> "nan" | "inf" | "-inf"); ``read_metrics`` gives the values back. Only rank 0 writes. On resume, lines past the resumed step are dropped first, so the file reads like one
 uninterrupted run.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -19,6 +21,49 @@ from typing import Any
 from tml.train.config import LoggerConfig
 
 log = logging.getLogger(__name__)
+
+
+def _float_or_flag(v: Any) -> tuple[Any, str | None]:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None, str(v)  # 'nan', 'inf', '-inf'
+    return v, None
+
+
+def to_strict_json(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line: non-finite floats (also inside lists) become null, named in ``nonfinite``."""
+    out, flags = {}, {}
+    for k, v in record.items():
+        if isinstance(v, list):
+            pairs = [_float_or_flag(x) for x in v]
+            out[k] = [x for x, _ in pairs]
+            if any(f for _, f in pairs):
+                flags[k] = [f for _, f in pairs]
+        else:
+            out[k], flag = _float_or_flag(v)
+            if flag:
+                flags[k] = flag
+    if flags:
+        out["nonfinite"] = flags
+    return json.dumps(out, allow_nan=False)
+
+
+def from_strict_json(line: str) -> dict[str, Any]:
+    """The record of a metrics.jsonl line with its non-finite values restored as floats."""
+    record = json.loads(line)
+    for k, flag in record.pop("nonfinite", {}).items():
+        if isinstance(flag, list):
+            record[k] = [float(f) if f else x for x, f in zip(record[k], flag)]
+        else:
+            record[k] = float(flag)
+    return record
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``RUN_DIR/metrics.jsonl`` (NaN / inf restored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: RUN_DIR must be a run dir written by recipes/pretrain.py")
+    return [from_strict_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -43,7 +88,7 @@ class MetricsLogger:
             return
         truncate_metrics(self.path, resume_step)
         self.file = self.path.open("a")
-        if cfg.progress_bar:
+        if cfg.progress_bar and sys.stderr.isatty():  # no bar residue (carriage returns) in pipes and log files
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_steps, initial=resume_step, unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -67,7 +112,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(to_strict_json(record) + "\n")
         self.file.flush()
         if self.wandb is not None:  # lists (expert load) go in as images, see log_samples
             self.wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
