@@ -162,3 +162,13 @@ def test_words_on_playback_clock_and_output_json(tmp_path):
     assert [w.text for w in words_on_playback_clock([d_ids + hello], [0.2], 0.2, tok)] == ["hello"]
     write_output(tmp_path, torch.zeros(SR), SR, [WordTime("a", 0.1, 0.2), WordTime("b", 0.6, 0.8)], not_before=0.5)
     assert json.loads((tmp_path / "output.json").read_text()) == {"text": "b", "chunks": [{"text": "b", "timestamp": [0.6, 0.8]}]}
+
+
+def test_snap_to_speech_by_hand():
+    from tml.eval.fdbench import snap_to_speech
+
+    words = [WordTime("a", 1.0, 1.05), WordTime("b", 1.4, 1.45), WordTime("c", 3.0, 3.05)]
+    # speech 1.13-1.6: "a" (slot 1.0, silent) moves to 1.13; "b" is inside speech, stays; "c" has no speech
+    # within 0.2 s, stays
+    snapped = snap_to_speech(words, [(1.13, 1.6), (3.25, 3.5)], 0.2)
+    assert [(w.start, w.end) for w in snapped] == [(1.13, 1.13), (1.4, 1.45), (3.0, 3.05)]

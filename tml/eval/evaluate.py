@@ -132,6 +132,7 @@ class EpisodeRun:
     user_mel: torch.Tensor  # [frames, n_mels]
     text_by_time: list[tuple[float, str]]  # (micro-turn start, decoded text) where it wrote something
     compute_s: list[float]  # per micro-turn
+    text_ids: list[list[int]] = field(default_factory=list)  # per micro-turn: the text slots it wrote (pad included)
 
 
 def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer,
@@ -145,7 +146,7 @@ def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMel
     arrivals: dict[int, list[int]] = {}
     for e in episode.background:
         arrivals.setdefault(layout.turn_of(e.time), []).extend(i for w in e.text.split() for i in text.word_ids(w))
-    mels, said, times = [], [], []
+    mels, said, times, ids = [], [], [], []
     for t in range(T):
         frame = None
         if episode.video is not None:
@@ -155,11 +156,12 @@ def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMel
                                              background_text=arrivals.get(t, [])))
         mels.append(out.mel)
         times.append(out.compute_s)
+        ids.append(list(out.text_ids))
         words = text.decode(out.text_ids)
         if words.strip():
             said.append((t * turn_s, words))
     return EpisodeRun(episode.key, torch.cat(mels), dmel.log_mel(user[: T * n])[: T * layout.frames_per_turn],
-                      said, times)
+                      said, times, ids)
 
 
 def heard_model_side(run: EpisodeRun, layout: MicroTurnLayout, dmel: DMelTokenizer, vocoder=None,

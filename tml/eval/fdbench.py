@@ -30,7 +30,7 @@ Scoring, as the official scripts define it (``python -m tml.eval.fdbench score r
   windows counted per 0.2 s bin (bins ``int(d / 0.2) + 1``, each interval adds 1 to bins ``int(s / 0.2)`` ..
   ``int(e / 0.2)``), + 1e-10, normalised; the reference linearly resampled to that length; Jensen-Shannon
   *distance* (scipy's ``jensenshannon``: square root, natural log); 1 when there is no backchannel. Means and
-  population standard deviations over samples.
+  population standard deviations over samples (JSD over the samples the reference file has).
 * timing (v1.5 ``get_timing.py``): Silero segments of input.wav merged over gaps <= 0.6 s and of output.wav over
   gaps <= 0.5 s (both at 16 kHz, default Silero settings); ``latency_stop_list``: overlaps of user and model
   segments, the shortest per end time (ms); ``latency_resp_list``: [user end, next model start after it], the
@@ -39,7 +39,7 @@ Scoring, as the official scripts define it (``python -m tml.eval.fdbench score r
 
 Deliberate differences (each where the official script would crash or mis-time, never where it gives a number):
 folders without ``output.json`` are listed in ``missing`` (the official scripts skip them silently, so the numbers
-agree); a task with no TOR = 1 sample reports latency None (division by zero there); output.wav at another rate
+agree); backchannel samples the reference file lacks are listed in ``no_reference`` (a KeyError there); a task with no TOR = 1 sample reports latency None (division by zero there); output.wav at another rate
 than 16 kHz is resampled before Silero (the backchannel script feeds it as if 16 kHz).
 """
 
@@ -232,7 +232,7 @@ def score_backchannel(root: Path, gt_path: Path | None = None, vad: VADConfig | 
     from tml.audio.wav import read_wav
 
     gt = _read_json(Path(gt_path)) if gt_path else None
-    per, missing = [], []
+    per, missing, no_reference = [], [], []
     for d in sample_dirs(root):
         if not d.name.isdigit():
             continue  # the official script reads only digit-named folders
@@ -244,9 +244,9 @@ def score_backchannel(root: Path, gt_path: Path | None = None, vad: VADConfig | 
         segs = [(max(round(s, 1), 0.0), min(round(e, 1), duration)) for s, e in speech_segments(wave, sr, vad)]
         tor, found = backchannels(segs, read_chunks(d / "output.json"))
         rec = {"id": d.name, "tor": tor, "backchannels": len(found), "frequency": len(found) / duration}
-        if gt is not None:
-            if d.name not in gt:
-                raise FDBenchError(f"{gt_path} has no distribution for sample {d.name}")
+        if gt is not None and d.name not in gt:
+            no_reference.append(d.name)
+        elif gt is not None:
             if not found:
                 rec["jsd"] = 1.0
             else:
@@ -261,6 +261,8 @@ def score_backchannel(root: Path, gt_path: Path | None = None, vad: VADConfig | 
     out = {"task": "backchannel", "samples": len(per), "missing": missing}
     for key in ("tor", "frequency") + (("jsd",) if gt is not None else ()):
         out[key], out[f"{key}_std"] = stats(key)
+    if gt is not None:
+        out["jsd_samples"], out["no_reference"] = len(per) - len(no_reference), no_reference
     out["per_sample"] = per
     return out
 
@@ -382,6 +384,19 @@ def words_on_playback_clock(text_ids_by_turn: list[list[int]], starts: list[floa
     return words
 
 
+def snap_to_speech(words: list[WordTime], segments: list[tuple[float, float]], turn_s: float) -> list[WordTime]:
+    """Text-stream times are micro-turn slots: a word written in micro-turn t is heard somewhere in its audio. A word
+    whose slot time falls in silence moves to the first speech onset (``segments``: the VAD on the heard output)
+    within ``turn_s`` after it, as an ASR would time it; words with no speech that near keep their slot times."""
+    out = []
+    for w in words:
+        inside = any(s <= w.start < e for s, e in segments)
+        onset = next((s for s, _ in segments if w.start <= s < w.start + turn_s), None)
+        start = w.start if inside or onset is None else onset
+        out.append(WordTime(w.text, start, max(w.end, start)))
+    return out
+
+
 def write_output(folder: Path, wave: torch.Tensor, sample_rate: int, words: list[WordTime], prefix: str = "",
                  not_before: float | None = None) -> None:
     """``{prefix}output.wav`` (mono ``wave``) and ``{prefix}output.json`` in ``folder``. ``not_before``: keep only
@@ -395,6 +410,66 @@ def write_output(folder: Path, wave: torch.Tensor, sample_rate: int, words: list
     chunks = [{"text": w.text, "timestamp": [round(w.start, 4), round(w.end, 4)]} for w in kept]
     (folder / f"{prefix}output.json").write_text(json.dumps({"text": " ".join(w.text for w in kept),
                                                              "chunks": chunks}, indent=2))
+
+
+def load_asr(spec: str):
+    """``"module:function"`` of a user-installed ASR -> the callable ``fn(wave [samples], sample_rate) ->
+    [(word, start_s, end_s)]``. tml ships none and downloads none (the official pipeline uses NeMo's
+    parakeet-tdt-0.6b-v2, ``get_transcript/asr.py``); a wrapper around it, installed by the user, plugs in here."""
+    import importlib
+
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise FDBenchError(f"asr={spec!r}: give it as module:function")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise FDBenchError(f"asr={spec!r}: cannot import it ({e}); install that ASR yourself, tml downloads "
+                           f"nothing") from e
+
+
+def export_sample(folder: Path, make_responder, layout, dmel, text, prefix: str = "", task: str = "",
+                  vocoder=None, realtime: bool = False, asr=None) -> dict:
+    """Stream ``folder/{prefix}input.wav`` through a fresh responder in real-time order (``run_episode``: the same
+    micro-turn loop as evaluate) and write ``{prefix}output.wav`` (what a listener hears: the responder's audio on
+    the playback clock, 16 kHz mono, t = 0 and length of the input) and ``{prefix}output.json`` (words from the
+    responder's own text stream, ``words_on_playback_clock`` then ``snap_to_speech``; or from ``asr`` on
+    output.wav). Returns
+    {"micro_turns", "compute_ms", "words"}."""
+    import torchaudio.functional as AF
+
+    from tml.audio.wav import read_wav
+    from tml.eval.clock import playback_starts
+    from tml.eval.evaluate import heard_model_side, run_episode
+    from tml.streams.episode import Episode
+
+    folder = Path(folder)
+    wave, sr = read_wav(folder / f"{prefix}input.wav")
+    wave = wave.mean(0) if wave.ndim == 2 else wave
+    rate = layout.cfg.sample_rate
+    if sr != rate:
+        wave = AF.resample(wave, sr, rate)
+    n_in, n = wave.numel(), layout.samples_per_turn
+    T = -(-n_in // n)
+    user = torch.nn.functional.pad(wave, (0, T * n - n_in))
+    turn_s = layout.cfg.micro_turn_ms / 1000
+    ep = Episode(key=folder.name, duration=T * turn_s, sample_rate=rate, audio={"user": user, "model": user * 0})
+    run = run_episode(make_responder(), ep, layout, dmel, text)
+    heard = heard_model_side(run, layout, dmel, vocoder, realtime)[:n_in]
+    not_before = None
+    if task == "user_interruption" and (folder / "interrupt.json").exists():
+        not_before = float(_read_json(folder / "interrupt.json")[0]["timestamp"][1])
+    if asr is not None:  # the official way: transcribe what a listener hears (after the interruption, if any)
+        skip = round((not_before or 0.0) * rate)
+        words = [WordTime(str(w), float(s) + skip / rate, float(e) + skip / rate) for w, s, e in asr(heard[skip:], rate)]
+    else:
+        starts = playback_starts(T, turn_s, None if realtime else run.compute_s)
+        words = words_on_playback_clock(run.text_ids, starts, turn_s, text)
+        words = [w for w in words if w.start < n_in / rate]  # heard after output.wav ends: no ASR would hear them
+        words = snap_to_speech(words, speech_segments(heard, rate), turn_s)
+    write_output(folder, heard, rate, words, prefix, not_before)
+    return {"micro_turns": T, "compute_ms": [1000 * c for c in run.compute_s],
+            "words": sum(1 for w in words if not_before is None or w.start >= not_before)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
