@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from data_prep.espeak import canned_reply
+from tml.cli import check_overrides, recipe_run
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.evaluate import SilenceRuleResponder
 from tml.eval.fdbench import TASKS, export_sample, load_asr, sample_dirs, score
@@ -28,6 +29,7 @@ from tml.eval.loading import load_run
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.eval.vad import VADConfig
 from tml.streams import LayoutConfig, MicroTurnLayout
+from tml.streams.layout import ConfigError
 from tml.text.tokenizer import train_bpe
 
 
@@ -53,44 +55,47 @@ ConfigStore.instance().store(name="fdbench_schema", node=FDBenchConfig)
 
 @hydra.main(version_base=None, config_path="../configs", config_name="fdbench")
 def main(cfg) -> None:
-    cfg: FDBenchConfig = OmegaConf.to_object(cfg)
-    if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r}: choose one of {', '.join(TASKS)}")
-    if cfg.responder not in ("model", "silence_rule"):
-        raise ValueError(f"responder={cfg.responder!r}: choose model or silence_rule")
-    if cfg.checkpoint is not None:
-        run = load_run(cfg.checkpoint)
-        layout, dmel, text = run.layout, run.dmel, run.text
-    elif cfg.responder == "model":
-        raise ValueError("responder=model needs checkpoint=RUN_DIR (or use responder=silence_rule)")
-    else:  # the baseline alone: default layout and front end, a byte-level BPE that spells its reply
-        layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
-        text = train_bpe([cfg.silence_reply] * 20, 300, Path(tempfile.mkdtemp()) / "tokenizer.json")
-    if cfg.responder == "silence_rule":
-        reply = canned_reply(cfg.silence_reply, dmel, text)
-        make = lambda: SilenceRuleResponder(layout, dmel, cfg.silence_gap_s, threshold=cfg.threshold,  # noqa: E731
-                                            text_pad_id=text.pad_id, reply=reply)
-    else:
-        make = lambda: StreamingSession(run.model, layout, dmel, cfg.session, text.pad_id)  # noqa: E731
-    asr = load_asr(cfg.asr) if cfg.asr else None
-    dirs = sample_dirs(Path(cfg.root))
-    dirs = dirs[: cfg.limit] if cfg.limit else dirs
-    compute, exported = [], 0
-    for d in dirs:
-        for prefix in ("", "clean_"):
-            if (d / f"{prefix}input.wav").exists():
-                info = export_sample(d, make, layout, dmel, text, prefix, cfg.task, realtime=cfg.realtime, asr=asr)
-                compute += info["compute_ms"]
-                exported += 1
-                print(f"{d.name}/{prefix}output.wav: {info['micro_turns']} micro-turns, {info['words']} words",
-                      flush=True)
-    result = score(cfg.root, cfg.task, cfg.gt, cfg.vad)
-    summary = {k: v for k, v in result.items() if k != "per_sample"}
-    summary.update(exported=exported, responder=cfg.responder, checkpoint=cfg.checkpoint,
-                   compute_ms_per_micro_turn=sum(compute) / max(len(compute), 1), vad=asdict(cfg.vad))
-    (Path(HydraConfig.get().runtime.output_dir) / "fdbench.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2), flush=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with recipe_run(run_dir, "fdbench"):
+        cfg: FDBenchConfig = OmegaConf.to_object(cfg)
+        if cfg.task not in TASKS:
+            raise ConfigError(f"task={cfg.task!r}: choose one of {', '.join(TASKS)}")
+        if cfg.responder not in ("model", "silence_rule"):
+            raise ConfigError(f"responder={cfg.responder!r}: choose model or silence_rule")
+        if cfg.checkpoint is not None:
+            run = load_run(cfg.checkpoint)
+            layout, dmel, text = run.layout, run.dmel, run.text
+        elif cfg.responder == "model":
+            raise ConfigError("responder=model needs checkpoint=RUN_DIR (or use responder=silence_rule)")
+        else:  # the baseline alone: default layout and front end, a byte-level BPE that spells its reply
+            layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+            text = train_bpe([cfg.silence_reply] * 20, 300, Path(tempfile.mkdtemp()) / "tokenizer.json")
+        if cfg.responder == "silence_rule":
+            reply = canned_reply(cfg.silence_reply, dmel, text)
+            make = lambda: SilenceRuleResponder(layout, dmel, cfg.silence_gap_s, threshold=cfg.threshold,  # noqa: E731
+                                                text_pad_id=text.pad_id, reply=reply)
+        else:
+            make = lambda: StreamingSession(run.model, layout, dmel, cfg.session, text.pad_id)  # noqa: E731
+        asr = load_asr(cfg.asr) if cfg.asr else None
+        dirs = sample_dirs(Path(cfg.root))
+        dirs = dirs[: cfg.limit] if cfg.limit else dirs
+        compute, exported = [], 0
+        for d in dirs:
+            for prefix in ("", "clean_"):
+                if (d / f"{prefix}input.wav").exists():
+                    info = export_sample(d, make, layout, dmel, text, prefix, cfg.task, realtime=cfg.realtime, asr=asr)
+                    compute += info["compute_ms"]
+                    exported += 1
+                    print(f"{d.name}/{prefix}output.wav: {info['micro_turns']} micro-turns, {info['words']} words",
+                          flush=True)
+        result = score(cfg.root, cfg.task, cfg.gt, cfg.vad)
+        summary = {k: v for k, v in result.items() if k != "per_sample"}
+        summary.update(exported=exported, responder=cfg.responder, checkpoint=cfg.checkpoint,
+                       compute_ms_per_micro_turn=sum(compute) / max(len(compute), 1), vad=asdict(cfg.vad))
+        (run_dir / "fdbench.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), flush=True)
 
 
 if __name__ == "__main__":
+    check_overrides(FDBenchConfig)
     main()

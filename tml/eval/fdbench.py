@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from tml.data.loader import DataError
 from tml.eval.vad import VADConfig, merge_segments, speech_segments
 
 TURN_DURATION_S = 1.0  # words spanning less than this ...
@@ -65,8 +66,8 @@ ANNOTATION = {"smooth_turn_taking": "turn_taking.json", "pause_handling": "pause
 TASKS = ("smooth_turn_taking", "pause_handling", "user_interruption", "backchannel", "timing")
 
 
-class FDBenchError(ValueError):
-    """A sample folder or file is missing or malformed; the message names it."""
+class FDBenchError(DataError):
+    """A sample folder or file is missing or malformed; the message names it (a recipe prints it as one line)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
