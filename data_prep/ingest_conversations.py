@@ -8,9 +8,10 @@
 Formats (``--model-speaker`` names which side is the model; the other side is the user):
 
 * ``moshi`` (moshi-finetune): a .jsonl of ``{"path", "duration"}`` (paths relative to the .jsonl or absolute);
-  each stereo .wav has the model on the left channel and the user on the right, and a .json beside it holds
-  ``{"alignments": [[word, [start, end], speaker], ...]}`` with speaker ``SPEAKER_MAIN`` (left) or another label
-  (right). ``--model-speaker main`` (default) or ``other``.
+  each stereo .wav (any rate, e.g. 24 kHz) has the model on the left channel and the user on the right, and a .json
+  beside it holds ``{"alignments": [[word, [start, end], speaker], ...]}`` (whisper-timestamped output: words may
+  carry a leading space, which is stripped) with speaker ``SPEAKER_MAIN`` (left) or another label (right).
+  ``--model-speaker main`` (default) or ``other``.
 * ``fisher`` (Fisher / Switchboard style): ``NAME.txt`` transcripts with lines ``START END A: text`` (``#`` lines
   and blank lines ignored) beside ``NAME.wav`` (channel 0 = A, channel 1 = B) or ``NAME.A.wav`` + ``NAME.B.wav``.
   ``--model-speaker A`` or ``B``. Segment words get times spread over the segment in proportion to their length.
@@ -25,8 +26,10 @@ Formats (``--model-speaker`` names which side is the model; the other side is th
 Audio is 16-bit PCM WAV at any rate, resampled to ``--sample-rate``. Conversations are cut into episodes of at most
 ``--chunk-s`` seconds (words go to the chunk in which they start). A conversation or chunk that cannot be used
 (unreadable audio, missing or malformed transcript, mono where two channels are needed, streams of different
-lengths, words outside the audio, NaN) is skipped, counted and named in the manifest's ``skipped`` and in the
-output. A byte-level BPE is trained on the transcripts unless ``--tokenizer`` brings one.
+lengths, NaN) is skipped, counted and named in the manifest's ``skipped`` and in the output. A single bad word
+(empty after stripping, or timed outside the audio / ending before it starts) drops only that word, as
+moshi-finetune does: counted by reason in the manifest's ``skipped_words``. A byte-level BPE is trained on the
+transcripts unless ``--tokenizer`` brings one. An ``--out`` that is not empty is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -183,10 +186,7 @@ def read_fisher(src: Path, model_speaker: str, license: str) -> Iterator[Convers
                 if m is None:
                     raise IngestError(f"{txt}:{k + 1}: expected 'START END A: text', got {line[:60]!r}",
                                       "bad_transcript")
-                start, end, spk, text = float(m[1]), float(m[2]), m[3], m[4]
-                if end < start:
-                    raise IngestError(f"{txt}:{k + 1}: segment ends ({end}) before it starts ({start})",
-                                      "mistimed_text")
+                start, end, spk, text = float(m[1]), float(m[2]), m[3], m[4]  # end < start: words dropped later
                 words["model" if spk == model_speaker else "user"] += _spread(text, start, end)
             other = "B" if model_speaker == "A" else "A"
             yield Conversation(stem.name, sr, {"model": chans[model_speaker], "user": chans[other]}, words,
@@ -298,9 +298,33 @@ def read_hf(src: Path, model_speaker: str, license: str) -> Iterator[Conversatio
 # Conversation -> episodes
 # ---------------------------------------------------------------------------------------------------------------
 
-def to_episodes(conv: Conversation, sample_rate: int, chunk_s: float, meta: dict) -> list[Episode]:
+def clean_words(words: dict[str, list[Word]], total: float, where: str) -> tuple[dict[str, list[Word]], list[dict]]:
+    """Strip each word's text; drop (and report) a word that is empty or timed outside ``[0, total]`` / backwards.
+    Returns the kept words per stream and one ``{"input", "reason", "message"}`` per dropped word."""
+    kept: dict[str, list[Word]] = {}
+    dropped = []
+    for s, ws in words.items():
+        kept[s] = []
+        for w in ws:
+            text = w.text.strip() if isinstance(w.text, str) else ""
+            if not text:
+                reason, why = "empty_word", "has no text"
+            elif not (math.isfinite(w.start) and math.isfinite(w.end)) or w.start < 0 or w.end < w.start \
+                    or w.start > total + 0.2:
+                reason, why = "mistimed_word", f"at [{w.start}, {w.end}] lies outside the {total:.2f} s of audio " \
+                                               f"or ends before it starts"
+            else:
+                kept[s].append(Word(text, w.start, w.end))
+                continue
+            dropped.append({"input": where, "reason": reason, "message": f"{where}: {s} word {w.text!r} {why}"})
+    return kept, dropped
+
+
+def to_episodes(conv: Conversation, sample_rate: int, chunk_s: float, meta: dict
+                ) -> tuple[list[Episode], list[dict]]:
     """Resample to ``sample_rate``, cut into chunks of at most ``chunk_s`` (whole 200 ms micro-turns); a word belongs
-    to the chunk in which it starts (its end is clipped to the chunk). Raises IngestError for a bad conversation."""
+    to the chunk in which it starts (its end is clipped to the chunk). Bad words are dropped (``clean_words``) and
+    returned as the second value; raises IngestError for a bad conversation."""
     sr = conv.sample_rate
     n = {s: w.numel() for s, w in conv.audio.items()}
     if abs(n["model"] - n["user"]) > 0.2 * sr:
@@ -310,14 +334,7 @@ def to_episodes(conv: Conversation, sample_rate: int, chunk_s: float, meta: dict
     if sr != sample_rate:
         audio = {s: torchaudio.functional.resample(w, sr, sample_rate) for s, w in audio.items()}
     total = audio["model"].numel() / sample_rate
-    for s, ws in conv.words.items():
-        for w in ws:
-            if not (math.isfinite(w.start) and math.isfinite(w.end)) or w.start < 0 or w.end < w.start \
-                    or w.start > total + 0.2:
-                raise IngestError(f"{conv.name}: {s} word {w.text!r} at [{w.start}, {w.end}] lies outside the "
-                                  f"{total:.2f} s of audio or ends before it starts", "mistimed_text")
-            if not w.text.strip():
-                raise IngestError(f"{conv.name}: {s} word with empty text at {w.start} s", "empty_text")
+    conv_words, dropped = clean_words(conv.words, total, conv.name)
     chunk = max(0.2, math.floor(chunk_s / 0.2 + 1e-9) * 0.2)
     episodes = []
     k, t0 = 0, 0.0
@@ -325,19 +342,20 @@ def to_episodes(conv: Conversation, sample_rate: int, chunk_s: float, meta: dict
         dur = round(min(chunk, math.floor((total - t0) / 0.2 + 1e-9) * 0.2), 3)
         a, b = round(t0 * sample_rate), round((t0 + dur) * sample_rate)
         words = {s: [Word(w.text, round(w.start - t0, 4), round(min(w.end, t0 + dur) - t0, 4))
-                     for w in ws if t0 <= w.start < t0 + dur] for s, ws in conv.words.items()}
+                     for w in ws if t0 <= w.start < t0 + dur] for s, ws in conv_words.items()}
         episodes.append(Episode(key=f"{conv.name}_{k:04d}", duration=dur, sample_rate=sample_rate,
                                 audio={s: audio[s][a:b] for s in STREAMS}, words=words,
                                 meta={**meta, "conversation": conv.name, "chunk": k, "offset": round(t0, 3),
                                       "source": conv.source, "license": conv.license}))
         k, t0 = k + 1, t0 + dur
-    return episodes
+    return episodes, dropped
 
 
 def ingest(fmt: str, src: Path, out: Path, model_speaker: str | None = None, license: str = "unknown",
            sample_rate: int = 16000, chunk_s: float = 60.0, shard_size: int = 64, max_shard_mb: float = 256,
-           vocab_size: int = 512, tokenizer: Path | None = None, log=print) -> dict:
-    """Read ``src`` in format ``fmt`` and write shards, tokenizer and manifest into ``out``; returns the manifest."""
+           vocab_size: int = 512, tokenizer: Path | None = None, log=print, overwrite: bool = False) -> dict:
+    """Read ``src`` in format ``fmt`` and write shards, tokenizer and manifest into ``out``; returns the manifest.
+    A non-empty ``out`` is refused unless ``overwrite`` (then its shards and manifest are replaced)."""
     readers = {"moshi": lambda: read_moshi(src, model_speaker or "main", license),
                "fisher": lambda: read_fisher(src, model_speaker or "A", license),
                "json": lambda: read_json(src, license),
@@ -346,11 +364,15 @@ def ingest(fmt: str, src: Path, out: Path, model_speaker: str | None = None, lic
         raise ValueError(f"--format={fmt!r}: choose one of {', '.join(readers)}")
     if not src.exists():
         raise ValueError(f"--src={src} does not exist")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out={out} is not empty ({len(list(out.iterdir()))} entries): pass --overwrite to replace "
+                         f"the data set in it, or choose another directory")
     meta = {"generator": GENERATOR, "format": fmt, "model_speaker": model_speaker}
     writer = ShardSetWriter(out, shard_size, int(max_shard_mb * (1 << 20)), generator=GENERATOR, format=fmt,
                             src=str(src), model_speaker=model_speaker, sample_rate=sample_rate, chunk_s=chunk_s,
                             tokenizer="tokenizer.json")
     texts: list[str] = []
+    dropped_words: list[dict] = []
     with writer:
         for item in readers[fmt]():
             if isinstance(item, IngestError):
@@ -358,13 +380,16 @@ def ingest(fmt: str, src: Path, out: Path, model_speaker: str | None = None, lic
                 log(f"skipped [{item.reason}] {item}")
                 continue
             try:
-                episodes = to_episodes(item, sample_rate, chunk_s, meta)
+                episodes, dropped = to_episodes(item, sample_rate, chunk_s, meta)
                 for ep in episodes:
                     check_episode(ep, sample_rate)
             except (IngestError, EpisodeError) as e:
                 writer.skip(item.name, e.reason, str(e))
                 log(f"skipped [{e.reason}] {e}")
                 continue
+            for d in dropped:
+                log(f"dropped word [{d['reason']}] {d['message']}")
+            dropped_words += dropped
             for ep in episodes:
                 writer.write(ep, item.source, item.license)
                 texts += [" ".join(w.text for w in ws) for ws in ep.words.values() if ws]
@@ -376,12 +401,19 @@ def ingest(fmt: str, src: Path, out: Path, model_speaker: str | None = None, lic
             shutil.copy(tokenizer, tok_path)
         else:
             train_bpe(texts, vocab_size, tok_path)
+        reasons: dict[str, int] = {}
+        for d in dropped_words:
+            reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+        writer.info["skipped_words"] = {"count": len(dropped_words), "by_reason": reasons, "words": dropped_words}
         return writer.close({"tokenizer.json": tok_path.read_bytes()})
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the layouts as written in the docstring, plus each option's default
+
+    p = argparse.ArgumentParser(prog="python -m data_prep.ingest_conversations", description=__doc__,
+                                formatter_class=Help)
     p.add_argument("--format", required=True, choices=["moshi", "fisher", "json", "hf"])
     p.add_argument("--src", required=True, type=Path, help=".jsonl (moshi) or directory")
     p.add_argument("--out", required=True, type=Path)
@@ -393,14 +425,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-shard-mb", type=float, default=256, help="target shard size")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer.json instead of training one")
+    p.add_argument("--overwrite", action="store_true", help="replace the data set in a non-empty --out")
     a = p.parse_args(argv)
     try:
         m = ingest(a.format, a.src, a.out, a.model_speaker, a.license, a.sample_rate, a.chunk_s, a.shard_size,
-                   a.max_shard_mb, a.vocab_size, a.tokenizer, log=lambda s: print(s, file=sys.stderr))
+                   a.max_shard_mb, a.vocab_size, a.tokenizer, log=lambda s: print(s, file=sys.stderr),
+                   overwrite=a.overwrite)
     except ValueError as e:
         p.error(str(e))
     print(f"{GENERATOR}: {m['episodes']} episodes, {m['hours']:.4f} h, {len(m['shards'])} shards, "
-          f"{m['skipped']['count']} inputs skipped {m['skipped']['by_reason']} -> {a.out}")
+          f"{m['skipped']['count']} inputs skipped {m['skipped']['by_reason']}, {m['skipped_words']['count']} words "
+          f"dropped {m['skipped_words']['by_reason']} -> {a.out}")
     return m
 
 

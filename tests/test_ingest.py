@@ -100,10 +100,11 @@ def test_fisher_layout_stereo_and_two_mono_files(tmp_path, voices):
     write_wav(src / "fe_004.wav", x8, 8000)
     (src / "fe_004.txt").write_text("0.5 0.2 A: backwards\n")  # ... and mis-timed
     m = ingest("fisher", src, tmp_path / "out", model_speaker="B", chunk_s=1.0, log=lambda s: None)
-    assert m["skipped"]["by_reason"] == {"missing_audio": 1, "mistimed_text": 1}
+    assert m["skipped"]["by_reason"] == {"missing_audio": 1}
+    assert m["skipped_words"]["by_reason"] == {"mistimed_word": 1}  # fe_004's backwards word, not the recording
     _, eps = episodes_of(tmp_path / "out")
     keys = sorted(e.key for e in eps)
-    assert keys == [f"fe_00{c}_{k:04d}" for c in (1, 2) for k in range(3)]  # 3.0 s in chunks of 1.0 s
+    assert keys == [f"fe_00{c}_{k:04d}" for c in (1, 2, 4) for k in range(3)]  # 3.0 s in chunks of 1.0 s
     by = {e.key: e for e in eps}
     # B (the model) says "fine thanks" over 1.6-2.4 s: spread by length+1 (5:7), "fine" 1.6-1.933, "thanks"
     # 1.933-2.4; both start in chunk 1 (1-2 s), "thanks" is clipped at the chunk end; chunk 2 has no model words.
@@ -156,3 +157,47 @@ def test_hf_save_to_disk_and_audiofolder(tmp_path, voices):
         _, (ep,) = episodes_of(out)
         assert [w.text for w in ep.words["user"]] == ["fine", "thanks"]
         assert ep.audio["user"][: round(1.5 * 16000)].abs().max() < 1e-4
+
+
+def test_moshi_bad_words_are_dropped_one_by_one_and_spaces_stripped(tmp_path, voices):
+    """whisper-timestamped keeps a leading space on words; one empty or mis-timed word must not cost the recording."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    x, al = conversation(voices)
+    spaced = [[" " + w, t, spk] for w, t, spk in al]
+    bad = spaced + [["", [1.0, 1.1], "SPEAKER_MAIN"], [" late", [9.0, 9.5], "SPEAKER_OTHER"],
+                    [" backwards", [2.0, 1.5], "SPEAKER_MAIN"]]
+    write_wav(root / "c1.wav", x, 24000)
+    (root / "c1.json").write_text(json.dumps({"alignments": bad}))
+    (root / "train.jsonl").write_text(json.dumps({"path": "c1.wav", "duration": 3.0}) + "\n")
+    m = ingest("moshi", root / "train.jsonl", tmp_path / "out", vocab_size=300, log=lambda s: None)
+    assert m["episodes"] == 1 and m["skipped"]["count"] == 0
+    assert m["skipped_words"]["by_reason"] == {"empty_word": 1, "mistimed_word": 2}
+    assert all(w["input"] == "c1" for w in m["skipped_words"]["words"])
+    assert any("' backwards'" in w["message"] for w in m["skipped_words"]["words"])
+    _, (ep,) = episodes_of(tmp_path / "out")
+    assert [w.text for w in ep.words["model"]] == [w for w, _, spk in al if spk == "SPEAKER_MAIN"]
+    assert [w.text for w in ep.words["user"]] == ["fine", "thanks"]
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(tmp_path, voices, capsys):
+    moshi_corpus(tmp_path / "corpus", voices)
+    src, out = tmp_path / "corpus" / "train.jsonl", tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["--format", "moshi", "--src", str(src), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite" in err
+    assert not (out / "manifest.json").exists()
+    main(["--format", "moshi", "--src", str(src), "--out", str(out), "--overwrite", "--vocab-size", "300"])
+    assert (out / "manifest.json").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_help_documents_every_layout(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for needle in ("{\"path\", \"duration\"}", "SPEAKER_MAIN", "leading space", "START END A: text",
+                   "\"segments\"", "metadata.jsonl", "save_to_disk", "--overwrite"):
+        assert needle in text, needle
