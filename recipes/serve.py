@@ -5,12 +5,15 @@ microphone, plays the model and draws the conversation. Binds to 127.0.0.1 unles
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
+from tml.cli import check_overrides, recipe_run
 from tml.eval.loading import load_run
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.serve.server import ServeConfig, Server, serve_forever
@@ -30,14 +33,15 @@ ConfigStore.instance().store(name="serve_schema", node=ServeRecipeConfig)
 
 @hydra.main(version_base=None, config_path="../configs", config_name="serve")
 def main(cfg) -> None:
-    cfg: ServeRecipeConfig = OmegaConf.to_object(cfg)
-    if cfg.serve.threads:
-        torch.set_num_threads(cfg.serve.threads)
-    run = load_run(cfg.checkpoint)
-    server = Server(lambda: StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id), run.text,
-                    cfg.serve, name=str(run.step_dir))
-    serve_forever(server, cfg.host, cfg.port)
-
+    with recipe_run(Path(HydraConfig.get().runtime.output_dir), "serve"):
+        cfg: ServeRecipeConfig = OmegaConf.to_object(cfg)
+        if cfg.serve.threads:
+            torch.set_num_threads(cfg.serve.threads)
+        run = load_run(cfg.checkpoint)
+        server = Server(lambda: StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id),
+                        run.text, cfg.serve, name=str(run.step_dir))
+        serve_forever(server, cfg.host, cfg.port)
 
 if __name__ == "__main__":
+    check_overrides(ServeRecipeConfig)
     main()

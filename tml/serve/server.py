@@ -49,6 +49,7 @@ from websockets.http11 import Request, Response
 from tml.audio.vocoder import GriffinLimVocoder, StreamingVocoder
 from tml.eval.clock import PlaybackClock, place_on_playback_clock
 from tml.eval.session import MicroTurnInputs, StreamingSession
+from tml.streams.layout import ConfigError
 
 log = logging.getLogger("tml.serve")
 WEB = Path(__file__).parent / "web"
@@ -184,8 +185,9 @@ class Server:
     def __init__(self, make_session: Callable[[], StreamingSession], text, cfg: ServeConfig | None = None,
                  name: str = ""):
         self.make_session, self.text, self.cfg, self.name = make_session, text, cfg or ServeConfig(), name
-        if self.cfg.max_sessions < 1:
-            raise ValueError(f"serve.max_sessions={self.cfg.max_sessions}: must be >= 1")
+        if self.cfg.max_sessions < 1 or self.cfg.vocoder_iters < 1:
+            raise ConfigError(f"serve.max_sessions={self.cfg.max_sessions} and serve.vocoder_iters="
+                              f"{self.cfg.vocoder_iters}: both must be >= 1")
         probe = make_session()
         self.layout, self.dmel_cfg = probe.layout, probe.dmel.cfg
         # Warm up (first calls pay one-time setup: allocator, kernels, the vocoder's least-squares solver), so the
@@ -343,6 +345,9 @@ def serve_forever(server: Server, host: str, port: int) -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)  # not one line per page request
 
     def ready(h: str, p: int) -> None:
+        if h not in ("127.0.0.1", "::1"):
+            print(f"note: host={h} is reachable from other machines, with no authentication; browsers allow the "
+                  f"microphone only on https or localhost pages (tunnel: ssh -L {p}:127.0.0.1:{p} ...)", flush=True)
         print(f"serving {server.name or 'a checkpoint'} on http://{h}:{p}/ (WebSocket ws://{h}:{p}/ws, "
               f"up to {server.cfg.max_sessions} sessions)", flush=True)
 
