@@ -21,6 +21,7 @@ from tml.eval.duplex import DuplexLabels, MetricConfig, episode_metrics, speech_
 from tml.eval.clock import place_on_playback_clock, playback_starts
 from tml.eval.session import LiveLogMel, MicroTurnInputs, MicroTurnOutputs
 from tml.eval.vad import VADConfig, activity
+from tml.eval.word_events import warn_unmeasured
 from tml.streams.episode import Episode
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
 from tml.text.tokenizer import TextTokenizer
@@ -283,6 +284,7 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
             write_wav(out_dir / f"dialogue_{episode.key}.wav", torch.stack([user[:n], mine[:n]]), dmel.cfg.sample_rate)
     plot_latencies(out_dir / "latencies.png", per_episode)
     result = aggregate(per_episode)
+    warn_unmeasured(result, len(episodes))
     result["episodes"] = len(episodes)
     result["activity"] = vad.method
     result["compute_ms_per_micro_turn"] = 1000 * sum(compute) / max(len(compute), 1)

@@ -10,6 +10,7 @@ import webdataset as wds
 
 from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import read_manifest
+from tml.eval.word_events import events_from_words
 from tml.model import InteractionModel
 from tml.streams.episode import Episode
 from tml.streams.layout import MicroTurnLayout
@@ -46,15 +47,20 @@ def load_run(checkpoint: str | Path, untrained: bool = False, seed: int = 0) -> 
     return Loaded(model.eval(), cfg, layout, text, DMelTokenizer(cfg.data.dmel), None if untrained else step_dir)
 
 
-def read_episodes(data_path: str | Path, keys: list[str] | None = None, limit: int = 0) -> list[Episode]:
+def read_episodes(data_path: str | Path, keys: list[str] | None = None, limit: int = 0,
+                  derive_events: bool = True) -> list[Episode]:
     """Episodes of a data set in shard order: those named in ``keys`` (sample keys or shard-order indices), or the
-    first ``limit`` (0 = all)."""
+    first ``limit`` (0 = all). An episode without event labels (recorded corpora) gets labels derived from its word
+    alignments (``tml.eval.word_events``; ``meta["events_source"] = "words"``) unless ``derive_events=False``."""
     out, i = [], 0
     wanted = set(keys or [])
     for s in read_manifest(data_path)["shards"]:
         for sample in wds.tarfile_samples([{"url": str(Path(data_path) / s["name"])}]):
             if not wanted or sample["__key__"] in wanted or str(i) in wanted:
-                out.append(Episode.from_sample(sample))
+                ep = Episode.from_sample(sample)
+                if derive_events and "events" not in ep.meta:
+                    ep.meta["events"], ep.meta["events_source"] = events_from_words(ep.words), "words"
+                out.append(ep)
                 if limit and len(out) >= limit:
                     return out
             i += 1
