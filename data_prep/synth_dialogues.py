@@ -39,7 +39,7 @@ from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 
 GENERATOR = "data_prep.synth_dialogues"
-GENERATOR_VERSION = "2.1"  # 2.1: delegate events (the model's <delegate> query </delegate> text)
+GENERATOR_VERSION = "2.2"  # 2.1: delegate events; 2.2: long_talk scenario, mix flags, event counts in the manifest
 SAMPLE_RATE = 16000
 VIDEO_FPS = 5
 VIDEO_SIZE = 80
@@ -65,6 +65,8 @@ class SynthConfig:
     noise_prob: float = 0.4  # episodes with background noise on the user's microphone
     noise_snrs_db: tuple = (5.0, 10.0, 20.0)
     scenario: str | None = None  # force one scenario for every episode (tool or a key of SCENARIOS)
+    scenario_weights: dict | None = None  # the scenario mix (keys of SCENARIOS; absent ones get 0); None = SCENARIOS
+    require: dict | None = None  # minimum count per phenomenon (keys of EVENT_COUNTS); fewer fails the run
     workers: int = 2
 
 
@@ -334,6 +336,21 @@ def topic_interrupt(rng: random.Random, video: VideoSpec) -> list[Line]:
             Line("model", _pick(rng, ["okay.", "sure, go ahead.", "yes?"])), *follow]
 
 
+def topic_long_talk(rng: random.Random, video: VideoSpec) -> list[Line]:
+    """The model talks for several seconds without being cut off: where a listener's cough or "mhm" lands
+    (``listener_sound_prob``) and the model must go on talking."""
+    if rng.random() < 0.4:
+        a = rng.randint(1, 8)
+        ask, talk = f"can you count from {num_words(a)} to {num_words(a + 10)}?", \
+            "sure. " + ", ".join(num_words(i) for i in range(a, a + 11)) + "."
+    else:
+        ask, talk = _pick(rng, ["can you tell me something?", "can you explain it to me?", "tell me a story."]), \
+            rng.choice(LONG_TALK)
+    return [Line("user", ask), Line("model", talk),
+            Line("user", _pick(rng, ["thanks, that was nice.", "okay, got it.", "great, thank you."]), optional=True),
+            Line("model", _pick(rng, ["you're welcome.", "any time!", "glad to help."]), optional=True)]
+
+
 def topic_wait(rng: random.Random, video: VideoSpec) -> list[Line]:
     """The user asks for quiet; the model acknowledges and stays silent through a long pause that is not its turn."""
     q = rng.choice([topic_capital, topic_days, topic_arithmetic])(rng, video)[:2]
@@ -396,10 +413,40 @@ def topic_squares(rng: random.Random, video: VideoSpec) -> list[Line]:
 
 
 # Scenario mix for the episodes without a background-model lookup (weights; the mix is counted in the manifest).
+# long_talk has weight 0 by default (the default set stays as it was); interaction recipes raise it.
 SCENARIOS = {"dialogue": 0.4, "interrupt": 0.14, "wait": 0.1, "timer": 0.08, "count_pace": 0.08, "wall": 0.1,
-             "squares": 0.1}
+             "squares": 0.1, "long_talk": 0.0}
 SCENARIO_TOPICS = {"interrupt": topic_interrupt, "wait": topic_wait, "timer": topic_timer,
-                   "count_pace": topic_count_pace, "wall": topic_wall, "squares": topic_squares}
+                   "count_pace": topic_count_pace, "wall": topic_wall, "squares": topic_squares,
+                   "long_talk": topic_long_talk}
+
+# What evaluation needs events of, counted from an episode's labels (the manifest records the totals):
+# barge_in: the user interrupts the model while it speaks (it should stop); listener_sound: a cough, "mhm" or false
+# start of the user while the model speaks (it should go on); wait_window: the user asked for quiet (it should stay
+# silent); reply_gap: a user turn the model should answer.
+EVENT_COUNTS = {"barge_in": "interruption", "listener_sound": "non_interruption", "wait_window": "wait_request",
+                "reply_gap": "expected_response"}
+
+
+def count_events(events: list[dict]) -> dict[str, int]:
+    """Phenomenon -> number of its labelled events in ``events`` (one episode's ``meta["events"]``)."""
+    return {name: sum(e["type"] == typ for e in events) for name, typ in EVENT_COUNTS.items()}
+
+
+def parse_mix(text: str, keys, flag: str, cast=float) -> dict:
+    """``"a=1,b=2"`` -> {"a": 1.0, "b": 2.0}; a key outside ``keys`` or a bad number is a usage error naming it."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in keys:
+            raise ValueError(f"{flag}: {part!r} is not NAME=VALUE with NAME one of {', '.join(keys)}")
+        try:
+            out[key.strip()] = cast(value)
+        except ValueError:
+            raise ValueError(f"{flag}: {part!r}: {value!r} is not a number") from None
+        if out[key.strip()] < 0:
+            raise ValueError(f"{flag}: {part!r} is negative")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -634,7 +681,8 @@ def make_episode(index: int, cfg: SynthConfig) -> Episode:
     if cfg.scenario == "tool" or (cfg.scenario is None and rng.random() < cfg.background_prob):
         scenario = "tool"
     else:
-        scenario = cfg.scenario or rng.choices(list(SCENARIOS), weights=list(SCENARIOS.values()))[0]
+        mix = SCENARIOS if cfg.scenario_weights is None else {k: cfg.scenario_weights.get(k, 0.0) for k in SCENARIOS}
+        scenario = cfg.scenario or rng.choices(list(mix), weights=list(mix.values()))[0]
     topic = topic_tool if scenario == "tool" else SCENARIO_TOPICS.get(scenario) or rng.choice(TOPICS)
     main = topic(rng, video)
     phenomena = []
@@ -755,12 +803,12 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core; espeak and torch stay single-threaded inside it
 
 
-def _episode_sample(job: tuple[int, dict]) -> tuple[dict, float, list[str], list[str]]:
-    """(index, SynthConfig as dict) -> (webdataset sample, duration, texts for the tokenizer, phenomena), in a
-    worker."""
+def _episode_sample(job: tuple[int, dict]) -> tuple[dict, float, list[str], list[str], dict[str, int]]:
+    """(index, SynthConfig as dict) -> (webdataset sample, duration, texts for the tokenizer, phenomena, event
+    counts), in a worker."""
     ep = make_episode(job[0], SynthConfig(**job[1]))
     texts = [t["text"] for t in ep.meta["turns"] if t["text"]] + [e.text for e in ep.background]
-    return ep.to_sample(), ep.duration, texts, ep.meta["phenomena"]
+    return ep.to_sample(), ep.duration, texts, ep.meta["phenomena"], count_events(ep.meta["events"])
 
 
 def _episode_pool(workers: int):
@@ -790,6 +838,12 @@ def generate(cfg: SynthConfig) -> dict:
         raise ValueError(f"--episodes={cfg.episodes} and --shard-size={cfg.shard_size} must be >= 1")
     if cfg.scenario is not None and cfg.scenario != "tool" and cfg.scenario not in SCENARIOS:
         raise ValueError(f"--scenario={cfg.scenario!r}: choose tool or one of {', '.join(SCENARIOS)}")
+    if cfg.scenario_weights is not None and (set(cfg.scenario_weights) - set(SCENARIOS)
+                                             or sum(cfg.scenario_weights.values()) <= 0):
+        raise ValueError(f"--scenario-weights={cfg.scenario_weights}: names must be among {', '.join(SCENARIOS)} "
+                         f"and the weights must not all be 0")
+    if cfg.require is not None and set(cfg.require) - set(EVENT_COUNTS):
+        raise ValueError(f"--require={cfg.require}: names must be among {', '.join(EVENT_COUNTS)}")
     if cfg.vocab_size < MIN_VOCAB:
         raise ValueError(f"--vocab-size={cfg.vocab_size}: a byte-level BPE needs at least {MIN_VOCAB} ids")
     out = Path(cfg.out)
@@ -807,10 +861,13 @@ def generate(cfg: SynthConfig) -> dict:
     durations: list[float] = []
     counts: dict[str, int] = {}
     phenomena: dict[str, int] = {}
+    events = dict.fromkeys(EVENT_COUNTS, 0)
     writer = wds.ShardWriter(str(partial / "shard-%06d.tar"), maxcount=cfg.shard_size, verbose=0,
                              mtime=0.0)  # fixed mtime: same seed -> byte-identical shards
     with _episode_pool(max(1, min(cfg.workers, cfg.episodes))) as pool:
-        for sample, dur, ep_texts, ep_phenomena in pool.imap(worker, jobs):
+        for sample, dur, ep_texts, ep_phenomena, ep_events in pool.imap(worker, jobs):
+            for k, v in ep_events.items():
+                events[k] += v
             for ph in ep_phenomena:
                 phenomena[ph] = phenomena.get(ph, 0) + 1
             writer.write(sample)
@@ -819,6 +876,11 @@ def generate(cfg: SynthConfig) -> dict:
             durations.append(dur)
             texts += ep_texts
     writer.close()
+    short = {k: (events[k], n) for k, n in (cfg.require or {}).items() if events[k] < n}
+    if short:  # the set cannot measure what it was made for: no manifest, so nothing uses it by mistake
+        raise ValueError("the set has too few events: " + ", ".join(f"{k} {have} < --require {k}={n}" for k, (have, n)
+                                                                    in short.items())
+                         + "; raise --episodes or the scenario weights / probabilities that make them")
 
     tok = train_bpe(texts, cfg.vocab_size, partial / "tokenizer.json")
     for old in out.glob("shard-*.tar"):  # stale shards of an earlier, larger run
@@ -837,6 +899,10 @@ def generate(cfg: SynthConfig) -> dict:
         "voices": {"user": list(USER_VOICES), "model": [MODEL_VOICE]},
         "tokenizer": "tokenizer.json", "vocab_size": tok.vocab_size,
         "phenomena": dict(sorted(phenomena.items())),  # episodes showing each scenario / phenomenon
+        "events": events,  # labelled events per phenomenon (count_events), what evaluation has power on
+        "mix": {"scenario_weights": cfg.scenario_weights or SCENARIOS, "background_prob": cfg.background_prob,
+                "backchannel_prob": cfg.backchannel_prob, "listener_sound_prob": cfg.listener_sound_prob,
+                "pause_prob": cfg.pause_prob, "noise_prob": cfg.noise_prob},
         "dmel_ranges": RANGES_FILE if ranges else None,
         "license": "synthetic (espeak-ng, GPL-3.0 voices data); generated text CC0",
     }
@@ -857,16 +923,42 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size")
     p.add_argument("--workers", type=int, default=min(d.workers, os.cpu_count() or 1), help="processes")
     p.add_argument("--scenario", default=None, help=f"make every episode this scenario: tool, {', '.join(SCENARIOS)}")
+    mix = p.add_argument_group("mix", "how often each interaction phenomenon occurs (probabilities per episode)")
+    mix.add_argument("--scenario-weights", default=None,
+                     help="scenario mix of the episodes without a background lookup, e.g. interrupt=0.3,wait=0.2,"
+                          "long_talk=0.2,dialogue=0.3 (unnamed scenarios get 0; default: "
+                          + ",".join(f"{k}={v}" for k, v in SCENARIOS.items()) + ")")
+    mix.add_argument("--background-prob", type=float, default=d.background_prob,
+                     help="episodes with a background-model lookup (tool scenario)")
+    mix.add_argument("--listener-sound-prob", type=float, default=d.listener_sound_prob,
+                     help="episodes where the user coughs / says mhm / false-starts while the model speaks")
+    mix.add_argument("--backchannel-prob", type=float, default=d.backchannel_prob,
+                     help="episodes where the model says a backchannel during a long user turn")
+    mix.add_argument("--pause-prob", type=float, default=d.pause_prob,
+                     help="episodes where a long user turn has a mid-sentence pause")
+    mix.add_argument("--noise-prob", type=float, default=d.noise_prob, help="episodes with microphone noise")
+    p.add_argument("--require", default=None,
+                   help="fail unless the set has at least this many labelled events, e.g. barge_in=30,"
+                        f"listener_sound=30,wait_window=30,reply_gap=40 (names: {', '.join(EVENT_COUNTS)})")
     a = p.parse_args(argv)
-    cfg = SynthConfig(out=a.out, episodes=a.episodes, seed=a.seed, shard_size=a.shard_size,
-                      vocab_size=a.vocab_size, workers=a.workers, scenario=a.scenario)
     t0 = time.perf_counter()
     try:
+        for key in ("background_prob", "listener_sound_prob", "backchannel_prob", "pause_prob", "noise_prob"):
+            if not 0.0 <= getattr(a, key) <= 1.0:
+                raise ValueError(f"--{key.replace('_', '-')}={getattr(a, key)}: a probability in [0, 1]")
+        cfg = SynthConfig(out=a.out, episodes=a.episodes, seed=a.seed, shard_size=a.shard_size,
+                          vocab_size=a.vocab_size, workers=a.workers, scenario=a.scenario,
+                          scenario_weights=None if a.scenario_weights is None else
+                          parse_mix(a.scenario_weights, SCENARIOS, "--scenario-weights"),
+                          require=None if a.require is None else parse_mix(a.require, EVENT_COUNTS, "--require", int),
+                          background_prob=a.background_prob, listener_sound_prob=a.listener_sound_prob,
+                          backchannel_prob=a.backchannel_prob, pause_prob=a.pause_prob, noise_prob=a.noise_prob)
         m = generate(cfg)
     except ValueError as e:  # bad arguments: a usage error, not a traceback
         p.error(str(e))
     print(f"{GENERATOR}: {m['episodes']} episodes, {m['hours']:.3f} h, {len(m['shards'])} shards, "
-          f"vocab {m['vocab_size']}, seed {m['seed']} -> {cfg.out} in {time.perf_counter() - t0:.1f} s")
+          f"vocab {m['vocab_size']}, seed {m['seed']} -> {cfg.out} in {time.perf_counter() - t0:.1f} s; events "
+          + ", ".join(f"{k} {v}" for k, v in m["events"].items()))
     return m
 
 
