@@ -96,7 +96,9 @@ def test_synthetic_delegation_reaches_the_tool_through_the_model_text(text):
     tok = interleave(ep, layout, DMelTokenizer(), text)
     model_text = tok.text_ids[(tok.stream == Stream.MODEL) & (tok.kind == Kind.TEXT)].view(tok.num_turns, -1)
     first = int(torch.nonzero(model_text == text.delegate_id)[0, 0])
-    assert first >= int(event["time"] / 0.2 + 1e-9)  # placed at its time, or later if the slots were full
+    # Placed at its time (one micro-turn ahead: the model's streams lead by model_lead_turns), or later if the
+    # slots were full.
+    assert first >= int(event["time"] / 0.2 + 1e-9) - layout.cfg.model_lead_turns
     assert int((model_text == text.delegate_id).sum()) == int((model_text == text.end_delegate_id).sum()) == 1
 
     bridge = DelegationBridge(ToolBackground(calculator, delay_s=0.0), text)

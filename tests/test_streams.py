@@ -76,8 +76,15 @@ def test_place_text_spills_overflow_by_hand():
     assert dropped == 1  # token 10 did not fit before the end
 
 
+@pytest.fixture(scope="module")
+def same_turn():
+    """The old alignment: the model's slots of micro-turn t hold its reference of micro-turn t."""
+    return MicroTurnLayout(LayoutConfig(model_lead_turns=0))
+
+
 @pytest.mark.parametrize("sr", [SR, 22050])
-def test_interleave_places_audio_words_and_frames(layout, dmel, text, sr):
+def test_interleave_places_audio_words_and_frames(same_turn, dmel, text, sr):
+    layout = same_turn
     # Tone from 0.45 to 0.50 s: mel frames 44..51 (25 ms windows centred every 10 ms) = turn 2, audio slots 1 and 2.
     # A 22.05 kHz recording is resampled onto the same clock.
     frames = torch.stack([torch.full((80, 80, 3), 10 * i, dtype=torch.uint8) for i in range(6)])
@@ -106,6 +113,33 @@ def test_interleave_places_audio_words_and_frames(layout, dmel, text, sr):
     assert (tok.kind.reshape(6, TURN)[:, VIDEO:BG] == Kind.PATCH).all()
     assert tok.patches.reshape(6, 4, -1)[:, :, 0].tolist() == [[10 * t] * 4 for t in range(6)]
     assert tok.patch_rc[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+def test_model_streams_lead_by_one_micro_turn(layout, same_turn, dmel, text):
+    # Default alignment (model_lead_turns=1): output slots of micro-turn t carry the model's reference of t + 1,
+    # which is when the playback clock plays them. Model words "hello" at 0.21 s (turn 1) -> turn 0, "there" at
+    # 0.9 s (turn 4) -> turn 3; a model tone from 0.45 to 0.50 s (frames 44..51: turn 2, slots 1-2) -> turn 1.
+    # User streams and background text do not move.
+    ep = make_episode(burst=(0.45, 0.50), model_words=[("hello", 0.21, 0.4), ("there", 0.9, 1.1)],
+                      user_words=[("fine", 0.65, 0.8)], background=[(0.65, "result forty two")])
+    ep.audio["model"], ep.words["user"] = ep.audio["user"].clone(), []
+    assert layout.cfg.model_lead_turns == 1
+    tok, old = interleave(ep, layout, dmel, text), interleave(ep, same_turn, dmel, text)
+    silence = dmel.silence_bins(4)
+    audio = tok.audio_bins.reshape(6, 2, 5, 4, 80)
+    loud = {(s_, t, k) for s_ in range(2) for t in range(6) for k in range(5) if not torch.equal(audio[t, s_, k], silence)}
+    assert loud == {(0, 2, 1), (0, 2, 2), (1, 1, 1), (1, 1, 2)}  # (stream 0 user / 1 model, turn, slot)
+    old_audio = old.audio_bins.reshape(6, 2, 5, 4, 80)
+    assert torch.equal(audio[:5, 1], old_audio[1:, 1]) and torch.equal(audio[:, 0], old_audio[:, 0])
+    assert all(torch.equal(audio[5, 1, k], silence) for k in range(5))  # past the end: silence
+    ids = tok.text_ids.reshape(6, TURN)
+    hello, there = text.word_ids("hello"), text.word_ids("there")
+    assert ids[0, M_TEXT : M_TEXT + len(hello)].tolist() == hello
+    assert ids[3, M_TEXT : M_TEXT + len(there)].tolist() == there
+    assert (ids[[1, 2, 4, 5], M_TEXT:M_AUDIO] == text.pad_id).all()
+    assert torch.equal(ids[:, BG:M_TEXT], old.text_ids.reshape(6, TURN)[:, BG:M_TEXT])
+    with pytest.raises(ConfigError, match="model_lead_turns"):
+        MicroTurnLayout(LayoutConfig(model_lead_turns=-1))
 
 
 def test_video_stride_leaves_empty_slots(dmel, text):

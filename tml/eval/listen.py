@@ -74,7 +74,10 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
 
     model_pos = (tok.stream == Stream.MODEL) & (tok.kind == Kind.AUDIO)
     ref_bins = tok.audio_bins[model_pos[tok.kind == Kind.AUDIO]]  # [T * audio slots, S, C] in time order
-    ref_mel = dmel.log_mel(episode.audio["model"])[:frames]  # the recording, not quantised
+    # The recording, not quantised, aligned like the training tokens (model streams lead by model_lead_turns).
+    lead = layout.cfg.model_lead_turns * layout.frames_per_turn
+    ref_mel = dmel.log_mel(episode.audio["model"])[lead:lead + frames]
+    ref_mel = torch.cat([ref_mel, ref_mel.new_full((frames - ref_mel.shape[0], ref_mel.shape[1]), dmel.cfg.log_min)])
     lo, hi = dmel.cfg.log_min, dmel.cfg.log_max
 
     def compare(mel: torch.Tensor) -> dict:

@@ -11,6 +11,11 @@ layout's slot order. Per stream:
   the ``<pad>`` token (the model learns when *not* to write); background events arrive as text at their time;
   a ``delegate`` event in ``meta["events"]`` puts ``<delegate> query </delegate>`` on its speaker's text stream
   at its time, like a word (what the model writes, not says, to hand a request to the background model);
+* the model's own streams lead by ``layout.model_lead_turns`` (default 1): its slots of micro-turn ``t`` hold its
+  reference audio and text of micro-turn ``t + lead`` (mel frames shifted by ``lead * 20``, word times by
+  ``-lead * 0.2`` s; a word starting in the first ``lead`` micro-turns lands in micro-turn 0, audio there is
+  dropped; the last ``lead`` micro-turns are silence / ``<pad>``), because what the model writes in micro-turn
+  ``t`` is heard during ``t + 1`` (``tml.eval.clock``);
 * video: on micro-turns ``t % video_stride == 0`` the frame showing time ``t * 0.2`` is cut into patches; other
   micro-turns (and micro-turns past the end of the video) leave the patch slots empty (kind PAD).
 """
@@ -107,6 +112,7 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
     T = layout.num_turns(episode.duration)
     S, C = cfg.frames_per_audio_position, cfg.n_mels
     turn_s = cfg.micro_turn_ms / 1000.0
+    lead = cfg.model_lead_turns  # the model's streams are read this many micro-turns ahead (module docstring)
 
     # Per (stream, kind) payload blocks, each [T, count, ...].
     audio: dict[Stream, torch.Tensor] = {}
@@ -121,6 +127,8 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
             if episode.sample_rate != cfg.sample_rate:  # recordings at any rate land on the layout's clock
                 wave = torchaudio.functional.resample(wave, episode.sample_rate, cfg.sample_rate)
             bins = dmel.encode(wave)
+            if slot.stream == Stream.MODEL:
+                bins = bins[lead * layout.frames_per_turn:]
             need = T * layout.frames_per_turn
             if bins.shape[0] < need:
                 bins = torch.cat([bins, dmel.silence_bins(need - bins.shape[0])])
@@ -133,6 +141,8 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
                 groups = [(w.start, text.word_ids(w.text)) for w in episode.words.get(name, [])]
                 groups += [(e["time"], delegate_span(e["query"], text)) for e in episode.meta.get("events", [])
                            if e.get("type") == "delegate" and e.get("speaker") == name]
+                if slot.stream == Stream.MODEL:
+                    groups = [(start - lead * turn_s, ids) for start, ids in groups]
             texts[slot.stream], d = place_text(groups, T, slot.count, turn_s, text.pad_id)
             dropped += d
 

@@ -76,6 +76,12 @@ class LayoutConfig:
     frame_width: int = 80
     video_stride: int = 1  # a video frame every `video_stride` micro-turns
     frame_fit: str = "resize"  # frames of another size: "resize" (stretch) or "pad" (keep aspect, letterbox)
+    # Training alignment of the model's own streams. The output of micro-turn t is heard during t + 1
+    # (tml.eval.clock), so with 1 its output slots of micro-turn t carry the reference text/audio of micro-turn
+    # t + 1: the model learns to say now what is due when it will be heard, from input that ended before it (as
+    # causal duplex models such as Moshi align data), and on the playback clock it speaks when the reference
+    # speaker did. 0 is the old alignment (same micro-turn): every reply is heard a micro-turn late.
+    model_lead_turns: int = 1
     slots: list[SlotConfig] = field(default_factory=_default_slots)
 
 
@@ -122,6 +128,9 @@ class MicroTurnLayout:
                 )
         if cfg.frame_fit not in ("resize", "pad"):
             raise ConfigError(f"layout.frame_fit={cfg.frame_fit!r}: choose resize or pad")
+        if cfg.model_lead_turns < 0:
+            raise ConfigError(f"layout.model_lead_turns={cfg.model_lead_turns}: must be >= 0 (1 matches the "
+                              f"playback clock, 0 is the old same-micro-turn alignment)")
         if cfg.video_stride < 1:
             raise ConfigError(f"layout.video_stride={cfg.video_stride}: must be >= 1")
         audio_per_turn = cfg.micro_turn_ms // pos_ms
