@@ -16,6 +16,8 @@ from tml.streams.layout import ConfigError, LayoutConfig, MicroTurnLayout
 @dataclass
 class DataConfig:
     path: str = "data/synthetic_tiny"  # a directory with manifest.json, tokenizer.json and shard-*.tar
+    val_path: Optional[str] = None  # held-out shards scored every trainer.val_every steps (tml.train.validation)
+    val_batches: int = 8  # how many packed batches of val_path are scored (fewer if the set is smaller)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     dmel: DMelConfig = field(default_factory=DMelConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -50,6 +52,7 @@ class TrainerConfig:
     audio_loss_weight: float = 1.0
     log_every: int = 1
     save_every: int = 50  # a checkpoint every N steps, and always at the last step
+    val_every: int = 0  # held-out loss on data.val_path every N steps and at the last step (0 = never)
     resume: bool = False  # continue from the run dir's latest checkpoint
     auto_resume: bool = False  # resume when the run dir holds a checkpoint, else start (Slurm requeue uses it)
     keep_last: int = 3  # checkpoints kept besides the keep_every ones (0 = keep all)
@@ -110,6 +113,11 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
     if t.max_nonfinite_in_a_row <= 0 or t.keep_last < 0 or t.keep_every < 0:
         raise ConfigError("trainer.max_nonfinite_in_a_row must be positive, trainer.keep_last and "
                           "trainer.keep_every >= 0")
+    if t.val_every < 0 or cfg.data.val_batches < 1:
+        raise ConfigError("trainer.val_every must be >= 0 and data.val_batches >= 1")
+    if t.val_every and not cfg.data.val_path:
+        raise ConfigError(f"trainer.val_every={t.val_every} needs data.val_path (a held-out set, e.g. "
+                          f"`python -m data_prep.synth_dialogues --seed 1 --out DIR`)")
     if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode!r}: choose offline, online or disabled")
     pairs = [

@@ -37,6 +37,7 @@ from tml.train.metrics import MetricsLogger
 from tml.train.mfu import peak_flops_per_device
 from tml.train.signals import SignalFlag, StopRequested
 from tml.train.optim import param_groups, warmup_cosine
+from tml.train.validation import validation_batches, validation_losses
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     dmel = DMelTokenizer(cfg.data.dmel)
     loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, dmel, text,
                                rank=dist.rank, world_size=dist.world_size)
+
+    val_batches = validation_batches(cfg.data.val_path, cfg.data.val_batches, cfg.data.loader, layout, dmel, text,
+                                     dist.rank, dist.world_size) if t.val_every else []
 
     step = skipped = 0  # skipped: steps skipped as non-finite since the run began (carried over by resumes)
     if resume:
@@ -230,7 +234,12 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         record.update(expert_load_metrics(expert_counts))
         record.update(router_metrics(router_terms.cpu() / n_micro, cfg.model.moe, engine.module.moe_layers()))
         record.update(loader.stats())
-        if step % t.log_every == 0 or step == t.max_steps:
+        if t.val_every and (step % t.val_every == 0 or step == t.max_steps):
+            record.update(validation_losses(engine, val_batches, dist.device, text.pad_id))
+            if is_main:
+                print(f"step {step}: held-out loss text {record['val/loss/text']:.4f} (words "
+                      f"{record['val/loss/text_words']:.3f}) audio {record['val/loss/audio']:.4f}", flush=True)
+        if step % t.log_every == 0 or step == t.max_steps or "val/loss" in record:
             logger.log(record)
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
                 logger.log_samples(step, out, batch, record, dmel)

@@ -1,0 +1,79 @@
+"""Held-out validation loss during training: a fixed set of packed batches from ``data.val_path``, scored every
+``trainer.val_every`` steps with the training forward (teacher forced), per stream.
+
+The batches are built once (the first ``data.val_batches`` batches of the held-out shards, packed exactly like
+training rows, with the training run's tokenizer, layout and dMel), so every evaluation scores the same positions
+and the curve shows generalisation, not a changing sample. Ranks split the batches and sum their results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from tml.audio.dmel import DMelTokenizer
+from tml.data.loader import LoaderConfig, PackedBatchLoader, read_manifest
+from tml.model import compute_losses
+from tml.streams.batch import Batch
+from tml.streams.layout import Kind, MicroTurnLayout
+from tml.text.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+# Logged as val/<name>: the losses of tml.model.losses.compute_losses, each averaged over its own targets.
+VAL_LOSSES = ("loss/text", "loss/audio", "loss/text_words")
+
+
+def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layout: MicroTurnLayout,
+                       dmel: DMelTokenizer, text: TextTokenizer, rank: int = 0, world_size: int = 1) -> list[Batch]:
+    """This rank's share of the first ``n_batches`` batches of ``path`` (each [micro_batch_size, seq_len]).
+
+    Fewer when the set is smaller than ``n_batches`` batches (it is never read twice); the count is logged.
+    """
+    manifest = read_manifest(path)
+    turns = manifest.get("hours", 0.0) * 3600 * 1000 / layout.cfg.micro_turn_ms
+    fit = max(1, int(turns * layout.length // (loader_cfg.seq_len * loader_cfg.micro_batch_size)))
+    if n_batches > fit:
+        log.warning("data.val_batches=%d but %s holds about %d batches: using %d", n_batches, path, fit, fit)
+        n_batches = fit
+    # One reader in this process, a fixed shard order: the same batches on every run and every evaluation.
+    cfg = dataclasses.replace(loader_cfg, num_workers=0, seed=0)
+    loader = PackedBatchLoader(path, cfg, layout, dmel, text)
+    batches = [next(loader) for _ in range(n_batches)]
+    loader.close()
+    return batches[rank::world_size]
+
+
+@torch.no_grad()
+def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) -> dict[str, float]:
+    """Teacher-forced losses over ``batches`` (this rank's) summed over ranks: ``val/loss/text``,
+    ``val/loss/audio``, ``val/loss/text_words`` (each a mean over its targets: text slots, audio channel bins,
+    non-pad text slots), ``val/loss`` (their text + audio sum) and ``val/positions``."""
+    names = VAL_LOSSES
+    sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (loss * count, count) per name, positions
+    was_training = engine.module.training
+    engine.module.eval()
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            losses = compute_losses(engine(batch), batch, text_pad_id=text_pad_id)
+            text = batch.target_text[batch.target_kind == Kind.TEXT]
+            counts = {"loss/text": text.numel(), "loss/text_words": int((text != text_pad_id).sum()),
+                      "loss/audio": int((batch.target_kind == Kind.AUDIO).sum())}
+            for i, k in enumerate(names):
+                if counts[k]:
+                    sums[2 * i] += float(losses[k]) * counts[k]
+                    sums[2 * i + 1] += counts[k]
+            sums[-1] += batch.num_tokens()
+    finally:
+        engine.module.train(was_training)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    out = {f"val/{k}": float(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else math.nan
+           for i, k in enumerate(names)}
+    out["val/loss"] = out["val/loss/text"] + out["val/loss/audio"]
+    out["val/positions"] = int(sums[-1])
+    return out
