@@ -37,9 +37,15 @@ def metrics(run_dir):
 def test_pretrain_learns_and_resumes_bitwise(synth_data, tmp_path):
     data = f"data.path={synth_data}"
     straight = tmp_path / "straight"
-    run_recipe(straight, data, "trainer.max_steps=16", "trainer.save_every=8", "logger=default")
+    run_recipe(straight, data, "trainer.max_steps=16", "trainer.save_every=8", "logger=default",
+               f"data.val_path={synth_data}", "trainer.val_every=8", "data.val_batches=2")
     m = metrics(straight)
     assert [r["step"] for r in m] == list(range(1, 17))
+    # Held-out loss at steps 8 and 16 only, per stream, on the same positions each time; it falls as training does.
+    val = [r for r in m if "val/loss" in r]
+    assert [r["step"] for r in val] == [8, 16] and val[0]["val/positions"] == val[1]["val/positions"] > 0
+    assert val[1]["val/loss/text"] < val[0]["val/loss/text"] and val[1]["val/loss/audio"] < val[0]["val/loss/audio"]
+    assert val[1]["val/loss"] == pytest.approx(val[1]["val/loss/text"] + val[1]["val/loss/audio"])
     # Loss falls for both streams (hand bound: clearly below the first step).
     assert m[-1]["loss/text"] < 0.8 * m[0]["loss/text"] and m[-1]["loss/audio"] < 0.95 * m[0]["loss/audio"]
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in m)

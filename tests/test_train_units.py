@@ -30,3 +30,34 @@ def test_truncate_metrics_keeps_what_resume_will_not_rewrite(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
     truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_validation_loss_is_the_mean_over_all_held_out_targets(tmp_path):
+    """Per-batch means weighted by their target counts = the loss of one batch holding every held-out row."""
+    from handmade import write_dataset
+    from tml.audio.dmel import DMelTokenizer
+    from tml.data.loader import LoaderConfig
+    from tml.model import InteractionModel, ModelConfig, MoEConfig, compute_losses
+    from tml.streams import LayoutConfig, MicroTurnLayout
+    from tml.text.tokenizer import TextTokenizer
+    from tml.train.validation import validation_batches, validation_losses
+
+    data = write_dataset(tmp_path / "val", 8, 4)
+    text = TextTokenizer.load(data / "tokenizer.json")
+    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+    torch.manual_seed(0)
+    model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                                         moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))).train()
+    batches = validation_batches(str(data), 2, LoaderConfig(seq_len=100, micro_batch_size=2), layout, dmel, text)
+    assert len(batches) == 2 and batches[0].kind.shape == (2, 100)
+    got = validation_losses(model, batches, "cpu", text.pad_id)
+    assert model.training  # left as it was
+    # The same 4 rows as one batch: every field is row-major, so the two batches concatenate.
+    whole = type(batches[0])(**{f: torch.cat([getattr(b, f) for b in batches]) for f in batches[0].__dataclass_fields__})
+    assert whole.validate().kind.shape == (4, 100)
+    model.eval()
+    with torch.no_grad():
+        ref = compute_losses(model(whole), whole, text_pad_id=text.pad_id)
+    for k in ("loss/text", "loss/audio", "loss/text_words"):
+        assert got[f"val/{k}"] == pytest.approx(float(ref[k]), rel=1e-5), k
+    assert got["val/positions"] == whole.num_tokens()

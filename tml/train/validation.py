@@ -49,13 +49,15 @@ def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layo
 
 @torch.no_grad()
 def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) -> dict[str, float]:
-    """Teacher-forced losses over ``batches`` (this rank's) summed over ranks: ``val/loss/text``,
+    """Teacher-forced losses of ``engine`` (a DeepSpeed engine or the model itself) over ``batches`` (this rank's)
+    summed over ranks: ``val/loss/text``,
     ``val/loss/audio``, ``val/loss/text_words`` (each a mean over its targets: text slots, audio channel bins,
     non-pad text slots), ``val/loss`` (their text + audio sum) and ``val/positions``."""
     names = VAL_LOSSES
     sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (loss * count, count) per name, positions
-    was_training = engine.module.training
-    engine.module.eval()
+    module = getattr(engine, "module", engine)
+    was_training = module.training
+    module.eval()
     try:
         for batch in batches:
             batch = batch.to(device)
@@ -69,7 +71,7 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
                     sums[2 * i + 1] += counts[k]
             sums[-1] += batch.num_tokens()
     finally:
-        engine.module.train(was_training)
+        module.train(was_training)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     out = {f"val/{k}": float(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else math.nan
