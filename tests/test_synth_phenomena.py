@@ -143,3 +143,40 @@ def test_noise_is_added_at_the_requested_snr():
         noise = y - x
         measured = 10 * math.log10(x[SR // 2: SR].pow(2).mean() / noise.pow(2).mean())
         assert measured == pytest.approx(snr, abs=0.01)
+
+
+def test_mix_flags_count_events_in_the_manifest_and_require_fails_a_short_set(tmp_path):
+    """A held-out set made for one phenomenon: every interrupt episode has exactly one barge-in while the model
+    speaks and no wait request; the manifest's counts equal a recount of the episodes' labels, and --require with
+    one event more than the set has refuses to write a manifest."""
+    import json
+
+    import webdataset as wds
+
+    from data_prep.synth_dialogues import main
+    from tml.streams import Episode
+
+    args = ["--episodes", "4", "--seed", "2", "--shard-size", "2", "--scenario-weights", "interrupt=1",
+            "--background-prob", "0", "--listener-sound-prob", "0", "--noise-prob", "0", "--workers", "1"]
+    m = main(["--out", str(tmp_path / "ok"), *args, "--require", "barge_in=4,reply_gap=4"])
+    eps = [Episode.from_sample(s) for name in sorted((tmp_path / "ok").glob("shard-*.tar"))
+           for s in wds.WebDataset(str(name), shardshuffle=False)]
+    assert [e.meta["scenario"] for e in eps] == ["interrupt"] * 4
+    recount = {"barge_in": "interruption", "listener_sound": "non_interruption", "wait_window": "wait_request",
+               "reply_gap": "expected_response"}
+    assert m["events"] == {k: sum(ev["type"] == t for e in eps for ev in e.meta["events"]) for k, t in recount.items()}
+    assert m["events"]["barge_in"] == 4 and m["events"]["wait_window"] == 0 and m["events"]["reply_gap"] >= 4
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["events"] == m["events"]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "short"), *args, "--require", "barge_in=5"])
+    assert not (tmp_path / "short" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--scenario-weights=nope=1", "--scenario-weights=wait=x", "--require=coughs=3",
+                                  "--noise-prob=1.5"])
+def test_bad_mix_flags_are_usage_errors_naming_the_flag(flag, tmp_path, capsys):
+    from data_prep.synth_dialogues import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--episodes", "1", flag])
+    assert flag.split("=")[0] in capsys.readouterr().err

@@ -34,16 +34,21 @@ def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layo
     Fewer when the set is smaller than ``n_batches`` batches (it is never read twice); the count is logged.
     """
     manifest = read_manifest(path)
-    turns = manifest.get("hours", 0.0) * 3600 * 1000 / layout.cfg.micro_turn_ms
-    fit = max(1, int(turns * layout.length // (loader_cfg.seq_len * loader_cfg.micro_batch_size)))
-    if n_batches > fit:
-        log.warning("data.val_batches=%d but %s holds about %d batches: using %d", n_batches, path, fit, fit)
-        n_batches = fit
+    total = sum(int(sh.get("episodes", 0)) for sh in manifest["shards"]) or int(manifest.get("episodes", 0))
     # One reader in this process, a fixed shard order: the same batches on every run and every evaluation.
-    cfg = dataclasses.replace(loader_cfg, num_workers=0, seed=0)
-    loader = PackedBatchLoader(path, cfg, layout, dmel, text)
-    batches = [next(loader) for _ in range(n_batches)]
+    loader = PackedBatchLoader(path, dataclasses.replace(loader_cfg, num_workers=0, seed=0), layout, dmel, text)
+    batches = []
+    while len(batches) < n_batches:
+        batch = next(loader)
+        # Episodes pulled so far (the live count: the last one may continue into the next row). More than the set
+        # holds: this batch wrapped into a second pass.
+        if total and loader._live["seen"] > total:
+            break
+        batches.append(batch)
     loader.close()
+    if len(batches) < n_batches:
+        log.warning("data.val_batches=%d but %s (%d episodes) fills only %d batches: using %d", n_batches, path,
+                    total, len(batches), len(batches))
     return batches[rank::world_size]
 
 
