@@ -15,8 +15,8 @@ Wire protocol (one connection = one session; JSON in text frames, audio in binar
     server -> {"type": "warning", "message"} when it falls behind real time (and again every 5 s while behind)
     client -> {"type": "end"}: the server pads the last partial micro-turn with silence, answers every queued
               micro-turn, sends {"type": "done", "turns", "padded_samples"} and closes
-    server -> {"type": "error", "message"} and a close (1007 bad data, 1008 protocol, 1013 server full) on a bad
-              frame; only that connection is affected
+    server -> {"type": "error", "message"} and a close (1007 bad data, 1008 protocol, 1013 server full, 1011 a
+              failed micro-turn) on a bad frame; only that connection is affected
 
 Timing: micro-turn t's input is complete when its last sample arrives; the session then steps it (on a worker
 thread, so a slow session never blocks the event loop or another connection), the streaming vocoder turns its
@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,8 @@ class ServeConfig:
     vocoder_iters: int = 32  # Griffin-Lim iterations per micro-turn of model audio
     record_dir: str = ""  # when set, each session writes user.wav, dialogue.wav, turns.jsonl into a subdirectory
     max_frame_bytes: int = 1 << 20  # largest accepted WebSocket message
+    max_backlog_s: float = 30.0  # audio queued ahead of the model beyond this is refused (a client far faster than
+    # real time would otherwise grow the server's memory without bound)
 
 
 class ProtocolError(Exception):
@@ -274,6 +277,9 @@ class Server:
                                         f'and the only text message after "start" is {{"type": "end"}}')
                 for chunk in live.feed(decode_frame(message, fmt)):
                     queue.put_nowait(chunk)
+                if queue.qsize() * live.micro_turn_s > self.cfg.max_backlog_s:
+                    raise ProtocolError(f"more than serve.max_backlog_s={self.cfg.max_backlog_s:g} s of audio queued "
+                                        f"ahead of the model: send audio in real time")
         finally:
             if not worker.done():  # left, or sent a bad frame: drop what is queued, let the step in flight finish
                 while not queue.empty():
@@ -287,7 +293,12 @@ class Server:
         warned_at = -math.inf
         while (chunk := await queue.get()) is not None:
             waiting = queue.qsize()
-            meta, audio = await loop.run_in_executor(self.pool, live.step, chunk)
+            try:
+                meta, audio = await loop.run_in_executor(self.pool, live.step, chunk)
+            except Exception as e:  # a bug or a model error: this session ends with a message, the others go on
+                log.exception("session %d: micro-turn %d failed", sid, live.clock.turns)
+                await _fail(conn, f"internal error in micro-turn {live.clock.turns}: {type(e).__name__}: {e}", 1011)
+                return False
             meta["queued"] = waiting
             try:
                 if meta["behind"] and time.monotonic() - warned_at > BEHIND_REPEAT_S:
@@ -305,13 +316,19 @@ class Server:
         return True
 
     async def run(self, host: str, port: int, on_ready: Callable[[str, int], None] | None = None) -> None:
-        """Serve until cancelled. ``on_ready(host, port)`` is called with the bound address (port 0 picks one)."""
+        """Serve until cancelled or sent SIGTERM / SIGINT. ``on_ready(host, port)`` is called with the bound address
+        (port 0 picks one)."""
+        stop = asyncio.get_running_loop().create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
         async with serve(self.handler, host, port, process_request=self.process_request, compression=None,
                          max_size=self.cfg.max_frame_bytes) as server:
             bound = server.sockets[0].getsockname()
             if on_ready is not None:
                 on_ready(bound[0], bound[1])
-            await server.serve_forever()
+            await stop
+            log.info("stopping: closing %d sessions", len(self.active))
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _response(status: int, body: bytes, content_type: str) -> Response:
@@ -351,7 +368,4 @@ def serve_forever(server: Server, host: str, port: int) -> None:
         print(f"serving {server.name or 'a checkpoint'} on http://{h}:{p}/ (WebSocket ws://{h}:{p}/ws, "
               f"up to {server.cfg.max_sessions} sessions)", flush=True)
 
-    try:
-        asyncio.run(server.run(host, port, ready))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(server.run(host, port, ready))
