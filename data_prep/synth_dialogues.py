@@ -39,7 +39,8 @@ from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 
 GENERATOR = "data_prep.synth_dialogues"
-GENERATOR_VERSION = "2.2"  # 2.1: delegate events; 2.2: long_talk scenario, mix flags, event counts in the manifest
+GENERATOR_VERSION = "2.3"  # 2.1: delegate events; 2.2: long_talk scenario, mix flags, event counts in the manifest;
+# 2.3: wait_request.quiet_from (after the model's acknowledgement)
 SAMPLE_RATE = 16000
 VIDEO_FPS = 5
 VIDEO_SIZE = 80
@@ -640,7 +641,11 @@ def _events(turns: list[Spoken], background: list[BackgroundEvent], video: Video
             ev.append({"type": "delegate", "time": r(s.end), "speaker": who, "query": s.line.query})
         if k == "wait":
             back = next((t for t in main if t.start > s.end and t.line.speaker == "user"), None)
-            ev.append({"type": "wait_request", "time": r(s.end), "until": r(back.start) if back else None})
+            # The model acknowledges ("okay, take your time") and is quiet from the end of that until the go-ahead.
+            ack = next((t for t in main if t.start > s.start and t.line.speaker == "model"), None)
+            quiet = r(ack.end) if ack is not None and (back is None or ack.end < back.start) else r(s.end)
+            ev.append({"type": "wait_request", "time": r(s.end), "quiet_from": quiet,
+                       "until": r(back.start) if back else None})
         if k == "timer_request":
             ev.append({"type": "timer", "time": r(s.end), "target": r(s.end + s.line.result_delay), "tolerance": 0.5,
                        "what": "seconds"})

@@ -66,3 +66,12 @@ def test_delegation_rate_by_hand():
 def test_nothing_measured_gives_none():
     agg = aggregate([episode_metrics(DuplexLabels(duration=1.0), track(1.0, []), [])])
     assert agg["turn_taking_latency_mean_s"] is None and agg["interruption_stop_rate"] is None
+
+
+def test_a_reply_that_overlaps_the_end_of_the_turn_takes_it_with_latency_0():
+    # Onsets at 0.8 (0.2 s before the first turn ends: taken, latency 0), 2.5 (0.5 s before the second ends: too
+    # early, an overlap_s of 0.3 does not reach it, and nothing follows: missed).
+    active = track(5.0, [(0.8, 1.5), (2.5, 2.9)])
+    labels = DuplexLabels(duration=5.0, response_turns=[(0.0, 1.0), (2.0, 3.0)])
+    m = episode_metrics(labels, active, [], MetricConfig())
+    assert m["latency"] == [0.0] and m["missed_turns"] == [1]

@@ -72,6 +72,7 @@ def test_wait_request_keeps_the_model_quiet_until_the_go_ahead():
         ack = next(t for t in ep.meta["turns"] if t["speaker"] == "model" and t["start"] >= w["time"] - 0.3)
         assert w["until"] - ack["end"] >= 1.5
         assert rms(ep.audio["model"], ack["end"] + 0.05, w["until"]) < 1e-3
+        assert w["quiet_from"] == pytest.approx(ack["end"], abs=1e-3)  # the quiet starts after the acknowledgement
 
 
 def test_mid_turn_pause_is_silence_inside_one_utterance():

@@ -7,7 +7,9 @@ Every metric is a plain function of those two, so a scripted stand-in can be che
 Definitions (all times in seconds):
 * speech onset: the first frame of a run of at least ``min_speech_s`` of model speech activity;
 * turn-taking latency: user end of speech (of a turn that expects an answer) -> first model onset after it
-  (missing when none within ``max_latency_s``);
+  (missing when none within ``max_latency_s``); an onset up to ``overlap_s`` before the end (a reply that overlaps
+  the user's last syllables, as ~18% of human turn switches do) takes the turn with latency 0, as Full-Duplex-Bench
+  clips latency at 0;
 * interruption: the user barges in at time i while the model speaks; stop latency = i -> first moment the model has
   been silent for ``min_silence_s``; stopped if that happens within ``max_stop_s``;
 * false barge-in: a cough / backchannel at time c while the model speaks; counted when the model stops within
@@ -53,6 +55,7 @@ class MetricConfig:
     min_speech_s: float = 0.1
     min_silence_s: float = 0.2
     max_latency_s: float = 5.0
+    overlap_s: float = 0.3  # an onset this close before the user's end of turn takes the turn (latency 0)
     max_stop_s: float = 1.5
     false_stop_s: float = 0.5
     max_backchannel_s: float = 1.0
@@ -129,10 +132,10 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
     on = onsets(active, cfg)
     out: dict[str, list] = {k: [] for k in ("latency", "missed_turns", "stop_latency", "stopped", "false_stop",
                                             "backchannel", "quiet_ok", "on_time", "answer_ok", "delegated")}
-    for _, end in labels.response_turns:
-        nxt = [o for o in on if end <= o <= end + cfg.max_latency_s]
+    for start, end in labels.response_turns:
+        nxt = [o for o in on if max(start, end - cfg.overlap_s) <= o <= end + cfg.max_latency_s]
         if nxt:
-            out["latency"].append(nxt[0] - end)
+            out["latency"].append(max(0.0, nxt[0] - end))
         else:
             out["missed_turns"].append(1)
     for i in labels.interruptions:

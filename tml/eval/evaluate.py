@@ -54,7 +54,7 @@ def labels_from_events(events: list[dict], duration: float) -> DuplexLabels:
             labels.false_barge_ins.append(t)
         elif typ == "wait_request":
             until = e.get("until")
-            labels.quiet_windows.append((t, float(until) if until is not None else duration))
+            labels.quiet_windows.append((float(e.get("quiet_from", t)), float(until) if until is not None else duration))
         elif typ == "timer":
             labels.timed_cues.append(float(e.get("target", t)))
         elif typ == "visual" and e.get("what") == "wall_hit":

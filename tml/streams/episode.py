@@ -21,7 +21,8 @@ Event labels: ``meta["events"]`` is a list of ``{"type", "time", ...}`` dicts so
                       speaker, what ("cough" | "false_start" | "backchannel")
     pause             silence inside one utterance that is not a turn end: speaker, end
     expected_response the model should start speaking in [time, by]: speaker="model", by, reason
-    wait_request      the user asks the model to stay quiet until ``until`` (the user's go-ahead)
+    wait_request      the user asks the model to stay quiet until ``until`` (the user's go-ahead); ``quiet_from``
+                      (optional, default ``time``): when the quiet starts, after the model's acknowledgement
     timer             a time-aware task: target (time the model should speak), tolerance
     visual            a video event the model should react to: what ("wall_hit" | "square_appears"), answer
     background_result a background-model result arrives: text

@@ -1,0 +1,20 @@
+"""The checkpoint-curve metrics from raw per-episode measurements, by hand."""
+
+import pytest
+
+from tml.tools.interaction_curves import curve_metrics
+
+
+def test_curve_metrics_by_hand():
+    empty = {k: [] for k in ("latency", "missed_turns", "stop_latency", "stopped", "false_stop", "quiet_ok")}
+    a = {**empty, "latency": [0.2, 0.4, 1.6], "missed_turns": [1], "stopped": [1, 1, 0], "stop_latency": [0.3, 0.9],
+         "false_stop": [0, 1], "quiet_ok": [1, 1]}
+    b = {**empty, "latency": [0.1], "false_stop": [0, 0], "quiet_ok": [0]}
+    m = curve_metrics([a, b])
+    assert m["response_rate"] == pytest.approx(4 / 5) and m["n_response_rate"] == 5
+    assert m["latency_median_s"] == pytest.approx(0.3)  # median of 0.1, 0.2, 0.4, 1.6
+    assert m["latency_p90_s"] == pytest.approx(1.6)  # nearest rank: ceil(0.9 * 4) = 4th
+    # 3 barge-ins while it spoke: stopped within 0.5 s once (0.3), after 0.9 s once, never once -> 1/3
+    assert m["barge_in_stop_rate"] == pytest.approx(1 / 3) and m["n_barge_in_stop_rate"] == 3
+    assert m["cough_stop_rate"] == pytest.approx(1 / 4) and m["wait_speak_rate"] == pytest.approx(1 / 3)
+    assert curve_metrics([empty])["response_rate"] is None
