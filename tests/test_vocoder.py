@@ -61,6 +61,13 @@ def test_compare_by_hand():
     assert log_mel_correlation(ref, ref) == pytest.approx(1.0)
 
 
+def test_spectral_convergence_of_a_silent_reference_is_undefined():
+    silent = torch.full((50, 80), -11.0)  # digital silence: below the range, every cell clips to the floor
+    speech = torch.full((50, 80), -1.0)
+    assert spectral_convergence(silent, speech) is None  # was 10 ** 3 (the loudness ratio to the floor)
+    assert spectral_convergence(speech, silent) == pytest.approx(1 - 10 ** -3, rel=1e-5)
+
+
 def test_griffin_lim_equals_torchaudios_and_leaves_the_global_rng_alone(tok, speech):
     import torchaudio
 

@@ -6,7 +6,9 @@ not depend on how far below the range digital silence happens to sit:
 * ``mel_l1``: mean absolute difference of the clipped log10 mel (0 = equal; one dMel bin of 16 over [-7, 2] is
   0.5625);
 * ``spectral_convergence``: ``||A - B||_F / ||A||_F`` on mel magnitudes ``sqrt(10 ** log_mel)`` (0 = equal; 1 = as
-  far as silence is from the reference);
+  far as silence is from the reference); None for a silent reference (every cell at the floor of the range): the
+  ratio would only measure the other side's loudness against the floor (it read 1486 for a model side that was
+  silent in the recording);
 * ``log_mel_correlation``: Pearson correlation of the clipped log10 mel values over all cells.
 """
 
@@ -28,8 +30,10 @@ def mel_l1(ref: torch.Tensor, other: torch.Tensor, lo: float = -7.0, hi: float =
     return float((a - b).abs().mean())
 
 
-def spectral_convergence(ref: torch.Tensor, other: torch.Tensor, lo: float = -7.0, hi: float = 2.0) -> float:
+def spectral_convergence(ref: torch.Tensor, other: torch.Tensor, lo: float = -7.0, hi: float = 2.0) -> float | None:
     a, b = _aligned(ref, other, lo, hi)
+    if not bool((a > lo).any()):
+        return None  # silent reference: nothing to converge to
     ma, mb = torch.pow(10.0, a / 2), torch.pow(10.0, b / 2)
     return float((ma - mb).norm() / ma.norm())
 

@@ -231,7 +231,7 @@ def plot_timeline(path, run: EpisodeRun, episode: Episode, user_active: torch.Te
     plt.close(fig)
 
 
-def plot_latencies(path, per_episode: list[dict]) -> None:
+def plot_latencies(path, per_episode: list[dict]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,9 +244,13 @@ def plot_latencies(path, per_episode: list[dict]) -> None:
         spread = max(xs) - min(xs) if xs else 0.0
         ax.hist(xs, bins=20 if spread > 1e-6 else 1, color="tab:orange")  # equal values up to rounding: one bin
         ax.set_title(f"{title}, n={len(xs)}", fontsize=9)
+        if not xs:
+            ax.text(0.5, 0.5, "no data: nothing to measure\n(see the warnings)", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="grey")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,

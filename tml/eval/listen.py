@@ -104,7 +104,9 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
         gen_mel = dmel.unit_to_log_mel(g.model_audio_unit).flatten(0, 1)
         metrics["generated_vs_reference"] = gm = compare(gen_mel)
         panels.append(("generated model", gen_mel))
-        title += f": generated vs reference mel L1 {gm['mel_l1']:.2f}, SC {gm['spectral_convergence']:.2f}"
+        sc = gm["spectral_convergence"]
+        title += f": generated vs reference mel L1 {gm['mel_l1']:.2f}, " + \
+            (f"SC {sc:.2f}" if sc is not None else "SC n/a (silent reference)")
         sr, n = dmel.cfg.sample_rate, T * layout.samples_per_turn
         model_wave = dmel.to_wave(gen_mel)
         fit = lambda w: torch.nn.functional.pad(w[:n], (0, max(0, n - w.numel())))  # noqa: E731
@@ -112,8 +114,9 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
         write_wav(out / "dialogue.wav", torch.stack([fit(episode.audio["user"]), fit(model_wave)]), sr)
         lines = ["time_s\tmicro_turn\tgenerated\treference"]
         ref_text = tok.text_ids[(tok.stream == Stream.MODEL) & (tok.kind == Kind.TEXT)].view(T, -1)
+        said_turns, ref_turns = text.decode_turns(g.model_text.tolist()), text.decode_turns(ref_text.tolist())
         for t in range(T):
-            said, ref = text.decode(g.model_text[t].tolist()), text.decode(ref_text[t].tolist())
+            said, ref = said_turns[t].strip(), ref_turns[t].strip()  # whole characters (byte-level BPE)
             if said or ref:
                 lines.append(f"{t * layout.cfg.micro_turn_ms / 1000:.1f}\t{t}\t{said}\t{ref}")
         (out / "text.tsv").write_text("\n".join(lines) + "\n")

@@ -83,6 +83,24 @@ class TextTokenizer:
         return text[1:] if text.startswith(" ") else text
 
 
+    def decode_turns(self, turns: Iterable[Iterable[int]]) -> list[str]:
+        """Token ids per micro-turn -> the text each turn adds. A byte-level BPE can split one character's bytes
+        over turns; the character then appears whole in the turn of its last byte instead of as two U+FFFD halves.
+        The concatenation equals ``decode`` of all ids (an unfinished character at the very end is kept as is)."""
+        turns = [[int(i) for i in t if int(i) != self.pad_id] for t in turns]
+        out, done, ids = [], "", []
+        for k, turn in enumerate(turns):
+            ids += turn
+            text = self.tok.decode(ids, skip_special_tokens=False)
+            if k < len(turns) - 1:
+                text = text.rstrip("\ufffd")  # bytes of a character still being written decode to U+FFFD
+            out.append(text[len(done):])
+            done = text
+        if out and out[0].startswith(" "):
+            out[0] = out[0][1:]  # like decode: the first word's leading space
+        return out
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> TextTokenizer:
     """Train a byte-level BPE of ``vocab_size`` ids (special tokens first, so ``<pad>`` = 0) on ``texts`` and save
     it as ``path`` (a tokenizer.json). The vocabulary can come out smaller when the corpus has few merges."""

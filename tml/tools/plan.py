@@ -269,7 +269,24 @@ def format_plan(r: dict) -> str:
         f"({r['all_to_all_bytes_per_step'] / 1e9:.1f} GB per GPU) + grad sync {st['gradient_sync']:.3f} s = "
         f"{st['total']:.3f} s; MFU {100 * r['mfu']:.1f}%",
     ]
+    a = r["assumptions"]
+    lines.append(f"assumed per GPU: peak {a['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, HBM {a['hbm_bytes_per_s'] / 1e12:.2f} "
+                 f"TB/s, NVLink {a['nvlink_bytes_per_s'] / 1e9:.0f} GB/s, network {a['network_bytes_per_s'] / 1e9:.0f} GB/s; "
+                 f"communication not overlapped with compute (an upper bound)")
     lines += [f"  - {tip}" for tip in r["advice"]]
+    return "\n".join(lines)
+
+
+def format_search(rows: list[dict], top: int = 8) -> str:
+    """The --search table: the ``top`` fastest choices that fit, with a header."""
+    if not rows:
+        return "search: no (expert-parallel size, ZeRO stage, checkpointing) choice fits"
+    lines = [f"search: {len(rows)} choices fit; the {min(top, len(rows))} fastest:",
+             f"  {'EP':>6}  {'ZeRO':>4}  {'act. ckpt':>9}  {'GiB/GPU':>8}  {'step s':>7}  {'MFU':>6}"]
+    for row in rows[:top]:
+        lines.append(f"  {row['expert_parallel_size']:>6}  {row['zero_stage']:>4}  "
+                     f"{str(row['activation_checkpointing']):>9}  {row['memory_gib']:>8.1f}  "
+                     f"{row['step_time_s']:>7.3f}  {100 * row['mfu']:>5.1f}%")
     return "\n".join(lines)
 
 
@@ -299,9 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
     else:
         print(format_plan(result))
-        for row in result.get("search", [])[:8]:
-            print(f"  EP {row['expert_parallel_size']:>4}  ZeRO-{row['zero_stage']}  ckpt {str(row['activation_checkpointing']):5}"
-                  f"  {row['memory_gib']:6.1f} GiB  {row['step_time_s']:.3f} s  MFU {100 * row['mfu']:.1f}%")
+        if "search" in result:
+            print(format_search(result["search"]))
     return result
 
 

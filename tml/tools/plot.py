@@ -34,6 +34,17 @@ def _lines(records: list[dict], keys: list[str], title: str, ylabel: str, log: b
     return fig
 
 
+def throughput_figure(records: list[dict]):
+    """tokens/s, and MFU on a second axis (dashed) when logged."""
+    fig = _lines(records, ["tokens_per_s"], "throughput", "tokens/s")
+    if any("mfu" in r for r in records):
+        ax2 = fig.axes[0].twinx()
+        ax2.plot([r["step"] for r in records if "mfu" in r], [r["mfu"] for r in records if "mfu" in r], "C1--")
+        ax2.set_ylabel("MFU (dashed)")
+        fig.tight_layout()  # again, with the twin axis: its label sits right of the plot and was cut off
+    return fig
+
+
 def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     """Write the PNGs; return their paths."""
     records = read_metrics(run_dir)
@@ -42,11 +53,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
     figs = {"loss": _lines(records, [k for k in ("loss", "loss/text", "loss/audio", "loss/text_words", "loss/aux")
                                      if any(k in r for r in records)], "loss per stream", "loss"),
             "lr": _lines(records, ["lr"], "learning rate", "lr"),
-            "throughput": _lines(records, ["tokens_per_s"], "throughput", "tokens/s")}
-    if any("mfu" in r for r in records):
-        ax2 = figs["throughput"].axes[0].twinx()
-        ax2.plot([r["step"] for r in records if "mfu" in r], [r["mfu"] for r in records if "mfu" in r], "C1--")
-        ax2.set_ylabel("MFU (dashed)")
+            "throughput": throughput_figure(records)}
     with_load = [r for r in records if load_matrix(r) is not None]
     if with_load:
         figs["expert_load"] = expert_load_figure(load_matrix(with_load[-1]), f"expert load, step {with_load[-1]['step']}")
