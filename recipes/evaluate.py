@@ -7,7 +7,7 @@ activity as a listener's VAD hears it on the playback clock (`vad.method=silero`
 mean-log-mel fallback). Writes eval.json, latency histograms, timelines and stereo .wav files to the run dir.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 
 from data_prep.espeak import canned_reply
 from tml.cli import check_overrides, recipe_run
-from tml.eval.evaluate import SilenceRuleResponder, evaluate
+from tml.eval.evaluate import SilenceRuleResponder, evaluate_seeds
 from tml.eval.loading import load_run, read_episodes
+from tml.eval.report import EvalConfig
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.eval.vad import VADConfig
 from tml.streams.layout import ConfigError
@@ -36,7 +37,8 @@ class EvaluateConfig:
     silence_reply: str = "okay, I hear you."  # silence_rule: what it says
     realtime: bool = False  # true: place output as if compute were instantaneous (default: measured compute)
     vad: VADConfig = field(default_factory=VADConfig)  # how a listener decides that the responder speaks
-    session: SessionConfig = field(default_factory=SessionConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)  # session.sampling.seed is replaced by eval.seeds
+    eval: EvalConfig = field(default_factory=EvalConfig)  # seeds, min events, bootstrap CI, silence-rule baseline
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -51,14 +53,27 @@ def main(cfg) -> None:
             raise ConfigError(f"responder={cfg.responder!r}: choose model, untrained or silence_rule")
         run = load_run(cfg.checkpoint, untrained=cfg.responder == "untrained")
         episodes = read_episodes(cfg.data_path or run.config.data.path, limit=cfg.episodes)
-        if cfg.responder == "silence_rule":
-            reply = canned_reply(cfg.silence_reply, run.dmel, run.text)
-            make = lambda: SilenceRuleResponder(run.layout, run.dmel, cfg.silence_gap_s,  # noqa: E731
-                                                threshold=cfg.threshold, text_pad_id=run.text.pad_id, reply=reply)
+        reply = canned_reply(cfg.silence_reply, run.dmel, run.text)
+
+        def silence_rule():
+            return SilenceRuleResponder(run.layout, run.dmel, cfg.silence_gap_s, threshold=cfg.threshold,
+                                        text_pad_id=run.text.pad_id, reply=reply)
+
+        def session(seed: int):
+            sampling = replace(cfg.session.sampling, seed=seed)
+            return StreamingSession(run.model, run.layout, run.dmel, replace(cfg.session, sampling=sampling),
+                                    run.text.pad_id)
+
+        if cfg.responder == "silence_rule":  # deterministic: one pass, reported like the model's
+            cfg.eval.seeds, cfg.eval.baseline = [0], False
+            make = lambda seed: silence_rule()  # noqa: E731
         else:
-            make = lambda: StreamingSession(run.model, run.layout, run.dmel, cfg.session, run.text.pad_id)  # noqa: E731
-        result = evaluate(make, episodes, run.layout, run.dmel, run.text, run_dir, cfg.vad, realtime=cfg.realtime)
-        print(OmegaConf.to_yaml(OmegaConf.create(result)), flush=True)
+            make = session
+        report = evaluate_seeds(make, episodes, run.layout, run.dmel, run.text, run_dir, cfg.eval, cfg.vad,
+                                cfg.realtime, make_baseline=silence_rule if cfg.eval.baseline else None)
+        print(f"{len(episodes)} episodes x seeds {report['seeds']}, playback clock ({report['playback']}, max lag "
+              f"{report['max_lag_s']:.2f} s), activity {report['activity']}; {report['ci']}\n{report['table']}\n"
+              f"wrote {run_dir / 'report.md'}", flush=True)
 
 
 if __name__ == "__main__":

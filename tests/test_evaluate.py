@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from tml.audio.dmel import DMelTokenizer
 from tml.audio.wav import read_wav, write_wav
-from tml.eval.evaluate import SilenceRuleResponder, evaluate, labels_from_events
+from tml.eval.evaluate import SilenceRuleResponder, evaluate, heard_text, labels_from_events, run_episode
 from tml.eval.vad import VADConfig
 from tml.streams import Episode, LayoutConfig, MicroTurnLayout
 from tml.text.tokenizer import train_bpe
@@ -66,8 +66,8 @@ def test_silence_rule_latencies_equal_the_hand_computation(tmp_path):
     assert per["latency"] == pytest.approx([0.51, 0.51], abs=1e-9)
     assert per["stopped"] == [1] and per["stop_latency"] == pytest.approx([0.2], abs=1e-9)
     assert per["false_stop"] == [0] and per["on_time"] == [1]
-    assert result["turn_taking_latency_mean_s"] == pytest.approx(0.51)
-    assert result["interruption_stop_rate"] == 1.0 and result["false_barge_in_rate"] == 0.0
+    assert result["metrics"]["turn_taking_latency_mean_s"] == pytest.approx(0.51)
+    assert result["metrics"]["interruption_stop_rate"] == 1.0 and result["metrics"]["false_barge_in_rate"] == 0.0
     for name in ("latencies.png", "timeline_noise.png", "dialogue_noise.wav"):
         assert (tmp_path / "out" / name).stat().st_size > 0
 
@@ -75,15 +75,23 @@ def test_silence_rule_latencies_equal_the_hand_computation(tmp_path):
 def test_evaluate_recipe_on_a_real_checkpoint(tmp_path, tiny_run):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     run = tiny_run
-    for responder in ("model", "silence_rule"):
+    for responder, seeds in (("model", [0, 1]), ("silence_rule", [0])):
         out = tmp_path / f"eval_{responder}"
         proc = subprocess.run([sys.executable, "recipes/evaluate.py", f"checkpoint={run}", f"responder={responder}",
-                               "episodes=2", f"hydra.run.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+                               "episodes=2", f"eval.seeds=[{','.join(map(str, seeds))}]", f"hydra.run.dir={out}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads((out / "eval.json").read_text())
-        assert result["metrics"]["episodes"] == 2 and len(result["per_episode"]) == 2
-        assert (out / "latencies.png").exists()
+        for seed in seeds:
+            result = json.loads((out / f"seed_{seed}" / "eval.json").read_text())
+            assert result["metrics"]["episodes"] == 2 and len(result["per_episode"]) == 2
+            assert (out / f"seed_{seed}" / "latencies.png").exists()
+        assert list((out / "seed_0").glob("timeline_*.png")) and list((out / "seed_0").glob("dialogue_*.wav"))
+        report = json.loads((out / "report.json").read_text())
+        assert report["seeds"] == seeds and (report["baseline"] is not None) == (responder == "model")
+        # two episodes hold far fewer than 10 barge-ins: flagged, never a number
+        barge = report["model"]["barge_in_stop_rate"]
+        assert barge["value"] is None and barge["flag"].startswith("too few events")
+        assert "| barge_in_stop_rate" in (out / "report.md").read_text() and "flagged" in proc.stdout
         log = (out / "evaluate.log").read_text()  # what it printed, in its log file
         assert proc.stdout.strip() and all(line in log for line in proc.stdout.splitlines())
     wav = tmp_path / "user.wav"
@@ -96,3 +104,65 @@ def test_evaluate_recipe_on_a_real_checkpoint(tmp_path, tiny_run):
     assert (out / "converse.log").read_text().count("micro-turn ") == 5
     stereo, sr = read_wav(out / "dialogue.wav")
     assert sr == SR and stereo.shape == (2, SR)
+    # the model's side on the playback clock: nothing is heard before micro-turn 0's output plays at 0.2 s + compute
+    assert stereo[1, :3200].abs().max() == 0
+
+
+class ScriptedResponder:
+    """A policy with a known delay: after the user has spoken, it speaks (a loud constant frame, and the word "yes")
+    in the output of the ``n``-th fully silent input micro-turn, for ``speak_turns`` micro-turns, and reports
+    ``compute_s`` per micro-turn. The user is "speaking" in a micro-turn when its input samples are not all zero."""
+
+    def __init__(self, layout, dmel, text, n: int, speak_turns: int = 3, compute_s: float = 0.0):
+        self.layout, self.dmel, self.n, self.speak_turns, self.compute_s = layout, dmel, n, speak_turns, compute_s
+        self.word = text.word_ids("yes")
+        self.pad = text.pad_id
+        self.silent_turns, self.spoke, self.left, self.turn = 0, False, 0, 0
+
+    def step(self, inputs):
+        from tml.eval.session import MicroTurnOutputs
+
+        if inputs.user_audio.abs().max() > 0:
+            self.spoke, self.silent_turns = True, 0
+        else:
+            self.silent_turns += 1
+            if self.spoke and self.silent_turns == self.n:
+                self.left, self.spoke = self.speak_turns, False
+        F, C = self.layout.frames_per_turn, self.layout.cfg.n_mels
+        speaking = self.left > 0
+        bins = torch.full((F, C), 12 if speaking else 0, dtype=torch.long)
+        ids = (self.word if speaking and self.left == self.speak_turns else []) + [self.pad] * 4
+        self.left -= int(speaking)
+        self.turn += 1
+        return MicroTurnOutputs(turn=self.turn - 1, text_ids=ids[:4], audio_bins=bins, mel=self.dmel.decode(bins),
+                                wave=None, text_logits=torch.zeros(0), audio_logits=None, background_ids=[],
+                                compute_s=self.compute_s)
+
+
+@pytest.mark.parametrize("n, compute_s, realtime", [(1, 0.0, False), (2, 0.0, False), (2, 0.05, False),
+                                                    (2, 0.05, True)])
+def test_scripted_reply_delay_is_measured_exactly_on_the_playback_clock(tmp_path, n, compute_s, realtime):
+    # The user speaks in micro-turns 1..4 (0.2-1.0 s) and stops at e = 1.0 s. The responder's n-th silent input
+    # micro-turn is 4 + n; its output is computed once that input has arrived, at (4 + n + 1) * 0.2 s, and plays then
+    # (plus compute, when measured: a constant 0.05 s < 0.2 s never builds a backlog). So the latency is
+    # (5 + n) * 0.2 - 1.0 = n * 0.2 (+ compute): one micro-turn more than placing output at its own micro-turn would say.
+    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+    text = train_bpe(["yes no maybe"] * 10, 300, tmp_path / "tokenizer.json")
+    user = torch.zeros(3 * SR)
+    user[int(0.2 * SR) : int(1.0 * SR)] = 0.1 * torch.randn(int(0.8 * SR), generator=torch.Generator().manual_seed(0))
+    events = [{"type": "utterance_start", "time": 0.2, "speaker": "user", "kind": "turn"},
+              {"type": "utterance_end", "time": 1.0, "speaker": "user", "kind": "turn"},
+              {"type": "expected_response", "time": 1.0, "speaker": "model", "by": 2.0},
+              {"type": "utterance_start", "time": 1.0, "speaker": "model", "kind": "answer", "text": "yes"}]
+    episode = Episode(key="scripted", duration=3.0, sample_rate=SR, audio={"user": user, "model": torch.zeros(3 * SR)},
+                      meta={"events": events})
+    delay = n * 0.2 + (0.0 if realtime else compute_s)
+    run = run_episode(ScriptedResponder(layout, dmel, text, n, compute_s=compute_s), episode, layout, dmel, text)
+    assert run.text_by_turn == [(4 + n, "yes")]
+    assert heard_text(run, layout, realtime) == [(pytest.approx(1.0 + delay, abs=1e-9), "yes")]
+    result = evaluate(lambda: ScriptedResponder(layout, dmel, text, n, compute_s=compute_s), [episode], layout, dmel,
+                      text, tmp_path / "out", VADConfig(method="logmel"), n_wavs=0, n_timelines=0, realtime=realtime)
+    per = result["per_episode"][0]
+    assert per["latency"] == pytest.approx([delay], abs=1e-9)
+    assert per["answer_ok"] == [1]
+    assert result["metrics"]["max_lag_s"] == pytest.approx(0.0 if realtime else compute_s, abs=1e-9)

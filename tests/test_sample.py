@@ -25,8 +25,11 @@ def test_sample_recipe_writes_wavs_text_png_metrics(synth_data, tmp_path):
     assert sr == sr2 == 16000 and model.shape[0] == 1 and dialogue.shape == (2, 4 * 3200)  # 4 micro-turns of 0.2 s
     # the left channel is the recorded user, right the generated model (16-bit PCM round trip)
     assert model.abs().max() > 0 and torch.allclose(dialogue[1, : model.shape[1]], model[0, : 4 * 3200], atol=1e-4)
+    # playback clock: micro-turn 0's output is heard from 0.2 s, so the first 3200 samples are silent
+    assert model.shape[1] == 4 * 3200 and model[0, :3200].abs().max() == 0 and model[0, 3200:].abs().max() > 0
     lines = (out / "text.tsv").read_text().splitlines()
-    assert lines[0] == "time_s\tmicro_turn\tgenerated\treference" and len(lines) <= 1 + 4
+    assert lines[0] == "heard_at_s\tmicro_turn\tgenerated\treference" and len(lines) <= 1 + 4
+    assert all(abs(float(line.split("\t")[0]) - 0.2 * (int(line.split("\t")[1]) + 1)) < 1e-9 for line in lines[1:])
     png = (out / "mels.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((out / "metrics.json").read_text())

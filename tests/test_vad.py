@@ -82,11 +82,11 @@ def test_silence_rule_reply_is_heard_one_micro_turn_later(tmp_path, utterance):
     segs = speech_segments(heard, SR)
     assert len(segs) == 1
     assert segs[0][0] == pytest.approx(rule_onset + 0.2 - 0.03, abs=0.05)
-    assert "okay" in " ".join(t for _, t in run.text_by_time)
+    assert "okay" in " ".join(t for _, t in run.text_by_turn)
     result = evaluate(lambda: SilenceRuleResponder(layout, dmel, 0.3, reply=reply, text_pad_id=text.pad_id), [ep],
                       layout, dmel, text, tmp_path / "out", n_wavs=0, n_timelines=0)
-    assert result["turn_taking_latency_mean_s"] == pytest.approx(rule_onset + 0.2 - 0.03 - end, abs=0.05)
+    assert result["metrics"]["turn_taking_latency_mean_s"] == pytest.approx(rule_onset + 0.2 - 0.03 - end, abs=0.05)
     hum = run_episode(SilenceRuleResponder(layout, dmel, 0.3), ep, layout, dmel, text)
     assert speech_segments(heard_model_side(hum, layout, dmel), SR) == []
     assert evaluate(lambda: SilenceRuleResponder(layout, dmel, 0.3), [ep], layout, dmel, text, tmp_path / "hum",
-                    VADConfig(method="logmel"), n_wavs=0, n_timelines=0)["turn_taking_response_rate"] == 1.0
+                    VADConfig(method="logmel"), n_wavs=0, n_timelines=0)["metrics"]["turn_taking_response_rate"] == 1.0

@@ -131,7 +131,7 @@ class EpisodeRun:
     key: str
     model_mel: torch.Tensor  # [frames, n_mels] what the responder said, as log-mel
     user_mel: torch.Tensor  # [frames, n_mels]
-    text_by_time: list[tuple[float, str]]  # (micro-turn start, decoded text) where it wrote something
+    text_by_turn: list[tuple[int, str]]  # (micro-turn, decoded text) where it wrote something; heard: ``heard_text``
     compute_s: list[float]  # per micro-turn
     text_ids: list[list[int]] = field(default_factory=list)  # per micro-turn: the text slots it wrote (pad included)
 
@@ -160,9 +160,21 @@ def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMel
         ids.append(list(out.text_ids))
         words = text.decode(out.text_ids)
         if words.strip():
-            said.append((t * turn_s, words))
+            said.append((t, words))
     return EpisodeRun(episode.key, torch.cat(mels), dmel.log_mel(user[: T * n])[: T * layout.frames_per_turn],
                       said, times, ids)
+
+
+def playback_schedule(run: EpisodeRun, layout: MicroTurnLayout, realtime: bool = False) -> list[float]:
+    """When each micro-turn's output of ``run`` plays (s, input clock): ``tml.eval.clock.playback_starts`` with the
+    measured compute per micro-turn, or as if compute were instantaneous (``realtime=True``: (t + 1) * 0.2 s)."""
+    return playback_starts(len(run.compute_s), layout.cfg.micro_turn_ms / 1000, None if realtime else run.compute_s)
+
+
+def heard_text(run: EpisodeRun, layout: MicroTurnLayout, realtime: bool = False) -> list[tuple[float, str]]:
+    """(time a listener gets it, text) of what the responder wrote: micro-turn t's text at its playback start."""
+    starts = playback_schedule(run, layout, realtime)
+    return [(starts[t], words) for t, words in run.text_by_turn]
 
 
 def heard_model_side(run: EpisodeRun, layout: MicroTurnLayout, dmel: DMelTokenizer, vocoder=None,
@@ -173,7 +185,7 @@ def heard_model_side(run: EpisodeRun, layout: MicroTurnLayout, dmel: DMelTokeniz
     the log floor before the first output). Same length as the user side."""
     cfg = layout.cfg
     T = len(run.compute_s)
-    starts = playback_starts(T, cfg.micro_turn_ms / 1000, None if realtime else run.compute_s)
+    starts = playback_schedule(run, layout, realtime)
     if not wave:
         floor = dmel.decode(dmel.silence_bins(1))[0].min().item()
         return place_on_playback_clock(run.model_mel, layout.frames_per_turn, starts, 1000 / cfg.mel_hop_ms,
@@ -201,7 +213,8 @@ def score_episode(run: EpisodeRun, episode: Episode, layout: MicroTurnLayout, dm
                   realtime: bool = False) -> dict:
     """Duplex metrics of one replayed episode, with the responder's activity as a listener's VAD hears it."""
     labels = labels_from_events(episode.meta.get("events", []), episode.duration)
-    return episode_metrics(labels, model_activity(run, layout, dmel, vad, vocoder, realtime), run.text_by_time, cfg)
+    return episode_metrics(labels, model_activity(run, layout, dmel, vad, vocoder, realtime),
+                           heard_text(run, layout, realtime), cfg)
 
 
 def plot_timeline(path, run: EpisodeRun, episode: Episode, user_active: torch.Tensor, model_active: torch.Tensor,
@@ -255,10 +268,11 @@ def plot_latencies(path, per_episode: list[dict]):
 
 def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
              text: TextTokenizer, out_dir, vad: VADConfig | None = None, n_wavs: int = 3, n_timelines: int = 4,
-             vocoder=None, realtime: bool = False) -> dict:
+             vocoder=None, realtime: bool = False, metrics: MetricConfig | None = None) -> dict:
     """Run a fresh responder (``make_responder()``) on every episode; write ``eval.json``, latency histograms,
     per-episode timelines and a few stereo .wav files (user left, responder right, as heard on the playback clock)
-    into ``out_dir``. Activity: ``vad`` (Silero by default), see ``model_activity``."""
+    into ``out_dir``. Activity: ``vad`` (Silero by default), see ``model_activity``. Returns what ``eval.json``
+    holds: {"metrics": pooled metrics (``tml.eval.duplex.aggregate``), "per_episode": raw measurements}."""
     import json
     from pathlib import Path
 
@@ -269,14 +283,16 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
     out_dir.mkdir(parents=True, exist_ok=True)
     vad = (vad or VADConfig()).validate()
     hop_s = layout.cfg.mel_hop_ms / 1000
-    per_episode, compute = [], []
+    per_episode, compute, lag = [], [], 0.0
     for i, episode in enumerate(episodes):
         run = run_episode(make_responder(), episode, layout, dmel, text)
         model_active = model_activity(run, layout, dmel, vad, vocoder, realtime)
         labels = labels_from_events(episode.meta.get("events", []), episode.duration)
-        m = episode_metrics(labels, model_active, run.text_by_time)
+        m = episode_metrics(labels, model_active, heard_text(run, layout, realtime), metrics)
         per_episode.append(m)
         compute += run.compute_s
+        starts = playback_schedule(run, layout, realtime)
+        lag = max([lag] + [s - (t + 1) * layout.cfg.micro_turn_ms / 1000 for t, s in enumerate(starts)])
         if i < n_timelines:
             user = episode.audio["user"]
             user_active = activity(user, episode.sample_rate, hop_s, vad, n_frames=run.user_mel.shape[0])
@@ -292,5 +308,50 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
     result["episodes"] = len(episodes)
     result["activity"] = vad.method
     result["compute_ms_per_micro_turn"] = 1000 * sum(compute) / max(len(compute), 1)
-    (out_dir / "eval.json").write_text(json.dumps({"metrics": result, "per_episode": per_episode}, indent=2))
-    return result
+    result["real_time_factor"] = result["compute_ms_per_micro_turn"] / layout.cfg.micro_turn_ms
+    result["playback"] = "realtime" if realtime else "measured compute"
+    result["max_lag_s"] = lag  # the most any output played behind a real-time model (compute backlog)
+    out = {"metrics": result, "per_episode": per_episode}
+    (out_dir / "eval.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def evaluate_seeds(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
+                   text: TextTokenizer, out_dir, eval_cfg=None, vad: VADConfig | None = None, realtime: bool = False,
+                   make_baseline=None, vocoder=None, metrics: MetricConfig | None = None) -> dict:
+    """Evaluation with power (``tml.eval.report``): replay every episode once per seed of ``eval_cfg.seeds`` with a
+    fresh ``make_responder(seed)`` (into ``out_dir/seed_S``), and once with ``make_baseline()`` if given (into
+    ``out_dir/baseline``); summarise each metric with its event count and a bootstrap CI over episodes. Writes
+    ``report.json`` and ``report.md`` (the table) into ``out_dir`` and returns the report dict."""
+    import json
+    from pathlib import Path
+
+    from tml.eval.report import EvalConfig, summarise, table
+
+    eval_cfg = (eval_cfg or EvalConfig()).validate()
+    out_dir = Path(out_dir)
+    per_seed, pooled = [], {}
+    for i, seed in enumerate(eval_cfg.seeds):  # wavs and timelines of the first seed only (they cost time)
+        r = evaluate(lambda: make_responder(seed), episodes, layout, dmel, text, out_dir / f"seed_{seed}", vad,
+                     n_wavs=3 if i == 0 else 0, n_timelines=4 if i == 0 else 0, vocoder=vocoder, realtime=realtime,
+                     metrics=metrics)
+        per_seed.append(r["per_episode"])
+        pooled[seed] = r["metrics"]
+    first = pooled[eval_cfg.seeds[0]]
+    report = {"episodes": len(episodes), "seeds": list(eval_cfg.seeds), "playback": first["playback"],
+              "activity": first["activity"],
+              "ci": f"{eval_cfg.confidence:.0%} percentile bootstrap over episodes ({eval_cfg.bootstrap} resamples)",
+              "model": summarise(per_seed, eval_cfg), "baseline": None,
+              "real_time_factor": {s: m["real_time_factor"] for s, m in pooled.items()},
+              "max_lag_s": max(m["max_lag_s"] for m in pooled.values())}
+    if make_baseline is not None:
+        b = evaluate(make_baseline, episodes, layout, dmel, text, out_dir / "baseline", vad, vocoder=vocoder,
+                     realtime=realtime, metrics=metrics)
+        report["baseline"] = summarise([b["per_episode"]], eval_cfg)
+    report["table"] = table(report["model"], report["baseline"])
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(
+        f"{len(episodes)} episodes, seeds {list(eval_cfg.seeds)}, playback clock ({report['playback']}), activity: "
+        f"{report['activity']}; value = mean over seeds, [{report['ci']}], n = events per seed\n\n"
+        f"{report['table']}\n")
+    return report

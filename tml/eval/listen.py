@@ -2,9 +2,11 @@
 
 Teacher-forced on the user side, the model writes its own side (text and audio). Writes into ``out``:
 
-    model.wav       the model's generated speech (16 kHz, Griffin-Lim)
-    dialogue.wav    stereo: the recorded user on the left, the generated model on the right
-    text.tsv        per micro-turn: start time, what the model wrote, what the recording's model said
+    model.wav       the model's generated speech (16 kHz, Griffin-Lim) as a listener hears it: on the playback clock
+                    (``tml.eval.clock``), micro-turn t's output from (t + 1) * 0.2 s, as from a model keeping real time
+    dialogue.wav    stereo: the recorded user on the left, the generated model (as in model.wav) on the right
+    text.tsv        per micro-turn: when a listener gets its text (playback clock), what the model wrote, what the
+                    recording's model said in that micro-turn's output slots
     mels.png        log-mel of the user, the reference model speech, the one-step (teacher-forced) prediction and
                     the generated model speech
     metrics.json    teacher-forced losses on the episode; mel L1 / spectral convergence / log-mel correlation
@@ -30,6 +32,7 @@ from omegaconf import OmegaConf
 from tml.audio import write_wav
 from tml.audio.compare import log_mel_correlation, mel_l1, spectral_convergence
 from tml.audio.plot import plot_mels
+from tml.eval.clock import place_on_playback_clock, playback_starts
 from tml.eval.loading import load_run, read_episodes
 from tml.model import compute_losses
 from tml.model.generate import generate_model_side
@@ -108,17 +111,18 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
         title += f": generated vs reference mel L1 {gm['mel_l1']:.2f}, " + \
             (f"SC {sc:.2f}" if sc is not None else "SC n/a (silent reference)")
         sr, n = dmel.cfg.sample_rate, T * layout.samples_per_turn
-        model_wave = dmel.to_wave(gen_mel)
         fit = lambda w: torch.nn.functional.pad(w[:n], (0, max(0, n - w.numel())))  # noqa: E731
+        starts = playback_starts(T, layout.cfg.micro_turn_ms / 1000)  # free generation: as if keeping real time
+        model_wave = place_on_playback_clock(fit(dmel.to_wave(gen_mel)), layout.samples_per_turn, starts, sr, n)
         write_wav(out / "model.wav", model_wave, sr)
-        write_wav(out / "dialogue.wav", torch.stack([fit(episode.audio["user"]), fit(model_wave)]), sr)
-        lines = ["time_s\tmicro_turn\tgenerated\treference"]
+        write_wav(out / "dialogue.wav", torch.stack([fit(episode.audio["user"]), model_wave]), sr)
+        lines = ["heard_at_s\tmicro_turn\tgenerated\treference"]
         ref_text = tok.text_ids[(tok.stream == Stream.MODEL) & (tok.kind == Kind.TEXT)].view(T, -1)
         said_turns, ref_turns = text.decode_turns(g.model_text.tolist()), text.decode_turns(ref_text.tolist())
         for t in range(T):
             said, ref = said_turns[t].strip(), ref_turns[t].strip()  # whole characters (byte-level BPE)
             if said or ref:
-                lines.append(f"{t * layout.cfg.micro_turn_ms / 1000:.1f}\t{t}\t{said}\t{ref}")
+                lines.append(f"{starts[t]:.1f}\t{t}\t{said}\t{ref}")
         (out / "text.tsv").write_text("\n".join(lines) + "\n")
     plot_mels(out / "mels.png", panels, dmel.cfg.hop_length / dmel.cfg.sample_rate, lo, hi, title=title)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

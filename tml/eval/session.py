@@ -222,37 +222,48 @@ class StreamingSession:
         return result
 
 
-def converse(session: StreamingSession, user: torch.Tensor, sample_rate: int, text, out_dir) -> dict:
+def converse(session: StreamingSession, user: torch.Tensor, sample_rate: int, text, out_dir,
+             realtime: bool = False) -> dict:
     """Feed a user recording ``user`` [samples] at ``sample_rate`` through ``session`` in time order, printing each
     micro-turn's compute time and text; write ``model.wav`` and stereo ``dialogue.wav`` (user left) to ``out_dir``.
-    Returns {"compute_ms": [...], "text": [(time, text)], "real_time_factor": mean compute / micro-turn length}."""
+
+    The model's side is placed where a listener of a live session hears it (``tml.eval.clock``): micro-turn t's
+    output from its playback start, (t + 1) * 0.2 s plus the measured compute backlog (``realtime=True``: as if
+    compute were instantaneous). Returns {"compute_ms": [...], "text": [(playback time, text)], "real_time_factor":
+    mean compute / micro-turn length, "max_lag_s": the most an output played behind a real-time model}."""
     from pathlib import Path
 
     import torchaudio
 
     from tml.audio.wav import write_wav
+    from tml.eval.clock import place_on_playback_clock, playback_starts
 
     lay = session.layout
-    sr, n = lay.cfg.sample_rate, lay.samples_per_turn
+    sr, n, turn_s = lay.cfg.sample_rate, lay.samples_per_turn, lay.cfg.micro_turn_ms / 1000
     if sample_rate != sr:
         user = torchaudio.functional.resample(user, sample_rate, sr)
     user = torch.nn.functional.pad(user, (0, -user.numel() % n))
-    mels, compute, said = [], [], []
+    mels, compute, words_by_turn = [], [], []
     for t in range(user.numel() // n):
         out = session.step(MicroTurnInputs(user_audio=user[t * n : (t + 1) * n]))
         mels.append(out.mel)
         compute.append(1000 * out.compute_s)
         words = text.decode(out.text_ids)
-        if words.strip():
-            said.append((t * lay.cfg.micro_turn_ms / 1000, words))
-        print(f"micro-turn {t:5d} ({t * lay.cfg.micro_turn_ms / 1000:7.1f} s): {compute[-1]:6.1f} ms  {words}", flush=True)
+        words_by_turn.append(words)
+        print(f"micro-turn {t:5d} ({t * turn_s:7.1f} s): {compute[-1]:6.1f} ms  {words}", flush=True)
+    T = len(mels)
+    starts = playback_starts(T, turn_s, None if realtime else [c / 1000 for c in compute])
+    said = [(starts[t], w) for t, w in enumerate(words_by_turn) if w.strip()]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_wave = session.dmel.to_wave(torch.cat(mels), session.vocoder)
-    model_wave = torch.nn.functional.pad(model_wave, (0, max(0, user.numel() - model_wave.numel())))[: user.numel()]
+    model_wave = torch.nn.functional.pad(model_wave, (0, max(0, T * n - model_wave.numel())))[: T * n]
+    model_wave = place_on_playback_clock(model_wave, n, starts, sr, user.numel())
     write_wav(out_dir / "model.wav", model_wave, sr)
     write_wav(out_dir / "dialogue.wav", torch.stack([user, model_wave]), sr)
     rtf = sum(compute) / len(compute) / lay.cfg.micro_turn_ms if compute else 0.0
+    lag = max((s - (t + 1) * turn_s for t, s in enumerate(starts)), default=0.0)
     print(f"{len(compute)} micro-turns, mean {sum(compute) / max(len(compute), 1):.1f} ms each, real-time factor "
-          f"{rtf:.3f}; wrote {out_dir / 'model.wav'} and {out_dir / 'dialogue.wav'}", flush=True)
-    return {"compute_ms": compute, "text": said, "real_time_factor": rtf}
+          f"{rtf:.3f}, playback lag up to {lag:.2f} s; wrote {out_dir / 'model.wav'} and {out_dir / 'dialogue.wav'} "
+          f"(the model as a listener hears it, on the playback clock)", flush=True)
+    return {"compute_ms": compute, "text": said, "real_time_factor": rtf, "max_lag_s": lag}
