@@ -73,7 +73,8 @@ def main(cfg) -> None:
                                 cfg.realtime, make_baseline=silence_rule if cfg.eval.baseline else None)
         print(f"{len(episodes)} episodes x seeds {report['seeds']}, playback clock ({report['playback']}, max lag "
               f"{report['max_lag_s']:.2f} s), activity {report['activity']}; {report['ci']}\n{report['table']}\n"
-              f"wrote {run_dir / 'report.md'}", flush=True)
+              f"wrote {run_dir / 'report.md'}" + (f"\nWarning: {report['warning']}" if report["warning"] else ""),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import torch
 from conftest import ROOT
 from tml.audio.dmel import DMelTokenizer
 from tml.audio.wav import read_wav, write_wav
-from tml.eval.evaluate import SilenceRuleResponder, evaluate, heard_text, labels_from_events, run_episode
+from tml.eval.evaluate import (SilenceRuleResponder, evaluate, evaluate_seeds, heard_text, labels_from_events,
+                               run_episode)
+from tml.eval.report import EvalConfig
 from tml.eval.vad import VADConfig
 from tml.streams import Episode, LayoutConfig, MicroTurnLayout
 from tml.text.tokenizer import train_bpe
@@ -166,3 +168,38 @@ def test_scripted_reply_delay_is_measured_exactly_on_the_playback_clock(tmp_path
     assert per["latency"] == pytest.approx([delay], abs=1e-9)
     assert per["answer_ok"] == [1]
     assert result["metrics"]["max_lag_s"] == pytest.approx(0.0 if realtime else compute_s, abs=1e-9)
+
+
+def test_evaluate_seeds_reports_counts_intervals_and_the_baseline(tmp_path):
+    # 12 copies of the scripted episode, three seeds: the responder replying after 1 micro-turn answers every reply
+    # gap at 0.2 s, the "baseline" replying after 3 at 0.6 s; 12 events per seed, intervals collapse on the value.
+    # Then a responder whose compute (0.3 s per 0.2 s micro-turn) falls behind: the report warns.
+    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+    text = train_bpe(["yes no maybe"] * 10, 300, tmp_path / "tokenizer.json")
+    user = torch.zeros(3 * SR)
+    user[int(0.2 * SR) : int(1.0 * SR)] = 0.1 * torch.randn(int(0.8 * SR), generator=torch.Generator().manual_seed(0))
+    events = [{"type": "utterance_start", "time": 0.2, "speaker": "user", "kind": "turn"},
+              {"type": "utterance_end", "time": 1.0, "speaker": "user", "kind": "turn"},
+              {"type": "expected_response", "time": 1.0, "speaker": "model", "by": 2.0}]
+    episodes = [Episode(key=f"ep{i}", duration=3.0, sample_rate=SR, audio={"user": user, "model": 0 * user},
+                        meta={"events": events}) for i in range(12)]
+    seen = []
+
+    def make(seed):
+        seen.append(seed)
+        return ScriptedResponder(layout, dmel, text, 1)
+
+    report = evaluate_seeds(make, episodes, layout, dmel, text, tmp_path / "out", EvalConfig(), VADConfig("logmel"),
+                            realtime=True, make_baseline=lambda: ScriptedResponder(layout, dmel, text, 3))
+    assert sorted(set(seen)) == [0, 1, 2] and len(seen) == 3 * 12  # a fresh responder per episode and seed
+    lat = report["model"]["latency_median_s"]
+    assert lat["value"] == pytest.approx(0.2) and lat["ci"] == pytest.approx([0.2, 0.2]) and lat["events_per_seed"] == [12] * 3
+    assert report["baseline"]["latency_median_s"]["value"] == pytest.approx(0.6)
+    assert report["model"]["response_rate"]["value"] == 1.0 and report["warning"] is None
+    rows = {line.split(" (")[0]: line for line in (tmp_path / "out" / "report.md").read_text().splitlines()}
+    assert rows["| latency_median_s"].endswith("| yes |") and "n=12/12/12" in rows["| latency_median_s"]
+    assert (tmp_path / "out" / "seed_2" / "eval.json").exists() and (tmp_path / "out" / "baseline" / "eval.json").exists()
+    slow = evaluate_seeds(lambda seed: ScriptedResponder(layout, dmel, text, 1, compute_s=0.3), episodes[:1], layout,
+                          dmel, text, tmp_path / "slow", EvalConfig(seeds=[0]), VADConfig("logmel"))
+    # micro-turn t is ready at 0.3 * (t + 1) (compute back to back), due at 0.2 * (t + 1): lag 0.3 + 0.1 * t, 1.7 s at t=14
+    assert slow["max_lag_s"] == pytest.approx(1.7) and "realtime=true" in slow["warning"]

@@ -12,6 +12,7 @@ are scored against the episode's event labels by ``tml.eval.duplex``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ from tml.eval.word_events import warn_unmeasured
 from tml.streams.episode import Episode
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
 from tml.text.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
 
 LONG_USER_TURN_S = 3.0  # user turns at least this long invite a backchannel
 
@@ -348,10 +351,17 @@ def evaluate_seeds(make_responder, episodes: list[Episode], layout: MicroTurnLay
         b = evaluate(make_baseline, episodes, layout, dmel, text, out_dir / "baseline", vad, vocoder=vocoder,
                      realtime=realtime, metrics=metrics)
         report["baseline"] = summarise([b["per_episode"]], eval_cfg)
+    report["warning"] = None
+    if report["max_lag_s"] > layout.cfg.micro_turn_ms / 1000:  # a backlog: every later latency carries it
+        report["warning"] = (f"compute fell behind real time (real-time factor up to "
+                             f"{max(report['real_time_factor'].values()):.2f}): outputs played up to "
+                             f"{report['max_lag_s']:.2f} s late, and the latencies include that; realtime=true "
+                             f"measures the model as if this machine kept up")
+        log.warning(report["warning"])
     report["table"] = table(report["model"], report["baseline"])
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(
         f"{len(episodes)} episodes, seeds {list(eval_cfg.seeds)}, playback clock ({report['playback']}), activity: "
         f"{report['activity']}; value = mean over seeds, [{report['ci']}], n = events per seed\n\n"
-        f"{report['table']}\n")
+        f"{report['table']}\n" + (f"\nWarning: {report['warning']}\n" if report["warning"] else ""))
     return report
