@@ -61,3 +61,11 @@ def test_bad_eval_config_names_the_key():
         EvalConfig(seeds=[1, 1]).validate()
     with pytest.raises(ValueError, match="same, non-zero number of episodes"):
         summarise([[episode()], []], EvalConfig(seeds=[0, 1]))
+
+
+def test_barge_in_stop_rate_counts_stops_within_half_a_second():
+    # per episode 3 barge-ins while the model spoke: stopped after 0.3 s, after 0.9 s (within the 1.5 s the raw
+    # measurement allows, not within 0.5 s), never -> 1 of 3; four such episodes: 4 of 12
+    eps = [episode(stopped=[1, 1, 0], stop_latency=[0.3, 0.9]) for _ in range(4)]
+    r = summarise([eps], EvalConfig(seeds=[0]))["barge_in_stop_rate"]
+    assert r["value"] == pytest.approx(1 / 3) and r["events_per_seed"] == [12]

@@ -56,7 +56,7 @@ class MetricConfig:
     min_silence_s: float = 0.2
     max_latency_s: float = 5.0
     overlap_s: float = 0.3  # an onset this close before the user's end of turn takes the turn (latency 0)
-    max_stop_s: float = 0.5  # a barge-in counts as handled when the model has stopped within this
+    max_stop_s: float = 1.5
     false_stop_s: float = 0.5
     max_backchannel_s: float = 1.0
     quiet_tolerance: float = 0.05

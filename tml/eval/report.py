@@ -44,6 +44,17 @@ class EvalConfig:
         return self
 
 
+STOP_WITHIN_S = 0.5  # a barge-in is handled when the model is silent within this (issue 15's bar)
+
+
+def _stops_within(ep: dict, seconds: float) -> list[float]:
+    """One value per barge-in that came while the model spoke: 1 if it stopped within ``seconds``. ``stopped`` has one
+    entry per such barge-in, ``stop_latency`` the latencies of those that stopped within ``MetricConfig.max_stop_s``
+    (1.5 s), so the ones within ``seconds`` are counted from the latencies."""
+    k = sum(1 for x in ep["stop_latency"] if x <= seconds)
+    return [1.0] * k + [0.0] * (len(ep["stopped"]) - k)
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -58,7 +69,8 @@ METRICS = [
            "higher", "reply gaps"),
     Metric("latency_median_s", lambda ep: ep["latency"], "median", "lower", "answered reply gaps"),
     Metric("latency_p90_s", lambda ep: ep["latency"], "p90", "lower", "answered reply gaps"),
-    Metric("barge_in_stop_rate", lambda ep: ep["stopped"], "mean", "higher", "barge-ins while it speaks"),
+    Metric("barge_in_stop_rate", lambda ep: _stops_within(ep, STOP_WITHIN_S), "mean", "higher",
+           "barge-ins while it speaks"),
     Metric("cough_stop_rate", lambda ep: ep["false_stop"], "mean", "lower", "coughs / backchannels while it speaks"),
     Metric("wait_speak_rate", lambda ep: [1.0 - x for x in ep["quiet_ok"]], "mean", "lower", "wait windows"),
     Metric("on_time_rate", lambda ep: ep["on_time"], "mean", "higher", "timed cues"),
