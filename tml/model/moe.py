@@ -14,22 +14,24 @@ in for it; the step's router statistics are left on the module instead (``last_a
 activation-checkpointing recompute in backward sees the same packing padding as the forward: padding never counts in
 balancing losses or load statistics.
 
-Expert parallelism (``tml.parallel.expert``) keeps only this rank's ``num_experts / ep_size`` experts in
-``experts`` and sends each token to its expert's rank with ``all_to_all_single`` (uneven splits).
+Where the experts run is the job of a token dispatcher the MoE is given (``MoE.dispatcher``): by default
+``local_experts`` (every expert on this rank). The model knows nothing else about parallelism: expert parallelism
+(``tml.parallel.expert``) keeps only this rank's share of ``experts`` and gives the MoE a dispatcher that sends rows to
+their expert's rank and back.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tml.errors import ConfigError
 from tml.model.config import MoEConfig
 from tml.model.mlp import SwiGLU
-from tml.streams.layout import ConfigError
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -123,6 +125,24 @@ class GroupedExperts(nn.Module):
         return self.mm(h, self.w2, offs)
 
 
+Dispatcher = Callable[[GroupedExperts, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def local_experts(experts: GroupedExperts, xs: torch.Tensor, counts: torch.Tensor,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The default token dispatcher: every expert lives on this rank, so the rows go straight through ``experts``.
+
+    A dispatcher's contract (``MoE.dispatcher``):
+        experts: the MoE's ``GroupedExperts`` (under expert parallelism, this rank's share of them)
+        xs: [M, dim] rows sorted by global expert id
+        counts: long [E] rows per global expert (sums to M)
+        scale: optional [M] routing weight per row, applied to that row's expert output
+    Returns:
+        [M, dim] expert outputs in the order of ``xs``
+    """
+    return experts(xs, counts.cumsum(0).to(torch.int32), scale)
+
+
 class MoE(nn.Module):
     """Router + dropless grouped experts (+ optional shared expert). [B, T, dim] -> [B, T, dim].
 
@@ -132,6 +152,7 @@ class MoE(nn.Module):
                           (sums to real tokens * top_k)
       last_router_terms   fp32 [3]: the enabled balancing terms before their coefficients (ROUTER_TERMS order)
     Masked positions are still computed (their output is discarded by the losses) but never counted.
+    ``dispatcher`` runs the expert-sorted rows through the experts (``local_experts`` unless parallelism swaps it).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -149,9 +170,8 @@ class MoE(nn.Module):
         self.shared_experts = SwiGLU(dim, cfg.num_shared_experts * cfg.hidden_dim) if cfg.num_shared_experts else None
         # Selection-only bias of auxiliary-loss-free balancing; a buffer (not trained, saved in checkpoints).
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        # Expert parallelism (set by tml.parallel.expert.shard_experts): experts live on ep_size ranks of ep_group.
-        self.ep_group = None
-        self.ep_size = 1
+        # Where the experts run (see local_experts); tml.parallel.expert swaps in its all-to-all dispatcher.
+        self.dispatcher: Dispatcher = local_experts
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_counts: torch.Tensor | None = None
         self.last_router_terms: torch.Tensor | None = None
@@ -259,13 +279,6 @@ class MoE(nn.Module):
         rank_in_expert = torch.arange(flat_sorted.numel(), device=flat_sorted.device) - starts[flat_sorted]
         return rank_in_expert < capacity
 
-    def _run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs [M, dim] sorted by global expert, counts long [E] -> expert outputs [M, dim] in the same order;
-        under expert parallelism the rows travel to the rank that holds their expert and back."""
-        if self.ep_size == 1:
-            return self.experts(xs, counts.cumsum(0).to(torch.int32))
-        return expert_parallel_apply(self.experts, xs, counts, self.ep_group, self.ep_size)
-
     def _dispatch_gather(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
                          counts: torch.Tensor) -> torch.Tensor:
         """CPU: gather each kept (token, k) assignment's token in expert order, run the experts with the routing weight
@@ -281,11 +294,7 @@ class MoE(nn.Module):
         token = order // self.top_k
         xs = x.index_select(0, token)
         scale = weights.reshape(-1).index_select(0, order)
-        if self.ep_size == 1:
-            ys = self.experts(xs, counts.cumsum(0).to(torch.int32), scale)
-        else:
-            ys = expert_parallel_apply(self.experts, xs, counts, self.ep_group, self.ep_size)
-            ys = ys * scale.unsqueeze(-1).to(ys.dtype)
+        ys = self.dispatcher(self.experts, xs, counts, scale)
         return x.new_zeros(x.shape[0], self.dim).index_add(0, token, ys)
 
     def _dispatch_permute(self, x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
@@ -294,7 +303,7 @@ class MoE(nn.Module):
         CUDA, so its sums are not reproducible): each token is repeated top_k times and permuted into expert order,
         whose backward is a sum over the copies and an inverse permutation. Same arguments and result."""
         x_rep = x.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, self.dim)
-        y = self._run_experts(_GatherRows.apply(x_rep, order), counts)  # [M, dim] in expert order
+        y = self.dispatcher(self.experts, _GatherRows.apply(x_rep, order), counts, None)  # [M, dim] in expert order
         n_assign = x.shape[0] * self.top_k
         full = y.new_zeros(n_assign, self.dim) if order.numel() < n_assign else y.new_empty(y.shape)
         y = full.index_copy(0, order, y)  # back to (token, k) order
@@ -332,34 +341,3 @@ class MoE(nn.Module):
                                logits.view(*shape[:-1], E), valid)
         return out.view(shape)
 
-
-def expert_parallel_apply(experts: GroupedExperts, xs: torch.Tensor, counts: torch.Tensor, group,
-                          ep_size: int) -> torch.Tensor:
-    """Run rows sorted by global expert on the ranks that hold them: ``all_to_all_single`` with uneven splits out,
-    grouped_mm on each rank's ``E / ep_size`` local experts, and the reverse ``all_to_all_single`` back. Both
-    collectives are differentiable, so expert gradients land on the owning rank.
-
-    Args:
-        experts: this rank's experts (E_local = E / ep_size of them; rank r holds experts r*E_local .. (r+1)*E_local-1)
-        xs: [M, dim] rows sorted by global expert id
-        counts: long [E] rows per global expert (sums to M)
-    Returns:
-        [M, dim] expert outputs in the order of ``xs``
-    """
-    from torch.distributed.nn.functional import all_to_all_single
-
-    e_local = experts.num_experts
-    # recv[r, j]: rows that rank r sends to my local expert j.
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts, group=group)
-    recv = recv.view(ep_size, e_local)
-    send_splits = counts.view(ep_size, e_local).sum(1).tolist()
-    recv_splits = recv.sum(1).tolist()
-    xr = all_to_all_single(xs.new_empty(sum(recv_splits), xs.shape[1]), xs.contiguous(), recv_splits, send_splits,
-                           group=group)
-    # Received rows are ordered (source rank, local expert); regroup them by local expert for grouped_mm.
-    local_ids = torch.arange(e_local, device=xs.device).repeat(ep_size).repeat_interleave(recv.reshape(-1))
-    order = local_ids.argsort(stable=True)
-    yr = experts(xr[order], recv.sum(0).cumsum(0).to(torch.int32))
-    yr = yr.new_empty(yr.shape).index_copy(0, order, yr)
-    return all_to_all_single(xs.new_empty(xs.shape), yr, send_splits, recv_splits, group=group)

@@ -10,6 +10,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from tml.errors import ConfigError
 from tml.model.attention import Attention, KVCache, RMSNorm, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
@@ -17,7 +18,7 @@ from tml.model.heads import DMelHead, FlowHead, TextHead
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
 from tml.streams.batch import Batch
-from tml.streams.layout import ConfigError, Kind
+from tml.streams.layout import Kind
 
 
 @dataclass
@@ -46,8 +47,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp: nn.Module = (SwiGLU(cfg.dim, cfg.dense_hidden_dim) if layer_id < cfg.dense_layers
                                else MoE(cfg.dim, cfg.moe))
-        # Our MoE, kept outside the module tree (a list is not registered): if DeepSpeed AutoEP swaps ``mlp`` for its
-        # own layer, this one still computes the routing statistics and balancing losses from the new router's logits.
+        # Our MoE, kept outside the module tree (a list is not registered): if parallelism swaps ``mlp`` for another
+        # layer (DeepSpeed AutoEP, see tml.parallel.expert), this one still owns the routing statistics and biases.
         self.moe: list[MoE] = [self.mlp] if isinstance(self.mlp, MoE) else []
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -56,9 +57,6 @@ class Block(nn.Module):
         (False = packing padding, kept out of the MoE's balancing losses and load counts) -> [B, L, dim]."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h = self.mlp_norm(x)
-        if self.moe and self.mlp is not self.moe[0]:  # replaced by AutoEP (its router: ``router.gate``)
-            self.moe[0].observe_router_logits(self.mlp.router.gate(h.reshape(-1, h.shape[-1])), h.shape, token_mask)
-            return x + self.mlp(h)
         return x + (self.mlp(h, token_mask) if self.moe else self.mlp(h))
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,

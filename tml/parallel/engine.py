@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 
 
 @dataclass
@@ -109,4 +109,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, params: list, optimize
         lr_scheduler=scheduler_fn,
         config=ds_config,
     )
+    if "expert_parallel" in ds_config:  # AutoEP swapped our MoE layers: keep their router statistics flowing
+        from tml.parallel.expert import observe_autoep_routers
+
+        observe_autoep_routers(engine.module)
     return engine, optimizer, scheduler

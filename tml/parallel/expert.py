@@ -7,26 +7,32 @@ averaged); every other parameter is averaged over all W ranks.
 
 Two backends (``parallel.moe_backend``), same parameter names and layouts:
 
-* ``native``: our ``MoE`` keeps its ``E / P`` local experts and dispatches with ``all_to_all_single``
-  (``tml.model.moe.expert_parallel_apply``). Expert parameters are tagged ``allreduce=False`` and
+* ``native``: our ``MoE`` keeps its ``E / P`` local experts and is given the ``AllToAllDispatcher`` (rows travel to
+  their expert's rank with ``all_to_all_single`` and back) in place of its default ``local_experts``. Expert parameters are tagged ``allreduce=False`` and
   ``group_name="ep_size_P"``, as DeepSpeed tags those of its own MoE layers, so that its ZeRO 1/2 optimizer
   partitions them over the expert-data-parallel group and reduces their gradients there. DeepSpeed only looks for
   that tagging when it finds one of its MoE modules in the model, so a parameter-free ``DeepSpeedMoEMarker`` is
   attached to say so.
 * ``deepspeed``: DeepSpeed's AutoEP (the ``expert_parallel`` config section from ``autoep_config``) replaces our
-  MoE modules by its ``AutoEPMoELayer`` when the engine is built.
+  MoE modules by its ``AutoEPMoELayer`` when the engine is built; ``observe_autoep_routers`` then hooks each one so
+  our MoE (kept by its ``Block``) still computes the balancing losses and load counts from the new router.
+
+The model itself knows nothing of either: both are applied from here, to a built model.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from tml.errors import ConfigError
 from tml.model.config import ModelConfig
-from tml.model.moe import MoE
-from tml.streams.layout import ConfigError
+from tml.model.moe import GroupedExperts, MoE
+from tml.model.transformer import Block
 
 MOE_BACKENDS = ("native", "deepspeed")
 
@@ -106,9 +112,75 @@ def shard_experts(model: nn.Module, ep_size: int) -> None:
             p.data = p.data[lo:lo + local].clone()
             p.allreduce, p.group_name = False, name  # DeepSpeed's expert-parameter tags
         moe.experts.num_experts = local
-        moe.ep_group, moe.ep_size = ep_group, ep_size
+        moe.dispatcher = AllToAllDispatcher(ep_group, ep_size)
     if moes:
         model.ds_moe_marker = _marker_class()(moes[0].num_experts, ep_size)
+
+
+def expert_parallel_apply(experts: GroupedExperts, xs: torch.Tensor, counts: torch.Tensor, group,
+                          ep_size: int) -> torch.Tensor:
+    """Run rows sorted by global expert on the ranks that hold them: ``all_to_all_single`` with uneven splits out,
+    grouped_mm on each rank's ``E / ep_size`` local experts, and the reverse ``all_to_all_single`` back. Both
+    collectives are differentiable, so expert gradients land on the owning rank.
+
+    Args:
+        experts: this rank's experts (E_local = E / ep_size of them; rank r holds experts r*E_local .. (r+1)*E_local-1)
+        xs: [M, dim] rows sorted by global expert id
+        counts: long [E] rows per global expert (sums to M)
+    Returns:
+        [M, dim] expert outputs in the order of ``xs``
+    """
+    from torch.distributed.nn.functional import all_to_all_single
+
+    e_local = experts.num_experts
+    # recv[r, j]: rows that rank r sends to my local expert j.
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)
+    recv = recv.view(ep_size, e_local)
+    send_splits = counts.view(ep_size, e_local).sum(1).tolist()
+    recv_splits = recv.sum(1).tolist()
+    xr = all_to_all_single(xs.new_empty(sum(recv_splits), xs.shape[1]), xs.contiguous(), recv_splits, send_splits,
+                           group=group)
+    # Received rows are ordered (source rank, local expert); regroup them by local expert for grouped_mm.
+    local_ids = torch.arange(e_local, device=xs.device).repeat(ep_size).repeat_interleave(recv.reshape(-1))
+    order = local_ids.argsort(stable=True)
+    yr = experts(xr[order], recv.sum(0).cumsum(0).to(torch.int32))
+    yr = yr.new_empty(yr.shape).index_copy(0, order, yr)
+    return all_to_all_single(xs.new_empty(xs.shape), yr, send_splits, recv_splits, group=group)
+
+
+class AllToAllDispatcher:
+    """Native expert-parallel token dispatcher (``MoE.dispatcher``, same contract as ``tml.model.moe.local_experts``):
+    the rows go to the ranks of ``group`` that hold their experts and come back through ``expert_parallel_apply``;
+    the routing weight is applied to the returned rows."""
+
+    def __init__(self, group, ep_size: int):
+        self.group, self.ep_size = group, ep_size
+
+    def __call__(self, experts: GroupedExperts, xs: torch.Tensor, counts: torch.Tensor,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+        ys = expert_parallel_apply(experts, xs, counts, self.group, self.ep_size)
+        return ys if scale is None else ys * scale.unsqueeze(-1).to(ys.dtype)
+
+
+def _observe_router(moe: MoE, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook on an AutoEP layer called as ``layer(h, token_mask)`` by ``Block``: our MoE computes the
+    router statistics from AutoEP's router on the same input, then AutoEP's forward gets only ``h``."""
+    h, token_mask = args
+    moe.observe_router_logits(layer.router.gate(h.reshape(-1, h.shape[-1])), h.shape, token_mask)
+    return (h,), kwargs
+
+
+def observe_autoep_routers(model: nn.Module) -> int:
+    """After ``deepspeed.initialize`` with AutoEP: hook every MoE layer AutoEP swapped in (``Block.mlp`` no longer our
+    MoE) so our MoE, kept in ``Block.moe``, sets the balancing losses and load counts of each forward (also in an
+    activation-checkpointing recompute). Returns the number of layers hooked."""
+    hooked = 0
+    for block in model.modules():
+        if isinstance(block, Block) and block.moe and block.mlp is not block.moe[0]:
+            block.mlp.register_forward_pre_hook(partial(_observe_router, block.moe[0]), with_kwargs=True)
+            hooked += 1
+    return hooked
 
 
 def moe_param_groups(groups: list[dict]) -> list[dict]:
@@ -165,5 +237,5 @@ def restore_expert_shards(engine) -> None:
     """After ``engine.load_checkpoint`` with the native backend: DeepSpeed loads the module weights from the one
     model-states file rank 0 wrote, which holds rank 0's expert shard only; every rank's own shard is in its ZeRO
     optimizer partition (fp32). Copy those partitions back into the model's parameters. No-op otherwise."""
-    if any(isinstance(m, MoE) and m.ep_size > 1 for m in engine.module.modules()):
+    if any(isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher) for m in engine.module.modules()):
         engine.optimizer.update_lp_params()
