@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from tml.streams.episode import Episode
-from tml.train.manifest import sha256
+from tml.checksum import sha256
 
 
 class ShardSetWriter:

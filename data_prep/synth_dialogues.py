@@ -34,7 +34,7 @@ import torch
 
 from data_prep.espeak import EspeakVoice
 from data_prep.fit_dmel import RANGES_FILE, fit_dir
-from tml.train.manifest import sha256
+from tml.checksum import sha256
 from tml.streams.episode import BackgroundEvent, Episode, Word
 from tml.text.tokenizer import SPECIAL_TOKENS, train_bpe
 

@@ -16,8 +16,8 @@ from tml.streams.episode import Episode
 from tml.streams.layout import MicroTurnLayout
 from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import find_checkpoint, load_model_weights
-from tml.train.config import PretrainConfig, validate_config
-from tml.train.loop import config_from_dict
+from tml.train.config import PretrainConfig, config_from_dict
+from tml.train.run import build_run
 
 
 @dataclass
@@ -36,15 +36,12 @@ def load_run(checkpoint: str | Path, untrained: bool = False, seed: int = 0) -> 
     import torch
 
     run_dir, step_dir = find_checkpoint(checkpoint)
-    cfg = config_from_dict(json.loads((run_dir / "config.resolved.json").read_text()))
-    layout = validate_config(cfg)
+    run = build_run(config_from_dict(json.loads((run_dir / "config.resolved.json").read_text())))
     torch.manual_seed(seed)
-    model = InteractionModel(cfg.model)
+    model = InteractionModel(run.config.model)
     if not untrained:
         load_model_weights(model, step_dir)
-    manifest = read_manifest(cfg.data.path)
-    text = TextTokenizer.load(Path(cfg.data.path) / manifest.get("tokenizer", "tokenizer.json"))
-    return Loaded(model.eval(), cfg, layout, text, DMelTokenizer(cfg.data.dmel), None if untrained else step_dir)
+    return Loaded(model.eval(), run.config, run.layout, run.text, run.dmel, None if untrained else step_dir)
 
 
 def read_episodes(data_path: str | Path, keys: list[str] | None = None, limit: int = 0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUDIO_HEADS = ("dmel", "flow")

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tml.errors import ConfigError
 from tml.model.config import ModelConfig
 from tml.streams.batch import Batch
-from tml.streams.layout import ConfigError, Kind, Stream
+from tml.streams.layout import Kind, Stream
 
 
 class TextEmbedding(nn.Module):

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from tml.errors import ConfigError  # re-exported: tml.streams.ConfigError is the same class
+
 
 class Kind(IntEnum):
     """Modality of one position. PAD is an empty slot (no payload) or packing padding."""
@@ -33,10 +35,6 @@ class Stream(IntEnum):
     MODEL = 1
     BACKGROUND = 2
     VIDEO = 3
-
-
-class ConfigError(ValueError):
-    """A configuration value is impossible. The message names the key and the fix."""
 
 
 @dataclass

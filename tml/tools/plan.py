@@ -28,11 +28,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tml.errors import ConfigError
 from tml.model.config import ModelConfig
 from tml.model.counts import count_params
 from tml.model.flops import flops_per_token
 from tml.parallel.engine import ParallelConfig
-from tml.streams.layout import ConfigError
 
 GIB = 1024**3
 

@@ -8,9 +8,10 @@ from typing import Optional
 
 from tml.audio.dmel import DMelConfig
 from tml.data.loader import LoaderConfig
+from tml.errors import ConfigError
 from tml.model.config import ModelConfig
 from tml.parallel.engine import ParallelConfig
-from tml.streams.layout import ConfigError, LayoutConfig, MicroTurnLayout
+from tml.streams.layout import LayoutConfig, MicroTurnLayout
 
 
 @dataclass
@@ -148,6 +149,14 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
                           f"positions: {layout.describe()}); use {seq_len // turn * turn} or "
                           f"{(seq_len // turn + 1) * turn}")
     return layout
+
+
+def config_from_dict(d: dict) -> PretrainConfig:
+    """A PretrainConfig from a plain dict (a run's config.resolved.json, tests, tools outside Hydra), with type
+    checking."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), d))
 
 
 def register_hydra_schema() -> None:

@@ -20,23 +20,22 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from tml.audio.dmel import DMelTokenizer
-from tml.data.loader import PackedBatchLoader, read_manifest
+from tml.data.loader import PackedBatchLoader
 from tml.model import InteractionModel, compute_losses, param_counts
 from tml.model.flops import flops_per_token
 from tml.model.moe_stats import expert_load_metrics, router_metrics
 from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
 from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
 from tml.streams.layout import ConfigError
-from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, save_checkpoint,
                                   set_rng_state, universal_resume_tag)
-from tml.train.config import PretrainConfig, validate_config
+from tml.train.config import PretrainConfig
 from tml.train.manifest import build_manifest, record_data_quality, write_manifest
 from tml.train.metrics import MetricsLogger
 from tml.train.mfu import peak_flops_per_device
 from tml.train.signals import SignalFlag, StopRequested
 from tml.train.optim import param_groups, warmup_cosine
+from tml.train.run import build_run
 from tml.train.validation import validation_batches, validation_losses
 
 log = logging.getLogger(__name__)
@@ -81,10 +80,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     """Run (or resume) pretraining into ``run_dir``. Returns the last logged metrics record."""
     run_dir = Path(run_dir)
     t = cfg.trainer
-    layout = validate_config(cfg)
-    manifest = read_manifest(cfg.data.path)
-    text = TextTokenizer.load(Path(cfg.data.path) / manifest.get("tokenizer", "tokenizer.json"))
-    cfg.model.vocab_size = text.vocab_size  # the head and embedding follow the data's tokenizer
+    run = build_run(cfg)  # validated config, layout, data tools; model.vocab_size follows the data's tokenizer
+    layout, manifest, text = run.layout, run.manifest, run.text
     ckpt_dir = run_dir / "checkpoints"
     resume = t.resume or (t.auto_resume and bool(checkpoint_steps(ckpt_dir)))
     if not resume and checkpoint_steps(ckpt_dir):
@@ -119,7 +116,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         optimizer_fn=lambda groups: torch.optim.AdamW(moe_param_groups(groups), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
         scheduler_fn=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    dmel = DMelTokenizer(cfg.data.dmel)
+    dmel = run.dmel
     loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, dmel, text,
                                rank=dist.rank, world_size=dist.world_size)
 
@@ -262,9 +259,4 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     signals.restore()
     close()
     return record
-
-
-def config_from_dict(d: dict) -> PretrainConfig:
-    """A PretrainConfig from a plain dict (what tests and tools use outside Hydra), with type checking."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), d))
 

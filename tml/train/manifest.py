@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import socket
@@ -12,6 +11,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from tml.checksum import sha256
 from tml.environment import facts as environment_facts
 
 PACKAGES = ("torch", "torchaudio", "deepspeed", "hydra-core", "webdataset", "tokenizers", "wandb", "numpy",
@@ -32,14 +32,6 @@ def code_version(src: Path | None = None) -> dict:
     commit = _git("rev-parse", "HEAD", cwd=src)
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=src)
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None, "source_dir": str(src)}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_provenance(data_dir: str | Path, manifest: dict) -> dict:
