@@ -1,13 +1,36 @@
+"""Fixtures and helpers shared by the tests: import helpers from here (``from conftest import make_batch``), never
+from another test module. Every test starts from the same seeds (``_seeded``), so a failure replays exactly."""
+
+import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+from tml.audio.dmel import DMelTokenizer  # noqa: E402  (after DS_ACCELERATOR is set)
+from tml.data.loader import LoaderConfig, PackedBatchLoader  # noqa: E402
+from tml.model import ModelConfig, MoEConfig  # noqa: E402
+from tml.streams.batch import IGNORE_INDEX, Batch  # noqa: E402
+from tml.streams.layout import Kind, LayoutConfig, MicroTurnLayout, Stream  # noqa: E402
+from tml.text.tokenizer import TextTokenizer  # noqa: E402
+from tml.train.metrics import read_metrics  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Seed Python's, NumPy's and torch's global generators before every test, whatever ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +57,95 @@ def tiny_run(tmp_path_factory) -> Path:
                     "model.moe.num_experts=4", "data.loader.seq_len=200"], cwd=ROOT, env=env, check=True,
                    capture_output=True, timeout=600)
     return run
+
+
+# --- hand-built model batches (the tiny layout) ---
+
+S, C, NB, P = 4, 80, 16, 40
+# The tiny layout: [user audio x5][video patch x4][background text x2] -> [model text x4][model audio x5]
+SLOTS = [(Stream.USER, Kind.AUDIO, 5), (Stream.VIDEO, Kind.PATCH, 4), (Stream.BACKGROUND, Kind.TEXT, 2),
+         (Stream.MODEL, Kind.TEXT, 4), (Stream.MODEL, Kind.AUDIO, 5)]
+TURN = sum(c for _, _, c in SLOTS)
+
+
+def make_batch(rows: list[list[int]], L: int, vocab: int, seed: int = 0, empty_text: float = 0.3,
+               slots: list[tuple[Stream, Kind, int]] = SLOTS) -> Batch:
+    """Pack documents of the given micro-turn counts into rows of length L, with random payloads; one micro-turn
+    is ``slots``, text slots are empty (PAD) with probability ``empty_text``. Targets follow the contract: position
+    i predicts position i+1 when that is a MODEL TEXT/AUDIO position of the same document."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(rows)
+    kind = torch.zeros(B, L, dtype=torch.long)
+    stream, turn, pos, text = kind.clone(), kind.clone(), kind.clone(), kind.clone()
+    doc = torch.full((B, L), -1)
+    rc = []
+    for b, docs in enumerate(rows):
+        at = 0
+        for d, n_turns in enumerate(docs):
+            start = at
+            for t in range(n_turns):
+                for s, k, count in slots:
+                    for j in range(count):
+                        empty = k == Kind.TEXT and torch.rand((), generator=g) < empty_text
+                        kind[b, at] = Kind.PAD if empty else k
+                        stream[b, at], turn[b, at], doc[b, at], pos[b, at] = s, t, d, at - start
+                        if kind[b, at] == Kind.TEXT:
+                            text[b, at] = torch.randint(1, vocab, (), generator=g)
+                        if k == Kind.PATCH:
+                            rc.append((j // 2, j % 2))
+                        at += 1
+            assert at <= L, "documents do not fit in the row"
+    n_audio, n_patch = int((kind == Kind.AUDIO).sum()), int((kind == Kind.PATCH).sum())
+    audio = torch.randint(0, NB, (n_audio, S, C), generator=g)
+    patches = torch.randint(0, 256, (n_patch, P, P, 3), generator=g).to(torch.uint8)
+
+    nxt_ok = ((stream[:, 1:] == Stream.MODEL) & ((kind[:, 1:] == Kind.TEXT) | (kind[:, 1:] == Kind.AUDIO))
+              & (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0))
+    target_kind = torch.zeros(B, L, dtype=torch.long)
+    target_kind[:, :-1] = torch.where(nxt_ok, kind[:, 1:], Kind.PAD)
+    target_text = torch.full((B, L), IGNORE_INDEX)
+    target_text[:, :-1] = torch.where(target_kind[:, :-1] == Kind.TEXT, text[:, 1:], IGNORE_INDEX)
+    # row of audio_bins for each position (row-major), then the one of position i + 1 for each audio target
+    audio_row = ((kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)
+    target_audio = audio[audio_row[:, 1:][target_kind[:, :-1] == Kind.AUDIO]]
+    return Batch(kind=kind, stream=stream, micro_turn=turn, position_ids=pos, doc_ids=doc, text_ids=text,
+                 audio_bins=audio, patches=patches, patch_rc=torch.tensor(rc, dtype=torch.long).view(-1, 2),
+                 target_kind=target_kind, target_text=target_text, target_audio=target_audio).validate()
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, dense_layers=1, dense_hidden_dim=128,
+                moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))
+    return ModelConfig(**{**base, **overrides})
+
+
+# --- the pretraining recipe, run as a user runs it ---
+
+TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.hidden_dim=64",
+        "model.moe.num_experts=4", "data.loader.seq_len=200", "data.loader.micro_batch_size=2",
+        "trainer.warmup_steps=2", "trainer.decay_steps=16", "trainer.lr=3e-3", "logger.console_every=1"]
+
+
+def run_recipe(run_dir, *overrides, nproc=1, timeout=600):
+    cmd = [sys.executable, "recipes/pretrain.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "recipes/pretrain.py"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, *TINY, f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    """The run's metrics.jsonl records."""
+    return read_metrics(run_dir)
+
+
+# --- the packed-batch loader on a hand-made data set ---
+
+def make_loader(path, rank=0, world=1, workers=0, seq_len=100, mbs=2, **kw):
+    return PackedBatchLoader(path, LoaderConfig(seq_len=seq_len, micro_batch_size=mbs, seed=7, num_workers=workers,
+                                                **kw),
+                             MicroTurnLayout(LayoutConfig()), DMelTokenizer(),
+                             TextTokenizer.load(path / "tokenizer.json"), rank=rank, world_size=world)

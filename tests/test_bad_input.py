@@ -9,8 +9,8 @@ import pytest
 import torch
 import torchaudio
 
+from conftest import make_loader
 from handmade import write_dataset
-from test_loader_workers import make_loader
 from tml.audio.wav import encode_wav
 from tml.data.loader import DataError
 from tml.streams import Word

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, metrics
 from handmade import write_dataset
-from tml.train.metrics import read_metrics
 from tml.parallel.expert import validate_expert_parallel
 from tml.streams import ConfigError
 
@@ -44,10 +43,6 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
 def test_sharded_moe_matches_unsharded_over_sgd_steps(ep, nproc, opts):
     proc = torchrun(nproc, "tests/ep_worker.py", str(ep), json.dumps(opts))
     assert f"EP{ep} OK" in proc.stdout
-
-
-def metrics(run_dir):
-    return read_metrics(run_dir)
 
 
 def assert_same_run(a, b, what):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_model import TURN, make_batch, tiny_cfg
+from conftest import TURN, make_batch, tiny_cfg
 from tml.model import (FlowHead, FlowHeadConfig, HeadsConfig, InteractionModel, ModelConfig, compute_losses,
                        bins_to_unit, unit_to_bins)
 from tml.model.heads import DMelHead

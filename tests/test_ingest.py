@@ -8,11 +8,11 @@ import torch
 import torchaudio
 import webdataset as wds
 
+from conftest import make_loader
 from data_prep.espeak import speak
 from data_prep.ingest_conversations import ingest, main
 from tml.audio.wav import write_wav
 from tml.streams.episode import Episode
-from test_loader_workers import make_loader
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,8 @@ import sys
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, make_loader
 from handmade import write_dataset
-from tml.audio.dmel import DMelTokenizer
-from tml.data.loader import LoaderConfig, PackedBatchLoader
-from tml.streams import LayoutConfig, MicroTurnLayout
-from tml.text.tokenizer import TextTokenizer
-
-
-def make_loader(path, rank=0, world=1, workers=0, seq_len=100, mbs=2, **kw):
-    return PackedBatchLoader(path, LoaderConfig(seq_len=seq_len, micro_batch_size=mbs, seed=7, num_workers=workers,
-                                                **kw),
-                             MicroTurnLayout(LayoutConfig()), DMelTokenizer(),
-                             TextTokenizer.load(path / "tokenizer.json"), rank=rank, world_size=world)
 
 
 def same(a, b):
@@ -74,7 +63,7 @@ RANK_SCRIPT = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
-from test_loader_workers import make_loader
+from conftest import make_loader
 data, rank = Path(sys.argv[1]), int(sys.argv[2])
 loader = make_loader(data, rank=rank, world=2, workers=2)
 keys, done = [], set()

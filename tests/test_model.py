@@ -8,67 +8,11 @@ import math
 import pytest
 import torch
 
+from conftest import C, NB, P, S, SLOTS, TURN, make_batch, tiny_cfg
 from tml.model import (DMelBagEmbedding, HeadsConfig, InteractionModel, ModelConfig, MoE, MoEConfig, compute_losses,
                        param_counts)
-from tml.streams.batch import IGNORE_INDEX, Batch
+from tml.streams.batch import Batch
 from tml.streams.layout import ConfigError, Kind, Stream
-
-S, C, NB, P = 4, 80, 16, 40
-# The tiny layout: [user audio x5][video patch x4][background text x2] -> [model text x4][model audio x5]
-SLOTS = [(Stream.USER, Kind.AUDIO, 5), (Stream.VIDEO, Kind.PATCH, 4), (Stream.BACKGROUND, Kind.TEXT, 2),
-         (Stream.MODEL, Kind.TEXT, 4), (Stream.MODEL, Kind.AUDIO, 5)]
-TURN = sum(c for _, _, c in SLOTS)
-
-
-def make_batch(rows: list[list[int]], L: int, vocab: int, seed: int = 0, empty_text: float = 0.3,
-               slots: list[tuple[Stream, Kind, int]] = SLOTS) -> Batch:
-    """Pack documents of the given micro-turn counts into rows of length L, with random payloads; one micro-turn
-    is ``slots``, text slots are empty (PAD) with probability ``empty_text``. Targets follow the contract: position
-    i predicts position i+1 when that is a MODEL TEXT/AUDIO position of the same document."""
-    g = torch.Generator().manual_seed(seed)
-    B = len(rows)
-    kind = torch.zeros(B, L, dtype=torch.long)
-    stream, turn, pos, text = kind.clone(), kind.clone(), kind.clone(), kind.clone()
-    doc = torch.full((B, L), -1)
-    rc = []
-    for b, docs in enumerate(rows):
-        at = 0
-        for d, n_turns in enumerate(docs):
-            start = at
-            for t in range(n_turns):
-                for s, k, count in slots:
-                    for j in range(count):
-                        empty = k == Kind.TEXT and torch.rand((), generator=g) < empty_text
-                        kind[b, at] = Kind.PAD if empty else k
-                        stream[b, at], turn[b, at], doc[b, at], pos[b, at] = s, t, d, at - start
-                        if kind[b, at] == Kind.TEXT:
-                            text[b, at] = torch.randint(1, vocab, (), generator=g)
-                        if k == Kind.PATCH:
-                            rc.append((j // 2, j % 2))
-                        at += 1
-            assert at <= L, "documents do not fit in the row"
-    n_audio, n_patch = int((kind == Kind.AUDIO).sum()), int((kind == Kind.PATCH).sum())
-    audio = torch.randint(0, NB, (n_audio, S, C), generator=g)
-    patches = torch.randint(0, 256, (n_patch, P, P, 3), generator=g).to(torch.uint8)
-
-    nxt_ok = ((stream[:, 1:] == Stream.MODEL) & ((kind[:, 1:] == Kind.TEXT) | (kind[:, 1:] == Kind.AUDIO))
-              & (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0))
-    target_kind = torch.zeros(B, L, dtype=torch.long)
-    target_kind[:, :-1] = torch.where(nxt_ok, kind[:, 1:], Kind.PAD)
-    target_text = torch.full((B, L), IGNORE_INDEX)
-    target_text[:, :-1] = torch.where(target_kind[:, :-1] == Kind.TEXT, text[:, 1:], IGNORE_INDEX)
-    # row of audio_bins for each position (row-major), then the one of position i + 1 for each audio target
-    audio_row = ((kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)
-    target_audio = audio[audio_row[:, 1:][target_kind[:, :-1] == Kind.AUDIO]]
-    return Batch(kind=kind, stream=stream, micro_turn=turn, position_ids=pos, doc_ids=doc, text_ids=text,
-                 audio_bins=audio, patches=patches, patch_rc=torch.tensor(rc, dtype=torch.long).view(-1, 2),
-                 target_kind=target_kind, target_text=target_text, target_audio=target_audio).validate()
-
-
-def tiny_cfg(**overrides) -> ModelConfig:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, dense_layers=1, dense_hidden_dim=128,
-                moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))
-    return ModelConfig(**{**base, **overrides})
 
 
 def test_forward_backward_shapes_and_init_losses():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import TURN, make_batch
 from tml.model import InteractionModel, ModelConfig, MoEConfig, param_counts
 from tml.model.counts import count_params
 from tml.parallel.engine import ParallelConfig
@@ -108,9 +109,6 @@ def test_checkpointed_model_has_the_same_gradients():
     """Activation checkpointing recomputes each block in backward; the recompute must see the same packing padding
     as the forward, so the balancing losses' gradients (switch, sequence-level, z) still skip padding. The batch has
     padding at the end of both rows; the aux loss alone and the full loss are compared."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_model import TURN, make_batch
-
     batch = make_batch([[2], [1]], L=3 * TURN, vocab=128, seed=1)
     assert (batch.doc_ids < 0).sum() == 3 * TURN  # one micro-turn of padding in row 0, two in row 1
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
-from test_pretrain import TINY, metrics
+from conftest import ROOT, TINY, metrics
 from tml.audio.wav import read_wav
 from tml.model import ModelConfig
 from tml.model.flops import active_matmul_params, flops_per_token

@@ -1,37 +1,17 @@
 """The pretraining recipe run for real, as a user runs it: plain python, resume, torchrun with 2 processes."""
 
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, metrics, run_recipe
 from handmade import write_dataset
 from tml.streams import ConfigError
 from tml.train import config_from_dict, validate_config
-from tml.train.metrics import read_metrics
 
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.hidden_dim=64",
-        "model.moe.num_experts=4", "data.loader.seq_len=200", "data.loader.micro_batch_size=2",
-        "trainer.warmup_steps=2", "trainer.decay_steps=16", "trainer.lr=3e-3", "logger.console_every=1"]
 COMPARED = ("loss", "loss/text", "loss/audio", "loss/aux", "lr", "grad_norm")
-
-
-def run_recipe(run_dir, *overrides, nproc=1, timeout=600):
-    cmd = [sys.executable, "recipes/pretrain.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "recipes/pretrain.py"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, *TINY, f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def metrics(run_dir):
-    return read_metrics(run_dir)
 
 
 def test_pretrain_learns_and_resumes_bitwise(synth_data, tmp_path):

@@ -6,8 +6,7 @@ import sys
 
 import torch
 
-from conftest import ROOT
-from test_pretrain import run_recipe
+from conftest import ROOT, run_recipe
 from tml.audio import read_wav
 
 
