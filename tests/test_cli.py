@@ -8,9 +8,8 @@ import pytest
 
 from conftest import ROOT
 from tml.cli import unknown_key_message
-from tml.train.config import PretrainConfig
-from tml.train.loop import config_from_dict
-from tml.train.config import validate_config
+from tml.train import config_from_dict
+from tml.train.config import PretrainConfig, validate_config
 from tml.streams import ConfigError
 
 GROUPS = ("model", "data", "trainer", "parallel", "logger", "launcher")

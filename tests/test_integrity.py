@@ -7,10 +7,10 @@ import tarfile
 
 import pytest
 
+from conftest import make_loader, metrics, run_recipe
 from handmade import write_dataset
-from test_loader_workers import make_loader
+from tml.checksum import sha256
 from tml.data.loader import DataError, ShardEpisodeSource, BadSample
-from tml.train.manifest import sha256
 
 PER_SHARD = 24
 
@@ -110,8 +110,6 @@ def test_verify_sha256_needs_hashes_and_a_known_mode(tmp_path):
 
 
 def test_the_run_manifest_counts_lost_episodes(tmp_path):
-    from test_pretrain import metrics, run_recipe
-
     data = write_dataset(tmp_path / "d", 24, 6)
     overwrite(data / "shard-000002.tar", "header", 512)  # all 6 of its episodes are lost
     run = tmp_path / "run"

@@ -38,6 +38,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tml.audio.dmel import DMelTokenizer
+from tml.checksum import sha256
 from tml.data.checks import check_episode
 from tml.streams.batch import Batch
 from tml.streams.episode import Episode, EpisodeError
@@ -121,8 +122,6 @@ def verify_shards(data_dir: str | Path, manifest: dict, mode: str = "auto", auto
         log.info("data.loader.verify=auto: %d shards (%.1f GB) exceed verify_auto_max_gb=%.1f; checking episode "
                  "counts only", len(shards), total / 2**30, auto_max_gb)
         return {}
-    from tml.train.manifest import sha256
-
     t0 = time.perf_counter()
     damaged = {}
     for s in shards:
