@@ -1,7 +1,6 @@
 """Fixtures and helpers shared by the tests: import helpers from here (``from conftest import make_batch``), never
 from another test module. Every test starts from the same seeds (``_seeded``), so a failure replays exactly."""
 
-import json
 import os
 import random
 import subprocess

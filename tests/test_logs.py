@@ -6,9 +6,8 @@ import math
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, TINY, run_recipe
 from handmade import write_dataset
-from test_pretrain import TINY, run_recipe
 from tml.train.metrics import from_strict_json, read_metrics, to_strict_json
 
 
