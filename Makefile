@@ -56,8 +56,9 @@ serve: setup $(if $(CHECKPOINT),,$(TINY)/checkpoints/latest)
 
 # A model that takes turns (README, "Interaction: a model that takes turns"): a training set rich in barge-ins,
 # listener sounds and wait requests (seed 0), a held-out set from another seed with enough of each event to measure
-# (--require), ~40 min of training on 2 CPU cores (configs/experiment/interaction_cpu.yaml, a checkpoint every 150
-# steps), then the duplex evaluation of the kept checkpoints and the silence-rule baseline on the held-out set.
+# (--require), ~35 min of training on 2 CPU cores (configs/experiment/interaction_cpu.yaml, a checkpoint every 250
+# steps), then the duplex evaluation of the last checkpoint (3 sampling seeds, bootstrap CIs) beside the silence-rule
+# baseline, and the metric-vs-step curves of the kept checkpoints.
 ITRAIN    ?= data/interaction_train
 IHELDOUT  ?= data/interaction_heldout
 IRUN      ?= outputs/interaction/main
@@ -77,6 +78,11 @@ interaction-data: $(ITRAIN)/manifest.json $(IHELDOUT)/manifest.json
 interaction: setup interaction-data
 	$(BIN)/python recipes/pretrain.py +experiment=interaction_cpu data.path=$(ITRAIN) data.val_path=$(IHELDOUT) \
 		hydra.run.dir=$(IRUN)
+	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 120 --steps 3000 \
+		--seeds 0,1,2 --vad silero --out $(IRUN)/eval/final.png
+	$(BIN)/python -m tml.tools.interaction_curves table $(IRUN)/eval/final.json
+	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \
+		--steps 500,1000,1500,2000,2500,3000 --out $(IRUN)/eval/curves.png
 
 test: setup
 	$(BIN)/python -m pytest -x -q tests

@@ -18,3 +18,18 @@ def test_curve_metrics_by_hand():
     assert m["barge_in_stop_rate"] == pytest.approx(1 / 3) and m["n_barge_in_stop_rate"] == 3
     assert m["cough_stop_rate"] == pytest.approx(1 / 4) and m["wait_speak_rate"] == pytest.approx(1 / 3)
     assert curve_metrics([empty])["response_rate"] is None
+
+
+def test_summary_averages_seeds_and_flags_too_few_events():
+    from tml.tools.interaction_curves import summary, table
+
+    empty = {k: [] for k in ("latency", "missed_turns", "stop_latency", "stopped", "false_stop", "quiet_ok")}
+    # 12 episodes, one reply gap each: seed 0 answers all, seed 1 misses the first 6 -> rates 1.0 and 0.5, mean 0.75
+    seed0 = [{**empty, "latency": [0.2]} for _ in range(12)]
+    seed1 = [{**empty, "missed_turns": [1]} for _ in range(6)] + [{**empty, "latency": [0.4]} for _ in range(6)]
+    s = summary([seed0, seed1], resamples=200)
+    r = s["response_rate"]
+    assert r["value"] == pytest.approx(0.75) and r["events_per_seed"] == [12, 12]
+    assert r["ci"][0] <= 0.75 <= r["ci"][1] and r["ci"][1] - r["ci"][0] > 0.05  # resampling episodes moves seed 1
+    assert s["barge_in_stop_rate"]["value"] is None and "too few" in s["barge_in_stop_rate"]["flag"]
+    assert "0.75 [" in table(s)

@@ -57,6 +57,51 @@ def curve_metrics(per_episode: list[dict], stop_s: float = 0.5) -> dict:
     }
 
 
+def summary(per_seed: list[list[dict]], min_events: int = 10, resamples: int = 1000,
+            confidence: float = 0.95) -> dict:
+    """Each plotted metric over several sampling seeds (``per_seed[s][e]``: raw measurements of episode e under
+    seed s, the same episodes for every seed): the per-seed value averaged over seeds, a percentile bootstrap CI
+    over episodes (an episode's events of every seed travel together), the events per seed, and a flag instead of
+    a value below ``min_events`` events per seed."""
+    import random
+
+    E = len(per_seed[0])
+    rng = random.Random(0)
+    draws = [[rng.randrange(E) for _ in range(E)] for _ in range(resamples)]
+
+    def value(key, idx):
+        vals = [curve_metrics([eps[i] for i in idx])[key] for eps in per_seed]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out = {}
+    for key, *_ in CURVES:
+        n = [curve_metrics(eps)[f"n_{key}"] for eps in per_seed]
+        entry = {"events_per_seed": n, "value": None, "ci": None, "flag": None}
+        if sum(n) / len(n) < min_events:
+            entry["flag"] = f"too few events ({sum(n) / len(n):g} per seed < {min_events})"
+        else:
+            boots = sorted(v for d in draws if (v := value(key, d)) is not None)
+            lo, hi = boots[int((1 - confidence) / 2 * len(boots))], boots[int((1 + confidence) / 2 * len(boots)) - 1]
+            entry.update(value=value(key, range(E)), ci=[lo, hi])
+        out[key] = entry
+    return out
+
+
+def table(model: dict, baseline: dict | None = None) -> str:
+    """Markdown: value [95% CI] (events per seed) per metric, the baseline beside it, and the issue's target."""
+    def cell(e):
+        n = "/".join(map(str, e["events_per_seed"]))
+        return f"{e['flag']}, n={n}" if e["value"] is None else \
+            f"{e['value']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] (n={n})"
+
+    rows = ["| metric | target | model | silence rule |", "|---|---|---|---|"]
+    for key, title, target, higher in CURVES:
+        rows.append(f"| {title} | {'>=' if higher else '<='} {target} | {cell(model[key])} | "
+                    f"{cell(baseline[key]) if baseline else '-'} |")
+    return "\n".join(rows)
+
+
 def _replay(make, episodes, run, vad, out: Path) -> list[dict]:
     """Per-episode measurements of one responder over ``episodes`` (read back from the eval.json that
     ``tml.eval.evaluate.evaluate`` writes, which holds them whatever it returns)."""
@@ -163,6 +208,20 @@ def plot(curves: dict, path: Path, others: dict[str, dict] | None = None) -> Non
     plt.close(fig)
 
 
+def table_main(paths: list[str], step: int | None = None) -> str:
+    """The table of one step (default: the last) from curve JSONs of the same run and episodes whose seeds add up
+    (e.g. seeds 0,1 in one process and 2 with the baseline in another)."""
+    per_seed, base = [], None
+    for path in paths:
+        c = json.loads(Path(path).read_text())
+        i = c["steps"].index(step) if step is not None else -1
+        per_seed += c["raw"][i]
+        base = c.get("baseline_raw", base)
+    md = table(summary(per_seed), summary([base]) if base else None)
+    print(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a pretrain run dir with checkpoints/step_*")
@@ -190,4 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["table"]:  # python -m tml.tools.interaction_curves table A.json [B.json ...]
+        table_main(sys.argv[2:])
+    else:
+        main()
