@@ -125,7 +125,8 @@ class LiveSession:
     def __init__(self, session: StreamingSession, vocoder: StreamingVocoder, text, record: bool):
         self.session, self.vocoder, self.text = session, vocoder, text
         lay = session.layout
-        self.n, self.sample_rate, self.micro_turn_s = lay.samples_per_turn, lay.cfg.sample_rate, lay.cfg.micro_turn_ms / 1000
+        self.n, self.sample_rate = lay.samples_per_turn, lay.cfg.sample_rate
+        self.micro_turn_s = lay.cfg.micro_turn_ms / 1000
         self.clock = PlaybackClock(self.micro_turn_s)
         self.pending = torch.zeros(0)
         self.record = record
