@@ -50,7 +50,7 @@ from websockets.http11 import Request, Response
 from tml.audio.vocoder import GriffinLimVocoder, StreamingVocoder
 from tml.eval.clock import PlaybackClock, place_on_playback_clock
 from tml.eval.session import MicroTurnInputs, StreamingSession
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 
 log = logging.getLogger("tml.serve")
 WEB = Path(__file__).parent / "web"
