@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import ROOT, metrics, run_recipe
 from handmade import write_dataset
@@ -77,6 +78,27 @@ def test_two_processes_average_gradients_like_one(tmp_path):
 def test_impossible_configs_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         validate_config(config_from_dict(override))
+
+
+def test_frame_geometry_follows_the_layout():
+    """data.layout is the one source of frame geometry: the model's and the dMel tokenizer's copies follow an
+    override of it; an override of only a copy is refused; a saved (resolved) config keeps its explicit values."""
+    cfg = config_from_dict({"data": {"layout": {"n_mels": 64, "dmel_bins": 8, "frames_per_audio_position": 2,
+                                                "mel_hop_ms": 20, "sample_rate": 24000, "patch_size": 16,
+                                                "frame_height": 32, "frame_width": 32}}})
+    validate_config(cfg)
+    m, d = cfg.model, cfg.data.dmel
+    assert (m.n_mels, m.dmel_bins, m.frames_per_audio_position, m.patch_size) == (64, 8, 2, 16)
+    assert (d.n_mels, d.n_bins, d.sample_rate, d.hop_length) == (64, 8, 24000, 480)  # 20 ms at 24 kHz
+    with pytest.raises(ConfigError, match="override data.layout instead of model.dmel_bins"):
+        validate_config(config_from_dict({"model": {"dmel_bins": 8}}))
+    saved = OmegaConf.to_container(OmegaConf.structured(config_from_dict({})), resolve=True)
+    saved["model"]["n_mels"] = saved["data"]["dmel"]["n_mels"] = saved["data"]["layout"]["n_mels"] = 40
+    assert config_from_dict(saved).data.dmel.n_mels == 40  # as a run's config.resolved.json: explicit, same values
+    proc = subprocess.run([sys.executable, "recipes/pretrain.py", "--cfg", "job", "--resolve", "data.layout.n_mels=64"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    job = OmegaConf.create(proc.stdout)
+    assert job.model.n_mels == job.data.dmel.n_mels == 64 and job.data.dmel.hop_length == 160
 
 
 def test_recipe_fails_before_any_work(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from omegaconf import DictConfig, OmegaConf
+
 from tml.audio.dmel import DMelConfig
 from tml.data.loader import LoaderConfig
 from tml.errors import ConfigError
@@ -91,6 +93,27 @@ class PretrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+# Frame geometry has one source, ``data.layout``: the model's front ends and heads (``model.*``) and the dMel tokenizer
+# (``data.dmel.*``) keep their own fields, so each can be built alone, but a composed run config interpolates them from
+# the layout. Overriding ``data.layout.n_mels=64`` moves all three; overriding only ``model.n_mels`` is a ConfigError.
+# A run's config.resolved.json holds resolved values, so runs saved before this load unchanged.
+OmegaConf.register_new_resolver("tml.samples_per_ms", lambda rate, ms: int(rate) * int(ms) // 1000, replace=True)
+GEOMETRY_FROM_LAYOUT = {
+    "model": {"n_mels": "${data.layout.n_mels}", "dmel_bins": "${data.layout.dmel_bins}",
+              "frames_per_audio_position": "${data.layout.frames_per_audio_position}",
+              "patch_size": "${data.layout.patch_size}"},
+    "data": {"dmel": {"n_mels": "${data.layout.n_mels}", "n_bins": "${data.layout.dmel_bins}",
+                      "sample_rate": "${data.layout.sample_rate}",
+                      "hop_length": "${tml.samples_per_ms:${data.layout.sample_rate},${data.layout.mel_hop_ms}}"}},
+}
+
+
+def config_schema() -> DictConfig:
+    """``PretrainConfig``'s defaults with the frame geometry interpolated from ``data.layout``: what Hydra composes
+    the recipe configs onto and what ``config_from_dict`` merges a dict onto."""
+    return OmegaConf.merge(OmegaConf.structured(PretrainConfig), GEOMETRY_FROM_LAYOUT)
+
+
 def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
     """Check every section and their agreement; raise ConfigError naming the key and the fix. Returns the layout."""
     layout = MicroTurnLayout(cfg.data.layout)
@@ -133,9 +156,10 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
         ("data.dmel.hop_length", d.hop_length, "data.layout.mel_hop_ms * sample_rate / 1000",
          lay.sample_rate * lay.mel_hop_ms // 1000),
     ]
-    for ka, a, kb, b in pairs:
+    for ka, a, kb, b in pairs:  # only an explicit override of the derived side can disagree
         if a != b:
-            raise ConfigError(f"{ka}={a} disagrees with {kb}={b}; set them equal")
+            raise ConfigError(f"{ka}={a} disagrees with {kb}={b}: frame geometry comes from data.layout and "
+                              f"{ka} follows it; override data.layout instead of {ka}, or set them equal")
     grid = max(lay.frame_height, lay.frame_width) // lay.patch_size
     if grid > m.max_patch_grid:
         raise ConfigError(f"data.layout frames give a {grid}-patch grid side but model.max_patch_grid="
@@ -154,13 +178,12 @@ def validate_config(cfg: PretrainConfig) -> MicroTurnLayout:
 def config_from_dict(d: dict) -> PretrainConfig:
     """A PretrainConfig from a plain dict (a run's config.resolved.json, tests, tools outside Hydra), with type
     checking."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), d))
+    return OmegaConf.to_object(OmegaConf.merge(config_schema(), d))
 
 
 def register_hydra_schema() -> None:
-    """Register ``PretrainConfig`` as ``pretrain_schema`` so ``configs/pretrain.yaml`` is type-checked by Hydra."""
+    """Register ``config_schema()`` (``PretrainConfig``, geometry from the layout) as ``pretrain_schema``, so
+    ``configs/pretrain.yaml`` is type-checked by Hydra."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    ConfigStore.instance().store(name="pretrain_schema", node=config_schema())
