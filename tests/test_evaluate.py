@@ -203,3 +203,33 @@ def test_evaluate_seeds_reports_counts_intervals_and_the_baseline(tmp_path):
                           dmel, text, tmp_path / "slow", EvalConfig(seeds=[0]), VADConfig("logmel"))
     # micro-turn t is ready at 0.3 * (t + 1) (compute back to back), due at 0.2 * (t + 1): lag 0.3 + 0.1 * t, 1.7 s at t=14
     assert slow["max_lag_s"] == pytest.approx(1.7) and "realtime=true" in slow["warning"]
+
+
+def test_batched_evaluation_equals_one_episode_at_a_time(tmp_path):
+    # Three episodes of different lengths (sessions leave the batch as their episode ends), sampled at temperature 1:
+    # the batched run writes, per episode, exactly what a fresh single session writes.
+    from tml.eval.evaluate import run_episode, run_episodes
+    from tml.eval.session import SessionConfig, StreamingSession
+    from tml.model import InteractionModel, ModelConfig, MoEConfig
+    from tml.model.sampling import SamplingConfig
+
+    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+    text = train_bpe(["hello there"] * 10, 300, tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                                         moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))).eval()
+    cfg = SessionConfig(sampling=SamplingConfig(seed=3))
+    base = noise_episode()
+    episodes = []
+    for key, seconds in (("a", 1.6), ("b", 4.0), ("c", 2.4)):
+        n = int(seconds * SR)
+        episodes.append(Episode(key=key, duration=seconds, sample_rate=SR,
+                                audio={k: v[:n] for k, v in base.audio.items()}, meta=base.meta))
+    single = [run_episode(StreamingSession(model, layout, dmel, cfg, text.pad_id), e, layout, dmel, text)
+              for e in episodes]
+    batched = run_episodes(lambda n: StreamingSession(model, layout, dmel, cfg, text.pad_id, sessions=n), episodes,
+                           layout, dmel, text, batch_size=2)
+    for s, b in zip(single, batched):
+        assert s.key == b.key and s.text_by_turn == b.text_by_turn and s.text_ids == b.text_ids
+        assert s.model_mel.shape == b.model_mel.shape and torch.equal(s.model_mel, b.model_mel)
+    assert [r.model_mel.shape[0] for r in batched] == [160, 400, 240]

@@ -146,3 +146,41 @@ def test_flow_head_session_speaks_continuous_mel_and_keeps_text_aligned(setup):
     assert free.audio_logits is None and free.mel.shape == (20, 80)
     lo, hi = dmel.cfg.log_min, dmel.cfg.log_max
     assert (free.mel >= lo).all() and (free.mel <= hi).all() and not torch.equal(free.mel, dmel.decode(free.audio_bins))
+
+
+def test_batched_sessions_equal_separate_sessions(setup):
+    # Three sessions with different inputs and seeds, sampled (temperature 1): session 2 joins two micro-turns late
+    # (its own, shorter cache) and session 0 leaves after four. Each must write exactly what it writes alone.
+    model, layout, dmel, text, episode, tok = setup
+    cfg = SessionConfig(sampling=SamplingConfig(text_temperature=1.0, audio_temperature=1.0, seed=0))
+    feeds = [[turn_inputs(tok, layout, episode, (t + 3 * b) % TURNS)[0] for t in range(6)] for b in range(3)]
+    for t in range(6):  # session 1 without video, session 2 with background text from the start
+        feeds[1][t].video_frame = None
+    feeds[2][0].background_text = [5, 6, 7]
+    spans = {0: (0, 4), 1: (0, 6), 2: (2, 6)}  # micro-turns each session is live (global clock)
+    alone = {}
+    for b, (a, z) in spans.items():
+        s = StreamingSession(model, layout, dmel, cfg, seeds=[10 + b])
+        alone[b] = [s.step(feeds[b][t - a]) for t in range(a, z)]
+    batched = StreamingSession(model, layout, dmel, cfg, sessions=2, seeds=[10, 11])
+    live, got = [0, 1], {b: [] for b in spans}
+    for t in range(6):
+        if t == 2:
+            batched.add_sessions([12])
+            live.append(2)
+        if t == 4:
+            batched.keep([1, 2])
+            live.remove(0)
+        outs = batched.step_many([feeds[b][t - spans[b][0]] for b in live])
+        for b, o in zip(live, outs):
+            got[b].append(o)
+    for b in spans:
+        assert len(got[b]) == len(alone[b])
+        for x, y in zip(got[b], alone[b]):
+            assert x.text_ids == y.text_ids and x.background_ids == y.background_ids
+            assert torch.equal(x.audio_bins, y.audio_bins)
+            assert (x.text_logits - y.text_logits).abs().max() <= 1e-5
+            assert (x.audio_logits - y.audio_logits).abs().max() <= 1e-5
+    # Sampling really is per session: the same input under another seed writes something else.
+    other = StreamingSession(model, layout, dmel, cfg, seeds=[99]).step(feeds[1][0])
+    assert other.text_ids != got[1][0].text_ids or not torch.equal(other.audio_bins, got[1][0].audio_bins)

@@ -139,9 +139,9 @@ class EpisodeRun:
     text_ids: list[list[int]] = field(default_factory=list)  # per micro-turn: the text slots it wrote (pad included)
 
 
-def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer,
-                text: TextTokenizer) -> EpisodeRun:
-    """Replay ``episode``'s inputs through ``responder`` one micro-turn at a time."""
+def episode_inputs(episode: Episode, layout: MicroTurnLayout, text: TextTokenizer) -> list[MicroTurnInputs]:
+    """``episode``'s input side as a live stream delivers it: per micro-turn the user audio, the video frame
+    showing at its start, and the recorded background results arriving in it."""
     cfg = layout.cfg
     T, n = layout.num_turns(episode.duration), layout.samples_per_turn
     turn_s = cfg.micro_turn_ms / 1000
@@ -150,22 +150,75 @@ def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMel
     arrivals: dict[int, list[int]] = {}
     for e in episode.background:
         arrivals.setdefault(layout.turn_of(e.time), []).extend(i for w in e.text.split() for i in text.word_ids(w))
-    mels, said, times, ids = [], [], [], []
+    inputs = []
     for t in range(T):
         frame = None
         if episode.video is not None:
             f = int(t * turn_s * episode.video_fps + 1e-6)
             frame = episode.video[f] if f < episode.video.shape[0] else None
-        out = responder.step(MicroTurnInputs(user_audio=user[t * n : (t + 1) * n], video_frame=frame,
-                                             background_text=arrivals.get(t, [])))
-        mels.append(out.mel)
-        times.append(out.compute_s)
-        ids.append(list(out.text_ids))
-        words = text.decode(out.text_ids)
+        inputs.append(MicroTurnInputs(user_audio=user[t * n : (t + 1) * n], video_frame=frame,
+                                      background_text=arrivals.get(t, [])))
+    return inputs
+
+
+class _Recorder:
+    """Collects one episode's outputs into an ``EpisodeRun``."""
+
+    def __init__(self, episode: Episode, layout: MicroTurnLayout, text: TextTokenizer):
+        self.episode, self.layout, self.text = episode, layout, text
+        self.inputs = episode_inputs(episode, layout, text)
+        self.mels, self.said, self.times, self.ids = [], [], [], []
+
+    def add(self, t: int, out: MicroTurnOutputs) -> None:
+        self.mels.append(out.mel)
+        self.times.append(out.compute_s)
+        self.ids.append(list(out.text_ids))
+        words = self.text.decode(out.text_ids)
         if words.strip():
-            said.append((t, words))
-    return EpisodeRun(episode.key, torch.cat(mels), dmel.log_mel(user[: T * n])[: T * layout.frames_per_turn],
-                      said, times, ids)
+            self.said.append((t, words))
+
+    def run(self, dmel: DMelTokenizer) -> EpisodeRun:
+        T, n = len(self.inputs), self.layout.samples_per_turn
+        user = self.episode.audio["user"]
+        user = torch.nn.functional.pad(user, (0, max(0, T * n - user.numel())))
+        return EpisodeRun(self.episode.key, torch.cat(self.mels),
+                          dmel.log_mel(user[: T * n])[: T * self.layout.frames_per_turn], self.said, self.times,
+                          self.ids)
+
+
+def run_episode(responder, episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer,
+                text: TextTokenizer) -> EpisodeRun:
+    """Replay ``episode``'s inputs through ``responder`` one micro-turn at a time."""
+    rec = _Recorder(episode, layout, text)
+    for t, inputs in enumerate(rec.inputs):
+        rec.add(t, responder.step(inputs))
+    return rec.run(dmel)
+
+
+def run_episodes(make_sessions, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
+                 text: TextTokenizer, batch_size: int = 16) -> list[EpisodeRun]:
+    """Replay many episodes at once: ``make_sessions(n)`` gives a responder with ``step_many`` and ``keep`` (a
+    batched ``StreamingSession``) that advances n episodes per step; each episode's session ends with it. Episodes
+    go in groups of ``batch_size``, longest first, so groups waste little. Each run equals ``run_episode``'s with
+    a fresh single session (same seeds); ``compute_s`` is the batched step's time. Returns runs in input order."""
+    runs: list[EpisodeRun | None] = [None] * len(episodes)
+    order = sorted(range(len(episodes)), key=lambda i: -layout.num_turns(episodes[i].duration))
+    for g in range(0, len(order), batch_size):
+        group = order[g : g + batch_size]
+        recs = [_Recorder(episodes[i], layout, text) for i in group]
+        responder, live, t = make_sessions(len(group)), list(range(len(group))), 0
+        while live:
+            for j, out in zip(live, responder.step_many([recs[j].inputs[t] for j in live])):
+                recs[j].add(t, out)
+            t += 1
+            still = [k for k, j in enumerate(live) if t < len(recs[j].inputs)]
+            if len(still) < len(live):
+                live = [live[k] for k in still]
+                if live:
+                    responder.keep(still)
+        for i, rec in zip(group, recs):
+            runs[i] = rec.run(dmel)
+    return runs
 
 
 def playback_schedule(run: EpisodeRun, layout: MicroTurnLayout, realtime: bool = False) -> list[float]:
@@ -271,8 +324,12 @@ def plot_latencies(path, per_episode: list[dict]):
 
 def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
              text: TextTokenizer, out_dir, vad: VADConfig | None = None, n_wavs: int = 3, n_timelines: int = 4,
-             vocoder=None, realtime: bool = False, metrics: MetricConfig | None = None) -> dict:
-    """Run a fresh responder (``make_responder()``) on every episode; write ``eval.json``, latency histograms,
+             vocoder=None, realtime: bool = False, metrics: MetricConfig | None = None, make_sessions=None,
+             batch_size: int = 16) -> dict:
+    """Run a fresh responder (``make_responder()``) on every episode, or with ``make_sessions(n)`` (a batched
+    ``StreamingSession`` of n sessions) ``batch_size`` episodes at a time (``run_episodes``: the same outputs, many
+    times faster; each micro-turn's measured compute is then the batched step's); write ``eval.json``, latency
+    histograms,
     per-episode timelines and a few stereo .wav files (user left, responder right, as heard on the playback clock)
     into ``out_dir``. Activity: ``vad`` (Silero by default), see ``model_activity``. Returns what ``eval.json``
     holds: {"metrics": pooled metrics (``tml.eval.duplex.aggregate``), "per_episode": raw measurements}."""
@@ -286,9 +343,12 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
     out_dir.mkdir(parents=True, exist_ok=True)
     vad = (vad or VADConfig()).validate()
     hop_s = layout.cfg.mel_hop_ms / 1000
+    if make_sessions is not None:
+        runs = run_episodes(make_sessions, episodes, layout, dmel, text, batch_size)
+    else:
+        runs = [run_episode(make_responder(), episode, layout, dmel, text) for episode in episodes]
     per_episode, compute, lag = [], [], 0.0
-    for i, episode in enumerate(episodes):
-        run = run_episode(make_responder(), episode, layout, dmel, text)
+    for i, (episode, run) in enumerate(zip(episodes, runs)):
         model_active = model_activity(run, layout, dmel, vad, vocoder, realtime)
         labels = labels_from_events(episode.meta.get("events", []), episode.duration)
         m = episode_metrics(labels, model_active, heard_text(run, layout, realtime), metrics)
@@ -321,9 +381,11 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
 
 def evaluate_seeds(make_responder, episodes: list[Episode], layout: MicroTurnLayout, dmel: DMelTokenizer,
                    text: TextTokenizer, out_dir, eval_cfg=None, vad: VADConfig | None = None, realtime: bool = False,
-                   make_baseline=None, vocoder=None, metrics: MetricConfig | None = None) -> dict:
+                   make_baseline=None, vocoder=None, metrics: MetricConfig | None = None, make_sessions=None,
+                   batch_size: int = 16) -> dict:
     """Evaluation with power (``tml.eval.report``): replay every episode once per seed of ``eval_cfg.seeds`` with a
-    fresh ``make_responder(seed)`` (into ``out_dir/seed_S``), and once with ``make_baseline()`` if given (into
+    fresh ``make_responder(seed)`` (or ``batch_size`` episodes at a time through ``make_sessions(seed, n)``, a batched
+    session: see ``evaluate``) (into ``out_dir/seed_S``), and once with ``make_baseline()`` if given (into
     ``out_dir/baseline``); summarise each metric with its event count and a bootstrap CI over episodes. Writes
     ``report.json`` and ``report.md`` (the table) into ``out_dir`` and returns the report dict."""
     import json
@@ -337,7 +399,8 @@ def evaluate_seeds(make_responder, episodes: list[Episode], layout: MicroTurnLay
     for i, seed in enumerate(eval_cfg.seeds):  # wavs and timelines of the first seed only (they cost time)
         r = evaluate(lambda: make_responder(seed), episodes, layout, dmel, text, out_dir / f"seed_{seed}", vad,
                      n_wavs=3 if i == 0 else 0, n_timelines=4 if i == 0 else 0, vocoder=vocoder, realtime=realtime,
-                     metrics=metrics)
+                     metrics=metrics, batch_size=batch_size,
+                     make_sessions=None if make_sessions is None else lambda n: make_sessions(seed, n))
         per_seed.append(r["per_episode"])
         pooled[seed] = r["metrics"]
     first = pooled[eval_cfg.seeds[0]]

@@ -24,7 +24,7 @@ import torch
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
-from tml.model.attention import KVCache
+from tml.model.attention import ContextFullError, KVCache, RopeTable
 from tml.model.heads import DMelHead, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
@@ -34,7 +34,17 @@ from tml.vision.patches import frame_to_patches
 
 @dataclass
 class SessionConfig:
-    cache_window: int = 0  # positions each query may attend to (0 = the whole session)
+    """How much of the past a session attends to, and how it samples.
+
+    Default: a sliding window of ``cache_window`` positions (100 s of the tiny layout at 20 positions per
+    micro-turn... see README "Long sessions") plus ``attention_sinks`` first positions, held in a preallocated ring,
+    so every micro-turn costs the same however long the session runs. ``cache_window=0``: the full context, up to
+    ``max_context`` positions (then a ``ContextFullError`` that says what to change).
+    """
+
+    cache_window: int = 0  # positions each query may attend to, its own included (0 = the whole session)
+    attention_sinks: int = 0  # with a window: the session's first positions stay visible to every query
+    max_context: int = 65536  # full context: the longest session in positions
     # how text and audio are drawn: by default a sampled speak/silent decision, then greedy content
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -60,7 +70,7 @@ class MicroTurnOutputs:
     text_logits: torch.Tensor  # [text slots, vocab]: the distributions the text was drawn from
     audio_logits: torch.Tensor | None  # [audio slots, S, C, bins] for the dMel head; None for the flow head
     background_ids: list[int]  # what the background slots read in this micro-turn (pad id where empty)
-    compute_s: float
+    compute_s: float  # wall time of the step that computed it (shared by the sessions stepped together)
 
 
 class LiveLogMel:
@@ -78,44 +88,135 @@ class LiveLogMel:
         return self.dmel.log_mel(segment)[first : first + self.layout.frames_per_turn]
 
 
+class _Row:
+    """The per-session state of one row of a batched session."""
+
+    def __init__(self, layout: MicroTurnLayout, dmel: DMelTokenizer, seed: int, background):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.live_mel = LiveLogMel(layout, dmel)
+        self.background = background
+        self.queue: list[int] = []  # background text waiting for a slot
+        self.turn = 0
+        self.position = 0  # positions in the caches
+        self.pending: tuple[int, int, torch.Tensor] | None = None  # (kind, text id, audio bins) not yet fed
+
+
 class StreamingSession:
-    """Run ``model`` one micro-turn at a time with a KV cache (see module docstring). Batch size 1."""
+    """Run ``model`` one micro-turn at a time with a KV cache (see module docstring), for ``sessions``
+    independent conversations at once.
+
+    ``step(inputs)`` advances a single session; ``step_many([inputs per session])`` advances all of them in one
+    batched forward per position, each with its own cache length, inputs, background queue and sampling generator
+    (seeded ``seeds[b]``; default ``sampling.seed`` for all), so every session's outputs are those it would get
+    alone. ``keep(rows)`` ends sessions, ``add_sessions(seeds)`` starts new ones beside running ones.
+    """
 
     def __init__(self, model: InteractionModel, layout: MicroTurnLayout, dmel: DMelTokenizer,
                  cfg: SessionConfig | None = None, text_pad_id: int = 0,
                  vocoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 background: DelegationBridge | None = None):
+                 background: DelegationBridge | list[DelegationBridge | None] | None = None,
+                 sessions: int = 1, seeds: list[int] | None = None):
         """``vocoder``: any ``log-mel [frames, n_mels] -> wave [samples]`` callable; ``background``: a bridge to a
-        background model that turns the model's ``<delegate>`` spans into results on the background stream."""
+        background model that turns the model's ``<delegate>`` spans into results on the background stream (one
+        per session when ``sessions > 1``)."""
         self.model, self.layout, self.dmel = model.eval(), layout, dmel
-        self.background = background
         self.cfg = cfg or SessionConfig()
+        self.cfg.sampling.validate()
         self.pad_id, self.vocoder = text_pad_id, vocoder
-        self.caches = [KVCache(self.cfg.cache_window) for _ in model.layers]
-        self.generator = torch.Generator().manual_seed(self.cfg.sampling.validate().seed)
-        self.turn = 0
-        self.position = 0
-        self.background_queue: list[int] = []
-        self.live_mel = LiveLogMel(layout, dmel)
-        self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
         self.device = next(model.parameters()).device
+        mcfg = model.cfg
+        # Every write is at most one micro-turn plus the held-back output position: size the ring for it once.
+        chunk = layout.length + 1
+        self.caches = [KVCache(self.cfg.cache_window, self.cfg.attention_sinks,
+                               self.cfg.attention_sinks + self.cfg.cache_window + chunk if self.cfg.cache_window
+                               else min(self.cfg.max_context, 64 * layout.length))
+                       for _ in model.layers]
+        self.rope = RopeTable(mcfg.head_dim, mcfg.rope_theta, next(model.parameters()).dtype)
+        self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
+        self.outputs = [(s.kind, s.stream) for s in layout.slots if s.stream == Stream.MODEL for _ in range(s.count)]
+        # Stream embedding of the output positions, added once per position instead of embedding a whole Batch.
+        self.rows: list[_Row] = []
+        self.add_sessions(seeds if seeds is not None else [self.cfg.sampling.seed] * sessions,
+                          background if isinstance(background, list) else [background] * sessions)
+
+    # -- sessions ----------------------------------------------------------------------------------------------
+    def add_sessions(self, seeds: list[int], backgrounds: list | None = None) -> None:
+        """Start ``len(seeds)`` new sessions (rows appended after the running ones), at position 0."""
+        backgrounds = backgrounds or [None] * len(seeds)
+        if self.rows:
+            for cache in self.caches:
+                cache.add_rows(len(seeds))
+        self.rows += [_Row(self.layout, self.dmel, s, bg) for s, bg in zip(seeds, backgrounds)]
+
+    def keep(self, rows: list[int]) -> None:
+        """End every session not in ``rows``; the kept ones become rows 0.. in this order."""
+        self.rows = [self.rows[i] for i in rows]
+        for cache in self.caches:
+            cache.keep(rows)
+
+    @property
+    def sessions(self) -> int:
+        return len(self.rows)
+
+    # Single-session views (B = 1), as before batching.
+    @property
+    def turn(self) -> int:
+        return self.rows[0].turn
+
+    @property
+    def position(self) -> int:
+        """Positions of session 0 so far (the held-back last output position included)."""
+        return self.rows[0].position + (self.rows[0].pending is not None)
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.rows[0].generator
 
     # -- model plumbing ----------------------------------------------------------------------------------------
-    def _forward(self, kind: list[int], stream: list[int], text_ids: list[int], audio_bins: torch.Tensor,
-                 patches: torch.Tensor, patch_rc: torch.Tensor) -> torch.Tensor:
-        """Embed and run new positions through every layer against the caches. Returns hidden [T_new, dim]."""
-        n = len(kind)
-        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]  # noqa: E731
-        empty = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        chunk = Batch(kind=long(kind), stream=long(stream), micro_turn=empty, position_ids=empty, doc_ids=empty,
+    def _forward(self, kind: list[list[int]], stream: list[list[int]], text_ids: list[list[int]],
+                 audio_bins: torch.Tensor, patches: torch.Tensor, patch_rc: torch.Tensor,
+                 rows: list[int] | None = None) -> torch.Tensor:
+        """Embed and run T new positions of sessions ``rows`` (default all; lists [rows][T]; payloads compact,
+        row-major) against the caches. Returns hidden [len(rows), T, dim]."""
+        long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        kind_t = long(kind)
+        empty = torch.zeros_like(kind_t)
+        chunk = Batch(kind=kind_t, stream=long(stream), micro_turn=empty, position_ids=empty, doc_ids=empty,
                       text_ids=long(text_ids), audio_bins=audio_bins.to(self.device), patches=patches.to(self.device),
                       patch_rc=patch_rc.to(self.device), target_kind=empty, target_text=empty,
                       target_audio=audio_bins[:0].to(self.device))
-        hidden = self.model.forward_cached(chunk, self.caches, self.position)[0]
-        self.position += n
-        return hidden
+        return self._run(self.model.embed(chunk), rows)
 
-    def _encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Embedded positions x [n, T, dim], the next T of sessions ``rows`` (default all) -> hidden [n, T, dim]."""
+        sessions = self.rows if rows is None else [self.rows[b] for b in rows]
+        start = torch.tensor([r.position for r in sessions], dtype=torch.long, device=self.device)
+        T = x.shape[1]
+        if not self.cfg.cache_window and int(start.max()) + T > self.cfg.max_context:
+            raise ContextFullError(
+                f"session reached session.max_context={self.cfg.max_context} positions "
+                f"({self.cfg.max_context // self.layout.length * self.layout.cfg.micro_turn_ms / 1000:.0f} s): raise "
+                f"session.max_context, or bound the context with session.cache_window (see README, long sessions)")
+        positions = start[:, None] + torch.arange(T, device=self.device)
+        if rows is None or len(rows) == self.sessions:
+            h = self.model.forward_embedded(x, positions, self.caches, self.rope)
+        else:  # a subset of the sessions: their rows of the caches, written back after (only when sessions join)
+            subs = [c.select(rows) for c in self.caches]
+            h = self.model.forward_embedded(x, positions, subs, self.rope)
+            for c, sub in zip(self.caches, subs):
+                c.put(rows, sub)
+        for r in sessions:
+            r.position += T
+        return h
+
+    def _embed_output(self, kind: Kind, text_ids: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        """One MODEL-stream output position per session -> embeddings [B, 1, dim]: what ``MultimodalEmbedding``
+        computes for it (bitwise), without building a Batch. text_ids long [B]; bins long [B, S, C]."""
+        emb = self.model.embed
+        x = emb.text(text_ids.to(self.device)) if kind == Kind.TEXT else emb.audio(bins.to(self.device))
+        return (x + emb.stream.weight[int(Stream.MODEL)])[:, None]
+
+    def _encode_audio(self, audio: torch.Tensor, row: int = 0) -> torch.Tensor:
         """This micro-turn's user audio -> dMel bins [frames_per_turn, n_mels] (see module docstring)."""
         F = self.layout.frames_per_turn
         if audio.dtype == torch.long:
@@ -126,28 +227,28 @@ class StreamingSession:
         if audio.ndim != 1 or audio.numel() != n:
             raise ValueError(f"user_audio must be {n} samples ({self.layout.cfg.micro_turn_ms} ms at "
                              f"{self.layout.cfg.sample_rate} Hz) per micro-turn, got shape {tuple(audio.shape)}")
-        return self.dmel.quantize(self.live_mel(audio))
+        return self.dmel.quantize(self.rows[row].live_mel(audio))
 
-    # -- one micro-turn ----------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, inputs: MicroTurnInputs, force: dict | None = None) -> MicroTurnOutputs:
-        """Read one micro-turn of input and write one micro-turn of output.
-
-        ``force`` (teacher forcing, for evaluation and tests): {"text": [ids per model text slot], "audio": long
-        [frames_per_turn, n_mels]} fed back instead of the sampled payloads; logits are still returned.
-        """
-        t0 = time.perf_counter()
-        lay, cfg = self.layout, self.layout.cfg
+    def _input_chunk(self, b: int, inputs: MicroTurnInputs):
+        """Session b's positions for this step: its held-back output position, then the micro-turn's input slots in
+        layout order. Returns (kind, stream, text_ids, audio list, patches list, rc list, background_ids, now)."""
+        row, lay, cfg = self.rows[b], self.layout, self.layout.cfg
         S, C = cfg.frames_per_audio_position, cfg.n_mels
-        user_bins = self._encode_audio(inputs.user_audio).view(-1, S, C)
-        now = self.turn * cfg.micro_turn_ms / 1000  # session time at the start of this micro-turn
-        self.background_queue.extend(inputs.background_text)
-        if self.background is not None:  # results that arrived by now; never waits for one
-            self.background_queue.extend(self.background.arrivals(now))
-        show_frame = inputs.video_frame is not None and self.turn % cfg.video_stride == 0
-
-        # Input slots as one chunk, in layout order.
+        user_bins = self._encode_audio(inputs.user_audio, b).view(-1, S, C)
+        now = row.turn * cfg.micro_turn_ms / 1000  # session time at the start of this micro-turn
+        row.queue.extend(inputs.background_text)
+        if row.background is not None:  # results that arrived by now; never waits for one
+            row.queue.extend(row.background.arrivals(now))
+        show_frame = inputs.video_frame is not None and row.turn % cfg.video_stride == 0
         kind, stream, text_ids, audio, patches, rcs, background_ids = [], [], [], [], [], [], []
+        if row.pending is not None:
+            k, tid, bins = row.pending
+            kind.append(k)
+            stream.append(int(Stream.MODEL))
+            text_ids.append(tid)
+            if k == Kind.AUDIO:
+                audio.append(bins)
+            row.pending = None
         for slot in lay.slots:
             if slot.stream == Stream.MODEL:
                 break
@@ -156,7 +257,7 @@ class StreamingSession:
                 if slot.kind == Kind.AUDIO:
                     audio.append(user_bins[j])
                 elif slot.kind == Kind.TEXT:
-                    tid = self.background_queue.pop(0) if self.background_queue else self.pad_id
+                    tid = row.queue.pop(0) if row.queue else self.pad_id
                     background_ids.append(tid)
                 elif slot.kind == Kind.PATCH and not show_frame:
                     k = Kind.PAD
@@ -167,59 +268,114 @@ class StreamingSession:
                 p, rc = frame_to_patches(inputs.video_frame, cfg.patch_size, cfg.frame_height, cfg.frame_width)
                 patches.append(p)
                 rcs.append(rc)
-        P = cfg.patch_size
-        h = self._forward(kind, stream, text_ids,
-                          torch.stack(audio) if audio else torch.zeros(0, S, C, dtype=torch.long),
-                          torch.cat(patches) if patches else torch.zeros(0, P, P, 3, dtype=torch.uint8),
-                          torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long))[-1]
+        return kind, stream, text_ids, audio, patches, rcs, background_ids, now
 
-        # Output slots, one position at a time: predict from h, feed the payload back, get the next h. Every draw
-        # is the head's own ``sample`` (floor decision, then content) on the session's seeded generator.
-        out_text, out_audio, out_mel, text_logits, audio_logits = [], [], [], [], []
-        sc, head = self.cfg.sampling, self.model.audio_head
-        forced_text = list(force["text"]) if force else None
-        forced_audio = force["audio"].view(-1, S, C) if force else None
-        outputs = [(s.kind, s.stream) for s in lay.slots if s.stream == Stream.MODEL for _ in range(s.count)]
-        for i, (k, st) in enumerate(outputs):
+    def _rows(self, fn) -> torch.Tensor:
+        """``fn(b, generator)`` for every session b with its own generator, stacked: each session's draws are exactly
+        those it makes alone."""
+        return torch.cat([fn(b, r.generator) for b, r in enumerate(self.rows)])
+
+    # -- one micro-turn ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, inputs: MicroTurnInputs, force: dict | None = None) -> MicroTurnOutputs:
+        """Read one micro-turn of input and write one micro-turn of output (a session of one).
+
+        ``force`` (teacher forcing, for evaluation and tests): {"text": [ids per model text slot], "audio": long
+        [frames_per_turn, n_mels]} fed back instead of the sampled payloads; logits are still returned.
+        """
+        if self.sessions != 1:
+            raise ValueError(f"step() advances one session; this one runs {self.sessions}: use step_many")
+        return self.step_many([inputs], None if force is None else [force])[0]
+
+    @torch.no_grad()
+    def step_many(self, inputs: list[MicroTurnInputs], force: list[dict | None] | None = None
+                  ) -> list[MicroTurnOutputs]:
+        """Advance every session by one micro-turn: ``inputs[b]`` (and ``force[b]``, see ``step``) for session b.
+
+        The input slots of all sessions run as one [B, T] chunk; then each output position runs for all sessions
+        at once ([B, 1]), predicted from the previous position's hidden state and sampled per session. The last
+        output position is held back and fed with the next micro-turn's inputs (its hidden state predicts nothing,
+        so nothing waits for it): one sequential forward fewer per micro-turn.
+        """
+        t0 = time.perf_counter()
+        B = self.sessions
+        if len(inputs) != B or (force is not None and len(force) != B):
+            raise ValueError(f"step_many: {B} sessions, got {len(inputs)} inputs"
+                             + ("" if force is None else f" and {len(force)} forced outputs"))
+        cfg = self.layout.cfg
+        S, C, P = cfg.frames_per_audio_position, cfg.n_mels, cfg.patch_size
+        chunks = [self._input_chunk(b, x) for b, x in enumerate(inputs)]
+        h = torch.empty(B, self.model.cfg.dim, device=self.device)
+        for n in sorted({len(c[0]) for c in chunks}):  # one group unless sessions just started beside running ones
+            rows = [b for b in range(B) if len(chunks[b][0]) == n]
+            h[rows] = self._forward_rows(rows, [chunks[b] for b in rows])
+
+        # Output slots, one position at a time: predict from h [B, dim], feed the payload back, get the next h.
+        # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator.
+        sc, head, pad = self.cfg.sampling, self.model.audio_head, self.pad_id
+        forced_audio = [f["audio"].view(-1, S, C) if f else None for f in (force or [None] * B)]
+        texts, audios, mels, text_logits, audio_logits = [], [], [], [], []
+        for i, (k, st) in enumerate(self.outputs):
             if k == Kind.TEXT:
-                logits = self.model.text_head(h[None])
-                tid = int(self.model.text_head.sample(h[None], sc, self.generator, self.pad_id, logits)[0])
-                tid = forced_text[len(out_text)] if forced_text is not None else tid
-                text_logits.append(logits[0])
-                out_text.append(tid)
-                payload = dict(text_ids=[tid], audio_bins=torch.zeros(0, S, C, dtype=torch.long))
+                logits = self.model.text_head(h)  # [B, vocab]
+                tid = self._rows(lambda b, g: self.model.text_head.sample(h[b : b + 1], sc, g, pad, logits[b : b + 1]))
+                if force is not None:
+                    tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
+                text_logits.append(logits)
+                texts.append(tid)
+                payload = (tid, None)
             else:
                 if isinstance(head, DMelHead):
-                    logits = head(h[None])  # [1, S, C, bins]
-                    bins = unit_to_bins(head.sample(h[None], sc, self.generator, logits)[0], head.bins)
-                    mel = self.dmel.decode(bins)  # bin centres (also with per-channel ranges)
-                    audio_logits.append(logits[0])
+                    logits = head(h)  # [B, S, C, bins]
+                    bins = unit_to_bins(self._rows(lambda b, g: head.sample(h[b : b + 1], sc, g, logits[b : b + 1])),
+                                        head.bins)
+                    mel = [self.dmel.decode(x) for x in bins]  # bin centres (also with per-channel ranges)
+                    audio_logits.append(logits)
                 else:  # flow: a continuous log-mel sample; it feeds back quantised, like real audio
-                    unit = head.sample(h[None], sc, self.generator)[0]
-                    bins, mel = unit_to_bins(unit, head.bins), self.dmel.unit_to_log_mel(unit)
-                if forced_audio is not None:
-                    bins = forced_audio[len(out_audio)]
-                    mel = self.dmel.decode(bins)
-                out_audio.append(bins)
-                out_mel.append(mel)
-                payload = dict(text_ids=[0], audio_bins=bins[None])
-            h = self._forward([int(k)], [int(st)], payload["text_ids"], payload["audio_bins"],
-                              torch.zeros(0, P, P, 3, dtype=torch.uint8), torch.zeros(0, 2, dtype=torch.long))[-1]
+                    unit = self._rows(lambda b, g: head.sample(h[b : b + 1], sc, g))
+                    bins, mel = unit_to_bins(unit, head.bins), [self.dmel.unit_to_log_mel(u) for u in unit]
+                for b, fa in enumerate(forced_audio):
+                    if fa is not None:
+                        bins[b] = fa[len(audios)]
+                        mel[b] = self.dmel.decode(bins[b])
+                audios.append(bins)
+                mels.append(mel)
+                payload = (None, bins)
+            if i + 1 < len(self.outputs):
+                h = self._run(self._embed_output(k, *payload))[:, -1]
+            else:
+                for b, r in enumerate(self.rows):
+                    r.pending = (int(k), int(payload[0][b]) if k == Kind.TEXT else 0,
+                                 payload[1][b] if k != Kind.TEXT else None)
 
-        if self.background is not None:
-            self.background.observe(out_text, now + cfg.micro_turn_ms / 1000)
-        bins = torch.stack(out_audio).reshape(-1, C) if out_audio else torch.zeros(0, C, dtype=torch.long)
-        mel = torch.stack(out_mel).reshape(-1, C) if out_mel else torch.zeros(0, C)
-        result = MicroTurnOutputs(
-            turn=self.turn, text_ids=out_text, audio_bins=bins, mel=mel,
-            wave=self.vocoder(mel) if self.vocoder is not None else None,
-            text_logits=torch.stack(text_logits) if text_logits else torch.zeros(0),
-            audio_logits=torch.stack(audio_logits) if audio_logits else None,
-            background_ids=background_ids,
-            compute_s=time.perf_counter() - t0,
-        )
-        self.turn += 1
-        return result
+        compute_s = time.perf_counter() - t0
+        results = []
+        for b, r in enumerate(self.rows):
+            out_text = [int(t[b]) for t in texts]
+            if r.background is not None:
+                r.background.observe(out_text, chunks[b][7] + cfg.micro_turn_ms / 1000)
+            bins = torch.stack([a[b] for a in audios]).reshape(-1, C) if audios else torch.zeros(0, C, dtype=torch.long)
+            mel = torch.stack([m[b] for m in mels]).reshape(-1, C) if mels else torch.zeros(0, C)
+            results.append(MicroTurnOutputs(
+                turn=r.turn, text_ids=out_text, audio_bins=bins, mel=mel,
+                wave=self.vocoder(mel) if self.vocoder is not None else None,
+                text_logits=torch.stack([t[b] for t in text_logits]) if text_logits else torch.zeros(0),
+                audio_logits=torch.stack([a[b] for a in audio_logits]) if audio_logits else None,
+                background_ids=chunks[b][6], compute_s=compute_s))
+            r.turn += 1
+        return results
+
+    def _forward_rows(self, rows: list[int], chunks: list) -> torch.Tensor:
+        """Run the input chunks (equal lengths) of sessions ``rows`` -> hidden of each one's last position [n, dim]."""
+        cfg = self.layout.cfg
+        S, C, P = cfg.frames_per_audio_position, cfg.n_mels, cfg.patch_size
+        audio = [a for c in chunks for a in c[3]]
+        patches = [p for c in chunks for p in c[4]]
+        rcs = [p for c in chunks for p in c[5]]
+        return self._forward([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
+                             torch.stack(audio) if audio else torch.zeros(0, S, C, dtype=torch.long),
+                             torch.cat(patches) if patches else torch.zeros(0, P, P, 3, dtype=torch.uint8),
+                             torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long), rows)[:, -1]
 
 
 def converse(session: StreamingSession, user: torch.Tensor, sample_rate: int, text, out_dir,

@@ -77,71 +77,149 @@ class Attention(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                        cache: "KVCache") -> torch.Tensor:
-        """Streaming step: new positions ``x`` [B, T_new, dim] at absolute ``positions`` [T_new] attend to the
-        cached past and causally to each other; their keys and values join ``cache``. Returns [B, T_new, dim]."""
+        """Streaming step: new positions ``x`` [B, T_new, dim] at absolute ``positions`` (long [B, T_new], each row
+        its own session) attend to the cached past and causally to each other; their keys and values join
+        ``cache``. Returns [B, T_new, dim]."""
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v, mask = cache.extend(k, v, positions)
-        if mask.all():  # e.g. one new position and no window: the mask-free kernel is several times faster
-            mask = None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
 
-class KVCache:
-    """One layer's keys and values of past positions, for streaming inference.
+class RopeTable:
+    """``rope_cos_sin`` for streaming: the tables for positions [0, n) computed once (bitwise the same values) and
+    looked up per step; they grow by doubling when a session passes n."""
 
-    Stored in buffers that grow by doubling, so appending one position costs O(1) amortised instead of copying
-    the whole past. ``window`` > 0: a query attends only to the last ``window`` positions (its own included) and
-    older entries are dropped (compacted once the buffer holds two windows), so memory and cost per step stay
-    bounded however long the session runs.
+    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype = torch.float32, n: int = 4096):
+        self.head_dim, self.theta, self.dtype = head_dim, theta, dtype
+        self.cos = self.sin = torch.zeros(0, head_dim)
+        self._build(n, "cpu")
+
+    def _build(self, n: int, device) -> None:
+        cos, sin = rope_cos_sin(torch.arange(n, device=device)[None], self.head_dim, self.theta, self.dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]  # [n, head_dim]
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions long [B, T] -> cos, sin [B, 1, T, head_dim] (as ``rope_cos_sin``)."""
+        last = int(positions.max())
+        if last >= self.cos.shape[0] or self.cos.device != positions.device:
+            self._build(max(2 * (last + 1), self.cos.shape[0]), positions.device)
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+class ContextFullError(RuntimeError):
+    """A full-context session reached its position limit."""
+
+
+class KVCache:
+    """One layer's keys and values of past positions for ``B`` streaming sessions (rows), in slots.
+
+    Each row has its own length: ``pos[b, s]`` is the absolute session position held in slot ``s`` of row ``b``
+    (-1 = empty), and a query attends to the slots whose position is at most its own (and, with ``window``, within
+    the window). Where a position lives:
+
+    * full context (``window == 0``): slot = position; the buffers start at ``capacity`` slots and grow by doubling
+      when a row passes them (offline generation of unknown length).
+    * window (``window > 0``): the first ``sinks`` positions keep slots 0..sinks-1 for good (attention sinks,
+      Xiao et al. 2023); later positions go round a ring of the remaining slots, so a session of any length
+      never reallocates or copies. A query at position p sees positions ``p - window + 1 .. p`` plus the sinks.
+      The ring holds a window plus the longest chunk written at once, so a chunk never overwrites keys its own
+      earlier queries still need; ``capacity`` sizes it up front (a longer chunk grows it once).
     """
 
-    def __init__(self, window: int = 0):
-        self.window = window
-        self.length = 0
-        self.k: torch.Tensor | None = None  # [B, n_kv_heads, capacity, head_dim]; first ``length`` are valid
+    def __init__(self, window: int = 0, sinks: int = 0, capacity: int = 0):
+        if window < 0 or sinks < 0 or (sinks and sinks >= window):
+            raise ValueError(f"KVCache: window={window}, sinks={sinks}: need window >= 0 and sinks < window "
+                             f"(sinks need a window)")
+        self.window, self.sinks, self.capacity = window, sinks, capacity
+        self.k: torch.Tensor | None = None  # [B, n_kv_heads, capacity, head_dim]
         self.v: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None  # long [capacity]: absolute session position of each entry
+        self.pos: torch.Tensor | None = None  # long [B, capacity]: absolute position in each slot, -1 = empty
+        self.end = 0  # slots [0, end) are the only ones ever written (attention reads no further)
 
     def __len__(self) -> int:
-        return self.length
+        """Most positions any row holds (what memory is spent on)."""
+        return 0 if self.pos is None else int((self.pos >= 0).sum(1).max())
 
-    def _reserve(self, like: torch.Tensor, positions: torch.Tensor, extra: int) -> None:
-        need = self.length + extra
-        if self.k is not None and need <= self.k.shape[2]:
-            return
-        cap = max(64, 2 * need)
-        B, H, _, D = like.shape
-        k, v = like.new_empty(B, H, cap, D), like.new_empty(B, H, cap, D)
-        pos = positions.new_empty(cap)
+    def _slots(self, positions: torch.Tensor, capacity: int) -> torch.Tensor:
+        if not self.window:
+            return positions
+        ring = capacity - self.sinks
+        return torch.where(positions < self.sinks, positions, self.sinks + (positions - self.sinks) % ring)
+
+    def _allocate(self, B: int, like: torch.Tensor, capacity: int) -> None:
+        """(Re)allocate ``capacity`` slots, moving held entries to their slots in the new buffers."""
+        H, D = like.shape[1], like.shape[3]
+        k, v = like.new_zeros(B, H, capacity, D), like.new_zeros(B, H, capacity, D)
+        pos = torch.full((B, capacity), -1, dtype=torch.long, device=like.device)
         if self.k is not None:
-            k[:, :, : self.length] = self.k[:, :, : self.length]
-            v[:, :, : self.length] = self.v[:, :, : self.length]
-            pos[: self.length] = self.pos[: self.length]
-        self.k, self.v, self.pos = k, v, pos
+            b, s = (self.pos >= 0).nonzero(as_tuple=True)
+            new = self._slots(self.pos[b, s], capacity)
+            k[b, :, new], v[b, :, new], pos[b, new] = self.k[b, :, s], self.v[b, :, s], self.pos[b, s]
+            self.end = int(new.max()) + 1 if new.numel() else 0
+        self.k, self.v, self.pos, self.capacity = k, v, pos, capacity
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append new keys/values [B, n_kv_heads, T_new, head_dim] at ``positions`` [T_new]; return the keys,
-        values and mask [1, 1, T_new, T_all] the new queries use."""
-        if self.window > 0 and self.length + k.shape[2] > 2 * self.window:
-            keep = min(self.length, self.window)  # compact: the last window of entries moves to the front
-            s = self.length - keep
-            self.k[:, :, :keep] = self.k[:, :, s : self.length].clone()
-            self.v[:, :, :keep] = self.v[:, :, s : self.length].clone()
-            self.pos[:keep] = self.pos[s : self.length].clone()
-            self.length = keep
-        n = k.shape[2]
-        self._reserve(k, positions, n)
-        end = self.length + n
-        self.k[:, :, self.length : end], self.v[:, :, self.length : end], self.pos[self.length : end] = k, v, positions
-        self.length = end
-        p_all = self.pos[:end]
-        mask = p_all[None, :] <= positions[:, None]
-        if self.window > 0:
-            mask &= positions[:, None] - p_all[None, :] < self.window
-        return self.k[:, :, :end], self.v[:, :, :end], mask[None, None]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write new keys/values [B, n_kv_heads, T, head_dim] at absolute ``positions`` (long [B, T], or [T] for
+        every row) and return the keys and values [B, n_kv_heads, S, head_dim] and the bool mask [B, 1, T, S] the
+        new queries attend with (None when every query may see every slot: the mask-free kernel is faster)."""
+        B, H, T, D = k.shape
+        if positions.ndim == 1:
+            positions = positions[None].expand(B, T)
+        last = int(positions.max()) + 1
+        need = self.sinks + self.window + T - 1 if self.window else last
+        if self.k is None or self.k.shape[0] != B:
+            if self.k is not None:
+                raise ValueError(f"KVCache holds {self.k.shape[0]} rows, got {B}: use keep() / add_rows()")
+            self._allocate(B, k, max(self.capacity, need if self.window else 2 * need))
+        elif need > self.capacity:
+            self._allocate(B, k, need if self.window else max(need, 2 * self.capacity))
+        slots = self._slots(positions, self.capacity)
+        self.k.scatter_(2, slots[:, None, :, None].expand(B, H, T, D), k)
+        self.v.scatter_(2, slots[:, None, :, None].expand(B, H, T, D), v)
+        self.pos.scatter_(1, slots, positions)
+        self.end = max(self.end, int(slots.max()) + 1)
+        kp = self.pos[:, None, : self.end]  # [B, 1, S]
+        qp = positions[:, :, None]  # [B, T, 1]
+        mask = (kp >= 0) & (kp <= qp)
+        if self.window:
+            mask &= (qp - kp < self.window) | (kp < self.sinks)
+        mask = None if bool(mask.all()) else mask[:, None]
+        return self.k[:, :, : self.end], self.v[:, :, : self.end], mask
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these sessions (rows), in this order."""
+        if self.k is not None:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+            self.k, self.v, self.pos = self.k[idx], self.v[idx], self.pos[idx]
+
+    def select(self, rows: list[int]) -> "KVCache":
+        """A cache holding copies of these rows (write it back with ``put``)."""
+        sub = KVCache(self.window, self.sinks, self.capacity)
+        if self.k is not None:
+            idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+            sub.k, sub.v, sub.pos, sub.end = self.k[idx], self.v[idx], self.pos[idx], self.end
+        return sub
+
+    def put(self, rows: list[int], sub: "KVCache") -> None:
+        """Write ``sub`` (from ``select(rows)``, then extended) back into these rows."""
+        if self.k is None:
+            raise ValueError("KVCache.put: this cache has no rows yet; extend all sessions first")
+        if sub.capacity != self.capacity:  # the subset grew: grow the rest the same way first
+            self._allocate(self.k.shape[0], self.k, sub.capacity)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k[idx], self.v[idx], self.pos[idx] = sub.k, sub.v, sub.pos
+        self.end = max(self.end, sub.end)
+
+    def add_rows(self, n: int) -> None:
+        """Append ``n`` empty sessions (rows)."""
+        if self.k is not None:
+            B, H, S, D = self.k.shape
+            self.k = torch.cat([self.k, self.k.new_zeros(n, H, S, D)])
+            self.v = torch.cat([self.v, self.v.new_zeros(n, H, S, D)])
+            self.pos = torch.cat([self.pos, self.pos.new_full((n, S), -1)])

@@ -341,3 +341,27 @@ class MoE(nn.Module):
                                logits.view(*shape[:-1], E), valid)
         return out.view(shape)
 
+    # Assignments (tokens x top_k) up to which decode gathers each one's expert weights and runs matvecs; above it
+    # the grouped GEMMs of the training path (which read each expert once) are cheaper.
+    DECODE_GATHER_MAX = 8
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference forward [B, T, dim] -> [B, T, dim] for streaming: the same routing and experts as ``forward``
+        (equal up to float rounding), no router statistics. A few tokens (a micro-turn's output positions) gather
+        their experts' weights and run batched matvecs instead of sorting and dispatching."""
+        shape = x.shape
+        x = x.reshape(-1, self.dim)
+        few = x.shape[0] * self.top_k <= self.DECODE_GATHER_MAX
+        if self.dispatcher is not local_experts or self.capacity_factor or not few:  # the training path
+            return self.forward(x.view(shape))
+        weights, experts, _, _ = self.route(x)  # [N, top_k]
+        e = experts.reshape(-1)
+        xs = x.repeat_interleave(self.top_k, 0).unsqueeze(-1)  # [M, dim, 1], assignment (token, k) order
+        w = self.experts
+        h = F.silu(torch.bmm(w.w1[e], xs)) * torch.bmm(w.w3[e], xs)  # [M, hidden, 1]
+        h = h * weights.reshape(-1, 1, 1).to(h.dtype)
+        out = torch.bmm(w.w2[e], h).view(-1, self.top_k, self.dim).sum(1)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)

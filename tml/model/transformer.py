@@ -11,7 +11,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from tml.errors import ConfigError
-from tml.model.attention import Attention, KVCache, RMSNorm, rope_cos_sin
+from tml.model.attention import Attention, KVCache, RMSNorm, RopeTable, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
 from tml.model.heads import DMelHead, FlowHead, TextHead
@@ -61,9 +61,11 @@ class Block(nn.Module):
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                        cache: KVCache) -> torch.Tensor:
-        """Streaming step over new positions only (see ``Attention.forward_cached``). [B, T_new, dim]."""
+        """Streaming step over new positions only (see ``Attention.forward_cached``). [B, T_new, dim]; an MoE runs
+        its inference path (``MoE.decode``: a few tokens by gathered matvecs, no router statistics)."""
         x = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mlp_norm(x)
+        return x + (self.mlp.decode(h) if self.moe and self.mlp is self.moe[0] else self.mlp(h))
 
 
 class InteractionModel(nn.Module):
@@ -122,14 +124,24 @@ class InteractionModel(nn.Module):
         for moe, counts in zip(self.moe_layers(), expert_counts):
             moe.update_bias(counts)
 
-    def forward_cached(self, batch: Batch, caches: list[KVCache], start: int) -> torch.Tensor:
-        """Incremental inference: run the positions of ``batch`` (one row, the next ``T`` positions of a sequence
-        whose first ``start`` positions are in ``caches``, one KVCache per layer) through every layer, appending
-        them to the caches. Only the payload fields of ``batch`` are read. Returns final-norm hidden [1, T, dim],
-        equal to those positions' hidden states in one full causal forward."""
+    def forward_cached(self, batch: Batch, caches: list[KVCache], start: int | torch.Tensor,
+                       rope: RopeTable | None = None) -> torch.Tensor:
+        """Incremental inference: run the positions of ``batch`` (B rows, each the next ``T`` positions of its own
+        sequence, whose first ``start`` positions (int, or long [B] per row) are in ``caches``, one KVCache per
+        layer) through every layer, appending them to the caches. Only the payload fields of ``batch`` are read.
+        Returns final-norm hidden [B, T, dim], equal to those positions' hidden states in one full causal forward."""
         x = self.embed(batch)
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions[None], self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype)
+        B, T = batch.shape
+        start = torch.as_tensor(start, dtype=torch.long, device=x.device).reshape(-1, 1)
+        return self.forward_embedded(x, start + torch.arange(T, device=x.device), caches, rope)
+
+    def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+                         rope: RopeTable | None = None) -> torch.Tensor:
+        """``forward_cached`` from embeddings x [B, T, dim] at absolute positions long [B, T] -> hidden [B, T, dim].
+        ``rope``: cached rotary tables (the same values ``rope_cos_sin`` computes)."""
+        positions = positions.expand(x.shape[0], -1)
+        cos, sin = (rope(positions) if rope is not None else
+                    rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype))
         for layer, cache in zip(self.layers, caches):
             x = layer.forward_cached(x, cos, sin, positions, cache)
         return self.norm(x)
