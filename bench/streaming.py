@@ -1,17 +1,28 @@
-"""Per-micro-turn compute of the streaming session at several session lengths, next to full-sequence recompute
-(what a model without a KV cache pays for every micro-turn), measured in the same run.
+"""Per-micro-turn compute of streaming sessions next to its FLOP floor, measured in the same run.
 
-    python bench/streaming.py [--configs tiny small] [--lengths 10 60 300] [--turns 10] [--window 0] [--json]
+    python bench/streaming.py [--configs tiny small] [--lengths 10 60 300] [--batches 1 4 16] [--window 2000]
+                              [--turns 10] [--threads 1] [--json]
 
-The session is prefilled to each length (in chunks, through the same cached path), then ``--turns`` micro-turns
-are timed: 11 input positions as one chunk plus 9 output positions one at a time (tiny layout). Real-time factor
-= compute per micro-turn / 200 ms; below 1 keeps up with a live conversation.
+For each config, session length and batch size B, the batched session is prefilled to that length (through the
+same cached path; with a window only the last window of it, which leaves the ring exactly as a full prefill would:
+cost per micro-turn depends on what is attended, not on how it got there), then ``--turns`` micro-turns are timed
+(median). Columns:
+
+- ``ms/turn``: one step advancing all B sessions by one micro-turn (11 input positions as one chunk, 9 output
+  positions one after another in the default layout).
+- ``floor ms``: the step's FLOPs at this run's measured fp32 matmul peak (2048^2 matmul, same threads): per position
+  ``2 x`` backbone matmul weights (experts: top_k of them) ``+ 4 x n_layers x attended keys x n_heads x head_dim``,
+  plus each head only where it predicts (text head at 4, dMel head at 5 positions per micro-turn), times B.
+- ``x floor``: ms/turn over floor ms.
+- ``RTF``: ms/turn / 200 ms: the batch keeps all B sessions live while it is below 1 (aggregate real-time factor).
+- ``full-context`` rows (``--window 0``, B = 1) show what an unbounded cache costs at each length.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,12 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tml.audio.dmel import DMelTokenizer  # noqa: E402
 from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession  # noqa: E402
 from tml.model import InteractionModel, ModelConfig  # noqa: E402
+from tml.model.flops import active_matmul_params  # noqa: E402
 from tml.streams import Kind, LayoutConfig, MicroTurnLayout, Stream  # noqa: E402
-from tml.streams.pack import collate  # noqa: E402
-from tml.streams.interleave import EpisodeTokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_RECOMPUTE_MAX = 12_000  # positions: beyond this the [L, L] attention mask of the plain forward is > 10 GB
 
 
 def build(name: str) -> InteractionModel:
@@ -41,74 +50,105 @@ def build(name: str) -> InteractionModel:
     return InteractionModel(cfg).eval()
 
 
-def silent_tokens(layout: MicroTurnLayout, turns: int) -> EpisodeTokens:
-    kinds = torch.tensor([int(k) if k != Kind.PATCH else int(Kind.PAD) for k in layout.kinds] * turns)
-    streams = torch.tensor([int(s) for s in layout.streams] * turns)
-    n_audio = int((kinds == Kind.AUDIO).sum())
-    return EpisodeTokens(key="bench", num_turns=turns, kind=kinds, stream=streams,
-                         micro_turn=torch.arange(turns).repeat_interleave(layout.length),
-                         text_ids=torch.zeros_like(kinds), audio_bins=torch.zeros(n_audio, 4, 80, dtype=torch.long),
-                         patches=torch.zeros(0, 40, 40, 3, dtype=torch.uint8), patch_rc=torch.zeros(0, 2, dtype=torch.long))
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
 
 
-def prefill(session: StreamingSession, layout: MicroTurnLayout, turns: int, chunk_turns: int = 50) -> None:
-    """Fill the cache with ``turns`` silent micro-turns, ``chunk_turns`` at a time."""
-    done = 0
-    while done < turns:
-        n = min(chunk_turns, turns - done)
-        tok = silent_tokens(layout, n)
-        session._forward(tok.kind.tolist(), tok.stream.tolist(), tok.text_ids.tolist(), tok.audio_bins,
-                         tok.patches, tok.patch_rc)
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def floor_flops(model: InteractionModel, layout: MicroTurnLayout, context: int) -> float:
+    """Forward FLOPs of one micro-turn of one session whose queries attend to ``context`` keys (see docstring)."""
+    cfg = model.cfg
+    S, C, NB = cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins
+    text_head, audio_head = cfg.vocab_size * cfg.dim, cfg.dim * S * C * NB
+    backbone = active_matmul_params(cfg) - text_head - audio_head
+    n_text = layout.count(Stream.MODEL, Kind.TEXT)
+    n_audio = layout.count(Stream.MODEL, Kind.AUDIO)
+    attention = 4 * cfg.n_layers * context * cfg.n_heads * cfg.head_dim
+    return layout.length * (2 * backbone + attention) + 2 * n_text * text_head + 2 * n_audio * audio_head
+
+
+def prefill(session: StreamingSession, layout: MicroTurnLayout, positions: int, start: int) -> None:
+    """Fill every session's cache with silent micro-turns covering positions [start, positions)."""
+    kinds = [int(k) if k != Kind.PATCH else int(Kind.PAD) for k in layout.kinds]
+    streams = [int(s) for s in layout.streams]
+    n_audio = sum(k == Kind.AUDIO for k in kinds)
+    B = session.sessions
+    for r in session.rows:
+        r.position = start
+    done, step = start, 50 * layout.length
+    while done < positions:
+        n = min(step, positions - done)
+        reps = -(-n // layout.length)
+        kind, stream = (kinds * reps)[:n], (streams * reps)[:n]
+        audio = torch.zeros(B * sum(k == Kind.AUDIO for k in kind), 4, 80, dtype=torch.long)
+        session._forward([kind] * B, [stream] * B, [[0] * n] * B, audio, torch.zeros(0, 40, 40, 3, dtype=torch.uint8),
+                         torch.zeros(0, 2, dtype=torch.long))
         done += n
-    session.turn = turns
+    for r in session.rows:
+        r.turn = positions // layout.length
+    del n_audio
 
 
-def measure(name: str, seconds: int, turns: int, window: int) -> dict:
-    model = build(name)
+def measure(model: InteractionModel, name: str, seconds: int, B: int, window: int, turns: int, peak: float) -> dict:
     layout = MicroTurnLayout(LayoutConfig())
-    session = StreamingSession(model, layout, DMelTokenizer(), SessionConfig(cache_window=window))
-    past = seconds * 1000 // layout.cfg.micro_turn_ms
+    cfg = SessionConfig(cache_window=window, max_context=max(65536, (seconds * 5 + 10) * layout.length))
+    session = StreamingSession(model, layout, DMelTokenizer(), cfg, sessions=B)
+    past = seconds * 1000 // layout.cfg.micro_turn_ms * layout.length
+    start = max(0, past - window - 2 * layout.length) if window else 0
     with torch.no_grad():
-        prefill(session, layout, past)
+        prefill(session, layout, past, start)
     silence = torch.zeros(layout.frames_per_turn, layout.cfg.n_mels, dtype=torch.long)
-    times = [session.step(MicroTurnInputs(user_audio=silence)).compute_s for _ in range(turns)]
+    inputs = [MicroTurnInputs(user_audio=silence) for _ in range(B)]
+    session.step_many(inputs)  # warm-up
+    times = [session.step_many(inputs)[0].compute_s for _ in range(turns)]
     step_ms = 1000 * statistics.median(times)
-    full_ms = None
-    positions = (past + 1) * layout.length
-    if positions <= FULL_RECOMPUTE_MAX:
-        batch = collate([[silent_tokens(layout, past + 1)]], positions)
-        with torch.no_grad():
-            model(batch)  # warm-up
-            t0 = time.perf_counter()
-            model(batch)
-            full_ms = 1000 * (time.perf_counter() - t0)
-    return {"config": name, "session_s": seconds, "positions": positions, "step_ms": step_ms,
-            "rtf": step_ms / layout.cfg.micro_turn_ms, "full_recompute_ms": full_ms,
-            "speedup_vs_recompute": full_ms / step_ms if full_ms else None, "window": window}
+    context = min(past + layout.length, window) if window else past + layout.length
+    floor_ms = 1000 * B * floor_flops(model, layout, context) / (peak * 1e9)
+    return {"config": name, "session_s": seconds, "sessions": B, "window": window, "step_ms": step_ms,
+            "floor_ms": floor_ms, "x_floor": step_ms / floor_ms, "rtf": step_ms / layout.cfg.micro_turn_ms,
+            "ms_per_session": step_ms / B}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[10, 60, 300])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--window", type=int, default=SessionConfig().cache_window or 2000,
+                    help="session cache window in positions (the default session's)")
+    ap.add_argument("--full-context", action="store_true", help="also time B = 1 without a window")
     ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--window", type=int, default=0, help="session cache window in positions (0 = unbounded)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    peak = matmul_peak_gflops()
+    print(f"# fp32 matmul peak {peak:.1f} GFLOP/s ({args.threads} threads); load average {os.getloadavg()}",
+          flush=True)
     if not args.json:
-        print(f"{'config':8} {'session':>8} {'positions':>9} {'ms/turn':>9} {'RTF':>6} {'recompute ms':>13} {'speedup':>8}")
+        print(f"{'config':6} {'session':>7} {'window':>6} {'B':>3} {'ms/turn':>8} {'floor ms':>8} {'x floor':>7} "
+              f"{'RTF':>6} {'ms/session':>10}")
     for name in args.configs:
-        for seconds in args.lengths:
-            r = measure(name, seconds, args.turns, args.window)
+        model = build(name)
+        runs = [(s, B, args.window) for s in args.lengths for B in args.batches]
+        if args.full_context:
+            runs += [(s, 1, 0) for s in args.lengths]
+        for seconds, B, window in runs:
+            r = measure(model, name, seconds, B, window, args.turns, peak)
             if args.json:
-                print(json.dumps(r))
+                print(json.dumps(r), flush=True)
             else:
-                full = f"{r['full_recompute_ms']:.1f}" if r["full_recompute_ms"] else "n/a (mem)"
-                sp = f"{r['speedup_vs_recompute']:.1f}x" if r["speedup_vs_recompute"] else "-"
-                print(f"{name:8} {seconds:>7}s {r['positions']:>9} {r['step_ms']:>9.1f} {r['rtf']:>6.3f} {full:>13} {sp:>8}",
-                      flush=True)
+                print(f"{name:6} {seconds:>6}s {window or 'full':>6} {B:>3} {r['step_ms']:>8.1f} {r['floor_ms']:>8.2f} "
+                      f"{r['x_floor']:>7.1f} {r['rtf']:>6.3f} {r['ms_per_session']:>10.1f}", flush=True)
+    print(f"# load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
