@@ -4,8 +4,8 @@ measured in the same run on the same (untrained, same-shape) model, with the met
     python bench/evaluation.py --data DIR [--episodes 24] [--config tiny] [--batch-size 24] [--modes single batched]
 
 Prints the wall time of each mode, the speedup and whether every metric of eval.json agrees (scored with
-``realtime=True``: output placed as if compute kept real time, so the comparison does not hinge on timing noise). ``--modes single``
-alone also runs on older checkouts (PYTHONPATH=that checkout), which is how the README's "before" figure is taken.
+``realtime=True``: output placed as if compute kept real time, so the comparison does not hinge on timing noise).
+``--modes single`` alone also runs on older checkouts (PYTHONPATH=that checkout): the "before" figure.
 """
 
 from __future__ import annotations
