@@ -3,8 +3,9 @@ measured in the same run on the same (untrained, same-shape) model, with the met
 
     python bench/evaluation.py --data DIR [--episodes 24] [--config tiny] [--batch-size 24] [--modes single batched]
 
-Prints the wall time of each mode, the speedup and whether every metric of eval.json agrees (scored with
-``realtime=True``: output placed as if compute kept real time, so the comparison does not hinge on timing noise).
+Prints the wall and CPU time of each mode (CPU time is the comparable one on a loaded machine), the speedup and
+whether every metric of eval.json agrees (scored with ``realtime=True``: output placed as if compute kept real time,
+so the comparison does not hinge on timing noise).
 ``--modes single`` alone also runs on older checkouts (PYTHONPATH=that checkout): the "before" figure.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -53,10 +55,10 @@ def main() -> None:
     layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
     episodes = read_episodes(args.data, limit=args.episodes)
     seconds = sum(e.duration for e in episodes)
-    results, times = {}, {}
+    results, times, cpu = {}, {}, {}
     for mode in args.modes:
         with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if mode == "single":
                 r = evaluate(lambda: StreamingSession(model, layout, dmel, SessionConfig(), text.pad_id), episodes,
                              layout, dmel, text, out, n_wavs=0, n_timelines=0, realtime=True)
@@ -64,15 +66,16 @@ def main() -> None:
                 r = evaluate(None, episodes, layout, dmel, text, out, n_wavs=0, n_timelines=0, realtime=True,
                              make_sessions=lambda n: StreamingSession(model, layout, dmel, SessionConfig(), text.pad_id,
                                                                       sessions=n), batch_size=args.batch_size)
-            times[mode] = time.perf_counter() - t0
+            times[mode], cpu[mode] = time.perf_counter() - t0, time.process_time() - c0
             results[mode] = json.loads((Path(out) / "eval.json").read_text())
-        print(f"{mode:8}: {len(episodes)} episodes ({seconds:.0f} s of conversation) in {times[mode]:.1f} s "
-              f"(RTF {times[mode] / seconds:.3f})", flush=True)
+        print(f"{mode:8}: {len(episodes)} episodes ({seconds:.0f} s of conversation) in {times[mode]:.1f} s wall, "
+              f"{cpu[mode]:.1f} s CPU (CPU RTF {cpu[mode] / seconds:.3f}); load average {os.getloadavg()}", flush=True)
     if len(times) == 2:
         a, b = results["single"], results["batched"]
         drop = lambda m: {k: v for k, v in m.items() if k != "compute_ms_per_micro_turn"}  # noqa: E731
         same = drop(a["metrics"]) == drop(b["metrics"]) and a["per_episode"] == b["per_episode"]
-        print(f"speedup batched / single: {times['single'] / times['batched']:.1f}x; metrics identical: {same}")
+        print(f"speedup batched / single: {times['single'] / times['batched']:.1f}x wall, "
+              f"{cpu['single'] / cpu['batched']:.1f}x CPU; metrics identical: {same}")
 
 
 if __name__ == "__main__":

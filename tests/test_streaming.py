@@ -7,6 +7,7 @@ import torch
 
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
+from tml.model.attention import ContextFullError
 from tml.model.sampling import SamplingConfig
 from tml.model import InteractionModel, ModelConfig, MoEConfig
 from tml.streams import BackgroundEvent, Batch, Episode, Kind, LayoutConfig, MicroTurnLayout, Stream, Word
@@ -82,13 +83,16 @@ def test_session_logits_equal_training_forward(setup):
     assert torch.equal(audio_logits.argmax(-1), ref.audio_logits.argmax(-1))
 
 
-def test_bounded_cache_equals_a_banded_training_mask(setup):
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_bounded_cache_equals_a_banded_training_mask(setup, sinks):
+    # A window of 50 positions (2.5 micro-turns) in a ring of preallocated slots, optionally with attention sinks:
+    # the training forward under the matching mask (band, plus the first `sinks` positions) gives the same logits.
     model, layout, dmel, text, episode, tok = setup
-    window = 50  # 2.5 micro-turns
+    window = 50
     batch = collate([[tok]], TURNS * layout.length)
     full = Batch.attention_mask(batch)
     i = torch.arange(full.shape[-1])
-    banded = full & ((i[:, None] - i[None, :]) < window)
+    banded = full & (((i[:, None] - i[None, :]) < window) | (i[None, :] < sinks))
 
     class BandedBatch(Batch):
         def attention_mask(self):
@@ -96,10 +100,32 @@ def test_bounded_cache_equals_a_banded_training_mask(setup):
 
     with torch.no_grad():
         ref = model(BandedBatch(**batch.__dict__))
-    session, outs = run_session(setup, SessionConfig(cache_window=window))
+    session, outs = run_session(setup, SessionConfig(cache_window=window, attention_sinks=sinks))
     assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
     assert (torch.cat([o.audio_logits for o in outs]) - ref.audio_logits).abs().max() <= 1e-5
-    assert all(len(c) <= 2 * window for c in session.caches)  # memory stays bounded
+    assert session.cache.capacity == sinks + window + layout.length + 1  # allocated once, never grown
+    assert len(session.cache) <= session.cache.capacity
+
+
+def test_static_cache_equals_growing_cache(setup):
+    # Full context: a cache allocated once for the whole session and one that starts at 8 slots and grows by doubling
+    # (re-placing its entries each time) hold the same keys in the same slots, so the logits are bitwise equal.
+    model, layout, dmel, text, episode, tok = setup
+    static, outs_static = run_session(setup, SessionConfig(max_context=TURNS * layout.length))
+    assert static.cache.capacity == TURNS * layout.length
+    model_, layout_, dmel_ = model, layout, dmel
+    growing = StreamingSession(model_, layout_, dmel_, SessionConfig(max_context=TURNS * layout.length))
+    growing.cache.capacity = 8
+    outs = []
+    for t in range(TURNS):
+        inputs, force = turn_inputs(tok, layout, episode, t)
+        outs.append(growing.step(inputs, force=force))
+    assert growing.cache.capacity > 8
+    for a, b in zip(outs_static, outs):
+        assert torch.equal(a.text_logits, b.text_logits) and torch.equal(a.audio_logits, b.audio_logits)
+    # Past max_context a full-context session stops with a message that says what to change.
+    with pytest.raises(ContextFullError, match="session.cache_window"):
+        growing.step(turn_inputs(tok, layout, episode, 0)[0])
 
 
 def test_greedy_session_writes_the_argmax_and_feeds_it_back(setup):

@@ -36,13 +36,15 @@ from tml.vision.patches import frame_to_patches
 class SessionConfig:
     """How much of the past a session attends to, and how it samples.
 
-    Default: a sliding window of ``cache_window`` positions (100 s of the tiny layout at 20 positions per
-    micro-turn... see README "Long sessions") plus ``attention_sinks`` first positions, held in a preallocated ring,
-    so every micro-turn costs the same however long the session runs. ``cache_window=0``: the full context, up to
-    ``max_context`` positions (then a ``ContextFullError`` that says what to change).
+    Default: a sliding window of ``cache_window`` = 1000 positions (10 s of the default layout: the training rows'
+    length, ``data.loader.seq_len``, so the model never attends farther than it learned to; set it to your runs'),
+    held in a ring of preallocated slots, so every micro-turn costs the same however long the session runs
+    (README, "Long sessions"). ``attention_sinks`` keeps the session's first positions visible too.
+    ``cache_window=0``: the full context, up to ``max_context`` positions, then a ``ContextFullError`` that says what
+    to change.
     """
 
-    cache_window: int = 0  # positions each query may attend to, its own included (0 = the whole session)
+    cache_window: int = 1000  # positions each query may attend to, its own included (0 = the whole session)
     attention_sinks: int = 0  # with a window: the session's first positions stay visible to every query
     max_context: int = 65536  # full context: the longest session in positions
     # how text and audio are drawn: by default a sampled speak/silent decision, then greedy content
@@ -127,10 +129,9 @@ class StreamingSession:
         mcfg = model.cfg
         # Every write is at most one micro-turn plus the held-back output position: size the ring for it once.
         chunk = layout.length + 1
-        self.caches = [KVCache(self.cfg.cache_window, self.cfg.attention_sinks,
-                               self.cfg.attention_sinks + self.cfg.cache_window + chunk if self.cfg.cache_window
-                               else min(self.cfg.max_context, 64 * layout.length))
-                       for _ in model.layers]
+        self.cache = KVCache(len(model.layers), self.cfg.cache_window, self.cfg.attention_sinks,
+                             self.cfg.attention_sinks + self.cfg.cache_window + chunk if self.cfg.cache_window
+                             else min(self.cfg.max_context, 64 * layout.length))
         self.rope = RopeTable(mcfg.head_dim, mcfg.rope_theta, next(model.parameters()).dtype)
         self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
         self.outputs = [(s.kind, s.stream) for s in layout.slots if s.stream == Stream.MODEL for _ in range(s.count)]
@@ -143,16 +144,13 @@ class StreamingSession:
     def add_sessions(self, seeds: list[int], backgrounds: list | None = None) -> None:
         """Start ``len(seeds)`` new sessions (rows appended after the running ones), at position 0."""
         backgrounds = backgrounds or [None] * len(seeds)
-        if self.rows:
-            for cache in self.caches:
-                cache.add_rows(len(seeds))
+        self.cache.add_rows(len(seeds))
         self.rows += [_Row(self.layout, self.dmel, s, bg) for s, bg in zip(seeds, backgrounds)]
 
     def keep(self, rows: list[int]) -> None:
         """End every session not in ``rows``; the kept ones become rows 0.. in this order."""
         self.rows = [self.rows[i] for i in rows]
-        for cache in self.caches:
-            cache.keep(rows)
+        self.cache.keep(rows)
 
     @property
     def sessions(self) -> int:
@@ -199,12 +197,11 @@ class StreamingSession:
                 f"session.max_context, or bound the context with session.cache_window (see README, long sessions)")
         positions = start[:, None] + torch.arange(T, device=self.device)
         if rows is None or len(rows) == self.sessions:
-            h = self.model.forward_embedded(x, positions, self.caches, self.rope)
-        else:  # a subset of the sessions: their rows of the caches, written back after (only when sessions join)
-            subs = [c.select(rows) for c in self.caches]
-            h = self.model.forward_embedded(x, positions, subs, self.rope)
-            for c, sub in zip(self.caches, subs):
-                c.put(rows, sub)
+            h = self.model.forward_embedded(x, positions, self.cache, self.rope)
+        else:  # a subset of the sessions: their rows of the cache, written back after (only when sessions join)
+            sub = self.cache.select(rows)
+            h = self.model.forward_embedded(x, positions, sub, self.rope)
+            self.cache.put(rows, sub)
         for r in sessions:
             r.position += T
         return h

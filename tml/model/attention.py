@@ -75,17 +75,17 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                       cache: "KVCache") -> torch.Tensor:
-        """Streaming step: new positions ``x`` [B, T_new, dim] at absolute ``positions`` (long [B, T_new], each row
-        its own session) attend to the cached past and causally to each other; their keys and values join
-        ``cache``. Returns [B, T_new, dim]."""
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache",
+                       layer: int) -> torch.Tensor:
+        """Streaming step: new positions ``x`` [B, T_new, dim] (their slots and mask prepared by
+        ``cache.prepare``) attend to the cached past and causally to each other; their keys and values join
+        ``cache`` as layer ``layer``. Returns [B, T_new, dim]."""
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v, mask = cache.extend(k, v, positions)
+        k, v, mask = cache.write(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
@@ -116,11 +116,12 @@ class ContextFullError(RuntimeError):
 
 
 class KVCache:
-    """One layer's keys and values of past positions for ``B`` streaming sessions (rows), in slots.
+    """Keys and values of past positions for every layer of ``B`` streaming sessions (rows), in slots.
 
     Each row has its own length: ``pos[b, s]`` is the absolute session position held in slot ``s`` of row ``b``
-    (-1 = empty), and a query attends to the slots whose position is at most its own (and, with ``window``, within
-    the window). Where a position lives:
+    (-1 = empty), shared by all layers, and a query attends to the slots whose position is at most its own (and,
+    with ``window``, within the window). ``prepare(positions)`` places a step's new positions and builds the mask once
+    per forward; each layer then only ``write``s its keys and values. Where a position lives:
 
     * full context (``window == 0``): slot = position; the buffers start at ``capacity`` slots and grow by doubling
       when a row passes them (offline generation of unknown length).
@@ -131,15 +132,19 @@ class KVCache:
       earlier queries still need; ``capacity`` sizes it up front (a longer chunk grows it once).
     """
 
-    def __init__(self, window: int = 0, sinks: int = 0, capacity: int = 0):
+    def __init__(self, n_layers: int, window: int = 0, sinks: int = 0, capacity: int = 0):
         if window < 0 or sinks < 0 or (sinks and sinks >= window):
             raise ValueError(f"KVCache: window={window}, sinks={sinks}: need window >= 0 and sinks < window "
                              f"(sinks need a window)")
-        self.window, self.sinks, self.capacity = window, sinks, capacity
-        self.k: torch.Tensor | None = None  # [B, n_kv_heads, capacity, head_dim]
+        self.n_layers, self.window, self.sinks, self.capacity = n_layers, window, sinks, capacity
+        self.k: torch.Tensor | None = None  # [n_layers, B, n_kv_heads, capacity, head_dim]
         self.v: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None  # long [B, capacity]: absolute position in each slot, -1 = empty
         self.end = 0  # slots [0, end) are the only ones ever written (attention reads no further)
+        self.rows = 0
+        # Set by prepare() for the layers' writes: slots long [B, T] (or [T] when all rows share them), mask.
+        self.slots: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         """Most positions any row holds (what memory is spent on)."""
@@ -151,37 +156,35 @@ class KVCache:
         ring = capacity - self.sinks
         return torch.where(positions < self.sinks, positions, self.sinks + (positions - self.sinks) % ring)
 
-    def _allocate(self, B: int, like: torch.Tensor, capacity: int) -> None:
+    def _allocate(self, B: int, H: int, D: int, dtype: torch.dtype, device, capacity: int) -> None:
         """(Re)allocate ``capacity`` slots, moving held entries to their slots in the new buffers."""
-        H, D = like.shape[1], like.shape[3]
-        k, v = like.new_zeros(B, H, capacity, D), like.new_zeros(B, H, capacity, D)
-        pos = torch.full((B, capacity), -1, dtype=torch.long, device=like.device)
+        k = torch.zeros(self.n_layers, B, H, capacity, D, dtype=dtype, device=device)
+        v = torch.zeros_like(k)
+        pos = torch.full((B, capacity), -1, dtype=torch.long, device=device)
         if self.k is not None:
             b, s = (self.pos >= 0).nonzero(as_tuple=True)
             new = self._slots(self.pos[b, s], capacity)
-            k[b, :, new], v[b, :, new], pos[b, new] = self.k[b, :, s], self.v[b, :, s], self.pos[b, s]
+            k[:, b, :, new], v[:, b, :, new], pos[b, new] = self.k[:, b, :, s], self.v[:, b, :, s], self.pos[b, s]
             self.end = int(new.max()) + 1 if new.numel() else 0
-        self.k, self.v, self.pos, self.capacity = k, v, pos, capacity
+        self.k, self.v, self.pos, self.capacity, self.rows = k, v, pos, capacity, B
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Write new keys/values [B, n_kv_heads, T, head_dim] at absolute ``positions`` (long [B, T], or [T] for
-        every row) and return the keys and values [B, n_kv_heads, S, head_dim] and the bool mask [B, 1, T, S] the
-        new queries attend with (None when every query may see every slot: the mask-free kernel is faster)."""
-        B, H, T, D = k.shape
-        if positions.ndim == 1:
-            positions = positions[None].expand(B, T)
-        last = int(positions.max()) + 1
-        need = self.sinks + self.window + T - 1 if self.window else last
-        if self.k is None or self.k.shape[0] != B:
-            if self.k is not None:
-                raise ValueError(f"KVCache holds {self.k.shape[0]} rows, got {B}: use keep() / add_rows()")
-            self._allocate(B, k, max(self.capacity, need if self.window else 2 * need))
+    def prepare(self, positions: torch.Tensor, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Place new absolute ``positions`` (long [B, T]) in their slots (allocating on first use) and build the mask
+        [B, 1, T, S] their queries attend with (None when every query may see every slot: the mask-free kernel is
+        faster). Every layer's ``write`` of this forward then uses them."""
+        B, T = positions.shape
+        need = self.sinks + self.window + T - 1 if self.window else int(positions.max()) + 1
+        if self.k is None:
+            if self.rows and self.rows != B:
+                raise ValueError(f"KVCache holds {self.rows} rows, got {B}: use keep() / add_rows()")
+            cap = max(self.capacity, need if self.window else 2 * need)
+            self._allocate(B, n_kv_heads, head_dim, dtype, positions.device, cap)
+        elif self.rows != B:
+            raise ValueError(f"KVCache holds {self.rows} rows, got {B}: use keep() / add_rows()")
         elif need > self.capacity:
-            self._allocate(B, k, need if self.window else max(need, 2 * self.capacity))
+            self._allocate(B, n_kv_heads, head_dim, dtype, positions.device,
+                           need if self.window else max(need, 2 * self.capacity))
         slots = self._slots(positions, self.capacity)
-        self.k.scatter_(2, slots[:, None, :, None].expand(B, H, T, D), k)
-        self.v.scatter_(2, slots[:, None, :, None].expand(B, H, T, D), v)
         self.pos.scatter_(1, slots, positions)
         self.end = max(self.end, int(slots.max()) + 1)
         kp = self.pos[:, None, : self.end]  # [B, 1, S]
@@ -189,21 +192,37 @@ class KVCache:
         mask = (kp >= 0) & (kp <= qp)
         if self.window:
             mask &= (qp - kp < self.window) | (kp < self.sinks)
-        mask = None if bool(mask.all()) else mask[:, None]
-        return self.k[:, :, : self.end], self.v[:, :, : self.end], mask
+        self.mask = None if bool(mask.all()) else mask[:, None]
+        self.slots = slots[0] if B == 1 or bool((slots == slots[:1]).all()) else slots
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store layer ``layer``'s new keys/values [B, n_kv_heads, T, head_dim] in the prepared slots; return its
+        keys and values [B, n_kv_heads, S, head_dim] and the prepared mask."""
+        kl, vl = self.k[layer], self.v[layer]
+        if self.slots.ndim == 1:  # every row writes the same slots: one copy per tensor
+            kl.index_copy_(2, self.slots, k)
+            vl.index_copy_(2, self.slots, v)
+        else:
+            idx = self.slots[:, None, :, None].expand_as(k)
+            kl.scatter_(2, idx, k)
+            vl.scatter_(2, idx, v)
+        return kl[:, :, : self.end], vl[:, :, : self.end], self.mask
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these sessions (rows), in this order."""
+        self.rows = len(rows)
         if self.k is not None:
             idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-            self.k, self.v, self.pos = self.k[idx], self.v[idx], self.pos[idx]
+            self.k, self.v, self.pos = self.k[:, idx], self.v[:, idx], self.pos[idx]
 
     def select(self, rows: list[int]) -> "KVCache":
         """A cache holding copies of these rows (write it back with ``put``)."""
-        sub = KVCache(self.window, self.sinks, self.capacity)
+        sub = KVCache(self.n_layers, self.window, self.sinks, self.capacity)
+        sub.rows = len(rows)
         if self.k is not None:
             idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-            sub.k, sub.v, sub.pos, sub.end = self.k[idx], self.v[idx], self.pos[idx], self.end
+            sub.k, sub.v, sub.pos, sub.end = self.k[:, idx], self.v[:, idx], self.pos[idx], self.end
         return sub
 
     def put(self, rows: list[int], sub: "KVCache") -> None:
@@ -211,15 +230,17 @@ class KVCache:
         if self.k is None:
             raise ValueError("KVCache.put: this cache has no rows yet; extend all sessions first")
         if sub.capacity != self.capacity:  # the subset grew: grow the rest the same way first
-            self._allocate(self.k.shape[0], self.k, sub.capacity)
+            _, B, H, _, D = self.k.shape
+            self._allocate(B, H, D, self.k.dtype, self.k.device, sub.capacity)
         idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        self.k[idx], self.v[idx], self.pos[idx] = sub.k, sub.v, sub.pos
+        self.k[:, idx], self.v[:, idx], self.pos[idx] = sub.k, sub.v, sub.pos
         self.end = max(self.end, sub.end)
 
     def add_rows(self, n: int) -> None:
         """Append ``n`` empty sessions (rows)."""
+        self.rows += n
         if self.k is not None:
-            B, H, S, D = self.k.shape
-            self.k = torch.cat([self.k, self.k.new_zeros(n, H, S, D)])
-            self.v = torch.cat([self.v, self.v.new_zeros(n, H, S, D)])
+            L, B, H, S, D = self.k.shape
+            self.k = torch.cat([self.k, self.k.new_zeros(L, n, H, S, D)], 1)
+            self.v = torch.cat([self.v, self.v.new_zeros(L, n, H, S, D)], 1)
             self.pos = torch.cat([self.pos, self.pos.new_full((n, S), -1)])

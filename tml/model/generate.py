@@ -70,11 +70,11 @@ def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: Sampli
     audio_row = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1  # row of audio_bins of each AUDIO position
     is_model = tok.stream == Stream.MODEL
     units = []
-    caches, fed = [KVCache() for _ in model.layers], 0  # positions [0, fed) are in the caches
+    cache, fed = KVCache(len(model.layers)), 0  # positions [0, fed) are in the cache
     for q in torch.nonzero(is_model & ((tok.kind == Kind.TEXT) | (tok.kind == Kind.AUDIO))).flatten().tolist():
         if q == 0:
             raise ValueError(f"episode {tok.key}: a MODEL position is first in the micro-turn; nothing predicts it")
-        h = model.forward_cached(span_batch(tok, fed, q, text_ids, audio_bins).to(device), caches, fed)[0, -1:]
+        h = model.forward_cached(span_batch(tok, fed, q, text_ids, audio_bins).to(device), cache, fed)[0, -1:]
         fed = q
         if tok.kind[q] == Kind.TEXT:
             text_ids[q] = model.text_head.sample(h, cfg, gen, text_pad_id).cpu()[0]

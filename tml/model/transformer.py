@@ -59,11 +59,11 @@ class Block(nn.Module):
         h = self.mlp_norm(x)
         return x + (self.mlp(h, token_mask) if self.moe else self.mlp(h))
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                       cache: KVCache) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                       layer: int) -> torch.Tensor:
         """Streaming step over new positions only (see ``Attention.forward_cached``). [B, T_new, dim]; an MoE runs
         its inference path (``MoE.decode``: a few tokens by gathered matvecs, no router statistics)."""
-        x = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, positions, cache)
+        x = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, cache, layer)
         h = self.mlp_norm(x)
         return x + (self.mlp.decode(h) if self.moe and self.mlp is self.moe[0] else self.mlp(h))
 
@@ -124,26 +124,27 @@ class InteractionModel(nn.Module):
         for moe, counts in zip(self.moe_layers(), expert_counts):
             moe.update_bias(counts)
 
-    def forward_cached(self, batch: Batch, caches: list[KVCache], start: int | torch.Tensor,
+    def forward_cached(self, batch: Batch, cache: KVCache, start: int | torch.Tensor,
                        rope: RopeTable | None = None) -> torch.Tensor:
         """Incremental inference: run the positions of ``batch`` (B rows, each the next ``T`` positions of its own
-        sequence, whose first ``start`` positions (int, or long [B] per row) are in ``caches``, one KVCache per
-        layer) through every layer, appending them to the caches. Only the payload fields of ``batch`` are read.
-        Returns final-norm hidden [B, T, dim], equal to those positions' hidden states in one full causal forward."""
+        sequence, whose first ``start`` positions (int, or long [B] per row) are in ``cache``) through every layer,
+        appending them to the cache. Only the payload fields of ``batch`` are read. Returns final-norm hidden
+        [B, T, dim], equal to those positions' hidden states in one full causal forward."""
         x = self.embed(batch)
         B, T = batch.shape
         start = torch.as_tensor(start, dtype=torch.long, device=x.device).reshape(-1, 1)
-        return self.forward_embedded(x, start + torch.arange(T, device=x.device), caches, rope)
+        return self.forward_embedded(x, start + torch.arange(T, device=x.device), cache, rope)
 
-    def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache],
+    def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                          rope: RopeTable | None = None) -> torch.Tensor:
         """``forward_cached`` from embeddings x [B, T, dim] at absolute positions long [B, T] -> hidden [B, T, dim].
         ``rope``: cached rotary tables (the same values ``rope_cos_sin`` computes)."""
         positions = positions.expand(x.shape[0], -1)
         cos, sin = (rope(positions) if rope is not None else
                     rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype))
-        for layer, cache in zip(self.layers, caches):
-            x = layer.forward_cached(x, cos, sin, positions, cache)
+        cache.prepare(positions, self.cfg.num_kv_heads, self.cfg.head_dim, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.forward_cached(x, cos, sin, cache, i)
         return self.norm(x)
 
     def forward(self, batch: Batch) -> ModelOutput:
