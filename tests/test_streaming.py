@@ -111,10 +111,10 @@ def test_static_cache_equals_growing_cache(setup):
     # Full context: a cache allocated once for the whole session and one that starts at 8 slots and grows by doubling
     # (re-placing its entries each time) hold the same keys in the same slots, so the logits are bitwise equal.
     model, layout, dmel, text, episode, tok = setup
-    static, outs_static = run_session(setup, SessionConfig(max_context=TURNS * layout.length))
+    cfg = SessionConfig(cache_window=0, max_context=TURNS * layout.length)
+    static, outs_static = run_session(setup, cfg)
     assert static.cache.capacity == TURNS * layout.length
-    model_, layout_, dmel_ = model, layout, dmel
-    growing = StreamingSession(model_, layout_, dmel_, SessionConfig(max_context=TURNS * layout.length))
+    growing = StreamingSession(model, layout, dmel, cfg)
     growing.cache.capacity = 8
     outs = []
     for t in range(TURNS):
