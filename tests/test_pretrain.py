@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -102,9 +101,7 @@ def test_frame_geometry_follows_the_layout():
 
 
 def test_recipe_fails_before_any_work(tmp_path):
-    t0 = time.time()
     proc = subprocess.run([sys.executable, "recipes/pretrain.py", f"hydra.run.dir={tmp_path}", "model.moe.top_k=9"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "model.moe.top_k=9" in proc.stderr
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
-    assert time.time() - t0 < 60
