@@ -93,6 +93,7 @@ def main(cfg) -> None:
         summary.update(exported=exported, responder=cfg.responder, checkpoint=cfg.checkpoint,
                        compute_ms_per_micro_turn=sum(compute) / max(len(compute), 1), vad=asdict(cfg.vad))
         (run_dir / "fdbench.json").write_text(json.dumps(summary, indent=2))
+        (Path(cfg.root) / f"fdbench_{cfg.task}.json").write_text(json.dumps(result, indent=2))  # with per-sample values
         print(json.dumps(summary, indent=2), flush=True)
 
 
