@@ -30,11 +30,31 @@ class Loaded:
     step_dir: Path | None  # None for an untrained model
 
 
+def load_export(export_dir: Path, untrained: bool = False, seed: int = 0) -> Loaded:
+    """An export directory (``tml.tools.export``) -> its model in eval mode and its data tools, from its own files."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((export_dir / "run_config.json").read_text())
+    if config["data"]["dmel"].get("ranges_file"):
+        config["data"]["dmel"]["ranges_file"] = str(export_dir / config["data"]["dmel"]["ranges_file"])
+    cfg = config_from_dict(config)
+    layout = validate_config(cfg)
+    torch.manual_seed(seed)
+    model = InteractionModel(cfg.model)
+    if not untrained:
+        model.load_state_dict(load_file(str(export_dir / "model.safetensors")))
+    text = TextTokenizer.load(export_dir / "tokenizer.json")
+    return Loaded(model.eval(), cfg, layout, text, DMelTokenizer(cfg.data.dmel), None if untrained else export_dir)
+
+
 def load_run(checkpoint: str | Path, untrained: bool = False, seed: int = 0) -> Loaded:
-    """A pretrain run (RUN_DIR, RUN_DIR/checkpoints or a step dir) -> its model in eval mode and its data tools.
-    ``untrained=True`` builds the same model with fresh random weights (a baseline)."""
+    """A pretrain run (RUN_DIR, RUN_DIR/checkpoints or a step dir) or an export dir -> its model in eval mode and its
+    data tools. ``untrained=True`` builds the same model with fresh random weights (a baseline)."""
     import torch
 
+    if (Path(checkpoint) / "run_config.json").exists():
+        return load_export(Path(checkpoint), untrained, seed)
     run_dir, step_dir = find_checkpoint(checkpoint)
     run = build_run(config_from_dict(json.loads((run_dir / "config.resolved.json").read_text())))
     torch.manual_seed(seed)

@@ -1,7 +1,8 @@
-"""Model card of a checkpoint: ``python -m tml.tools.model_card CHECKPOINT [--out FILE]``.
+"""Model card of a checkpoint: ``python -m tml.tools.model_card CHECKPOINT [--out FILE] [--eval EVAL_JSON ...]``.
 
 Reads the run dir around CHECKPOINT (``RUN_DIR/checkpoints/step_XXXXXXXX``): ``config.resolved.json``,
-``manifest.json``, ``metrics.jsonl`` and any ``eval*.json``; writes ``MODEL_CARD.md`` into CHECKPOINT unless
+``manifest.json``, ``metrics.jsonl``, any ``eval*.json`` and the ``--eval`` files (``recipes/evaluate.py`` writes
+``eval.json`` into its own run dir); writes ``MODEL_CARD.md`` into CHECKPOINT unless
 ``--out`` is given. Parameter counts come from the config on the meta device; training compute is the number of
 positions processed up to the checkpoint times ``flops_per_token``.
 """
@@ -28,7 +29,9 @@ def _fmt(n: float) -> str:
     return f"{n:g}"
 
 
-def model_card(tag_dir: Path) -> str:
+def model_card(tag_dir: Path, evals: list[Path] = ()) -> str:
+    """The card's markdown. Evaluation results: ``evals`` (eval.json files, e.g. ``recipes/evaluate.py``'s) plus any
+    ``eval*.json`` in the run dir."""
     tag_dir = Path(tag_dir).resolve()
     run_dir = tag_dir.parents[1]
     for need in (run_dir / "config.resolved.json", tag_dir / MARKER):
@@ -78,14 +81,15 @@ def model_card(tag_dir: Path) -> str:
               f"- Size: {data.get('episodes')} episodes, {data.get('hours')} hours, {len(data.get('shards', {}))} shards.",
               f"- Sources: {', '.join(map(str, data.get('sources') or [])) or 'not recorded'}.",
               f"- Licence: {data.get('license') or 'not recorded'}."]
-    evals = sorted(run_dir.glob("eval*.json"))
+    evals = [Path(p) for p in evals] + sorted(run_dir.glob("eval*.json"))
     lines += ["", "## Evaluation"]
-    if evals:
-        for p in evals:
-            for k, v in json.loads(p.read_text()).items():
-                lines.append(f"- {p.stem} / {k}: {v}")
-    else:
-        lines.append("- No evaluation results found (eval*.json in the run dir).")
+    for p in evals:
+        result = json.loads(p.read_text())
+        result = result.get("metrics", result)  # recipes/evaluate.py writes {"metrics", "per_episode"}
+        lines.append(f"- From {p}:")
+        lines += [f"  - {k}: {v}" for k, v in result.items()]
+    if not evals:
+        lines.append("- No evaluation results given (pass --eval RUN_DIR/eval.json of recipes/evaluate.py).")
     lines += ["", "## Intended use and limits",
               "- A research checkpoint for studying full-duplex speech/text/vision interaction models and training "
               "methods. Not for deployment: it has no safety tuning or evaluation for harm.",
@@ -99,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="write a model card for a tml checkpoint")
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--eval", type=Path, nargs="*", default=[], help="eval.json files of recipes/evaluate.py")
     args = ap.parse_args(argv)
     out = args.out or args.checkpoint / "MODEL_CARD.md"
-    out.write_text(model_card(args.checkpoint))
+    out.write_text(model_card(args.checkpoint, args.eval))
     print(out)
 
 

@@ -310,3 +310,53 @@ def load_model_weights(model: torch.nn.Module, step_dir: Path) -> None:
         raise CheckpointError(f"{step_dir} holds no full module weights (ZeRO-3 partitions them): gather them with "
                               f"DeepSpeed's zero_to_fp32.py first")
     model.load_state_dict({k: v.float() for k, v in module.items()})
+
+
+def checkpoint_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint (gathered from ZeRO partitions when there are any)."""
+    tag_dir = Path(tag_dir)
+    if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    files = sorted(tag_dir.glob("mp_rank_00_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir} holds no mp_rank_00_model_states.pt: not a tml checkpoint dir "
+                                f"(pass RUN_DIR/checkpoints/step_XXXXXXXX)")
+    return {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}
+
+
+def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
+    """``trainer.init_from``: copy the weights of an export (a dir with ``model.safetensors``) or of a checkpoint
+    (RUN_DIR, RUN_DIR/checkpoints or a step dir) into ``model``; nothing else (optimizer, step, data) carries over.
+    Raises ConfigError naming every tensor that is missing, unexpected or of another shape. Returns the file or
+    step dir read."""
+    from tml.streams.layout import ConfigError
+
+    path = Path(source)
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        where, state = path / "model.safetensors", load_file(str(path / "model.safetensors"))
+    else:
+        try:
+            _, where = find_checkpoint(path)
+        except CheckpointError as e:
+            raise ConfigError(f"trainer.init_from={source}: neither an export (model.safetensors) nor a checkpoint: "
+                              f"{e}") from e
+        state = checkpoint_state_dict(where)
+    want = model.state_dict()
+    missing = sorted(want.keys() - state.keys())
+    unexpected = sorted(state.keys() - want.keys())
+    differ = [f"{k} {list(state[k].shape)} there vs {list(v.shape)} here" for k, v in want.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or differ:
+        parts = [f"{len(differ)} shapes differ ({'; '.join(differ[:3])})" if differ else "",
+                 f"{len(missing)} missing ({', '.join(missing[:3])})" if missing else "",
+                 f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})" if unexpected else ""]
+        raise ConfigError(f"trainer.init_from={source}: its weights do not fit this model: "
+                          f"{'; '.join(p for p in parts if p)}. Use the model config they were trained with (the "
+                          f"export's config.json / the run's config.resolved.json) and a tokenizer of the same "
+                          f"vocabulary size (model.vocab_size follows data's tokenizer.json)")
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
+    return where

@@ -57,6 +57,9 @@ class TrainerConfig:
     save_every: int = 50  # a checkpoint every N steps, and always at the last step
     val_every: int = 0  # held-out loss on data.val_path every N steps and at the last step (0 = never)
     resume: bool = False  # continue from the run dir's latest checkpoint
+    # Start a new run from these weights only (fresh optimizer, step 0): an export dir (tml.tools.export) or a
+    # checkpoint (RUN_DIR, RUN_DIR/checkpoints or a step dir). Shapes must match the model config.
+    init_from: Optional[str] = None
     auto_resume: bool = False  # resume when the run dir holds a checkpoint, else start (Slurm requeue uses it)
     keep_last: int = 3  # checkpoints kept besides the keep_every ones (0 = keep all)
     keep_every: int = 0  # also keep every step that is a multiple of this (0 = none)

@@ -27,8 +27,8 @@ from tml.model.moe_stats import expert_load_metrics, router_metrics
 from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
 from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
 from tml.streams.layout import ConfigError
-from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, save_checkpoint,
-                                  set_rng_state, universal_resume_tag)
+from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, load_initial_weights,
+                                  save_checkpoint, set_rng_state, universal_resume_tag)
 from tml.train.config import PretrainConfig
 from tml.train.manifest import build_manifest, record_data_quality, write_manifest
 from tml.train.metrics import MetricsLogger
@@ -99,6 +99,10 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     torch.manual_seed(t.seed)
 
     model = InteractionModel(cfg.model)
+    if t.init_from and not resume:  # weights only; a resumed run takes everything from its own checkpoint
+        source = load_initial_weights(model, t.init_from)
+        if is_main:
+            print(f"initial weights from {source} (trainer.init_from; new optimizer, step 0)", flush=True)
     counts = param_counts(model)
     autoep = prepare_expert_parallel(model, cfg.parallel, cfg.model, dist.world_size)  # shards experts (native)
     # A ZeRO >= 1 checkpoint written by another number of ranks is converted to DeepSpeed's universal format first.
