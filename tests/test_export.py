@@ -16,7 +16,7 @@ from test_pretrain import run_recipe
 from tml.model import InteractionModel
 from tml.streams import ConfigError
 from tml.train.checkpoint import checkpoint_state_dict, find_checkpoint, load_initial_weights
-from tml.train.loop import config_from_dict
+from tml.train.config import config_from_dict
 
 
 def test_export_is_self_contained_and_init_from_starts_a_new_run(tmp_path):

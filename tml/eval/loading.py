@@ -16,7 +16,7 @@ from tml.streams.episode import Episode
 from tml.streams.layout import MicroTurnLayout
 from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import find_checkpoint, load_model_weights
-from tml.train.config import PretrainConfig, config_from_dict
+from tml.train.config import PretrainConfig, config_from_dict, validate_config
 from tml.train.run import build_run
 
 

@@ -46,7 +46,7 @@ def export(checkpoint: Path, out_dir: Path, evals: list[Path] = ()) -> Path:
     from tml.data.loader import read_manifest
     from tml.streams.layout import MicroTurnLayout
     from tml.tools.model_card import model_card
-    from tml.train.loop import config_from_dict
+    from tml.train.config import config_from_dict
 
     run_dir, tag_dir = find_checkpoint(checkpoint)
     config = json.loads((run_dir / "config.resolved.json").read_text())
