@@ -72,8 +72,12 @@ def main() -> None:
               f"{cpu[mode]:.1f} s CPU (CPU RTF {cpu[mode] / seconds:.3f}); load average {os.getloadavg()}", flush=True)
     if len(times) == 2:
         a, b = results["single"], results["batched"]
-        drop = lambda m: {k: v for k, v in m.items() if k != "compute_ms_per_micro_turn"}  # noqa: E731
-        same = drop(a["metrics"]) == drop(b["metrics"]) and a["per_episode"] == b["per_episode"]
+        timing = ("compute_ms_per_micro_turn", "real_time_factor", "max_lag_s")  # measured compute, not behaviour
+        differ = [k for k in a["metrics"] if k not in timing and a["metrics"][k] != b["metrics"].get(k)]
+        differ += [f"episode {i}" for i, (x, y) in enumerate(zip(a["per_episode"], b["per_episode"])) if x != y]
+        same = not differ
+        if differ:
+            print(f"differ: {differ}")
         print(f"speedup batched / single: {times['single'] / times['batched']:.1f}x wall, "
               f"{cpu['single'] / cpu['batched']:.1f}x CPU; metrics identical: {same}")
 
