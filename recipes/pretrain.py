@@ -4,13 +4,23 @@ Same command under `torchrun --nproc_per_node 2 recipes/pretrain.py ...` for dat
 Hydra run dir (outputs/pretrain/DATE/TIME unless `hydra.run.dir=...`).
 """
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+import signal
 
-from tml.cli import check_overrides, recipe_run
-from tml.train.config import PretrainConfig, register_hydra_schema
-from tml.train.loop import pretrain
+# launch/slurm_node.sh starts torchrun with SIGUSR1 ignored (Slurm signals every process of a step, and torchrun has
+# no handler for it); the trainer takes the default back, so a SIGUSR1 before its own handler is installed (during
+# start-up, before any step) ends it and the job is requeued instead of the signal being lost.
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from tml.cli import check_overrides, recipe_run  # noqa: E402
+from tml.parallel.engine import RankFailure, unresponsive_ranks  # noqa: E402
+from tml.train.config import PretrainConfig, register_hydra_schema  # noqa: E402
+from tml.train.loop import pretrain  # noqa: E402
+from tml.train.signals import StopRequested, requeue_submitit_job  # noqa: E402
 
 register_hydra_schema()
 
@@ -19,7 +29,17 @@ register_hydra_schema()
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     with recipe_run(run_dir, "pretrain"):
-        pretrain(OmegaConf.to_object(cfg), run_dir)
+        try:
+            pretrain(OmegaConf.to_object(cfg), run_dir)
+        except StopRequested:
+            requeue_submitit_job()  # a sweep job under submitit on Slurm; the sbatch scripts requeue by themselves
+            raise
+        except torch.distributed.DistError as e:  # another rank died or hangs (parallel.collective_timeout_s)
+            missing = unresponsive_ranks()
+            raise RankFailure(f"rank {torch.distributed.get_rank()}: a collective failed ({type(e).__name__}); "
+                              f"ranks that did not answer within 5 s: {missing if missing is not None else 'unknown'} "
+                              f"(dead or hung). Resume from the last complete checkpoint with "
+                              f"trainer.auto_resume=true") from e
 
 
 if __name__ == "__main__":

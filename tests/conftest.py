@@ -148,3 +148,33 @@ def make_loader(path, rank=0, world=1, workers=0, seq_len=100, mbs=2, **kw):
                                                 **kw),
                              MicroTurnLayout(LayoutConfig()), DMelTokenizer(),
                              TextTokenizer.load(path / "tokenizer.json"), rank=rank, world_size=world)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-host Slurm cluster (munged + slurmctld + slurmd, one node with 2 CPUs), shared by the session."""
+    from slurm_cluster import Cluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}): as root, "
+                    f"apt-get install -y slurm-wlm munge (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the test Slurm cluster runs slurmd, which starts jobs, as root: run the tests as root")
+    cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+# The run the cluster and fault tests compare with (tests/test_slurm.py, tests/test_faults.py): tiny model, 2 ranks.
+CLUSTER_STEPS = 24
+CLUSTER_RUN = [f"trainer.max_steps={CLUSTER_STEPS}", "trainer.save_every=8", "logger=none",
+               "logger.progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(synth_data, tmp_path_factory) -> Path:
+    """CLUSTER_RUN uninterrupted through torchrun on this machine, 2 ranks: the reference for interrupted runs."""
+    run = tmp_path_factory.mktemp("two_rank_run") / "run"
+    run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, nproc=2)
+    return run

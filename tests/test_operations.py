@@ -26,7 +26,7 @@ from tml.model.flops import active_matmul_params, flops_per_token
 from tml.train.checkpoint import (CheckpointError, damage, prune_checkpoints, resharded_loader_state, tag_for,
                                   universal_resume_tag)
 from tml.train.optim import warmup_cosine
-from tml.train.signals import EXIT_STOPPED_BY_SIGNAL
+from tml.train.signals import EXIT_STOPPED_BY_SIGNAL, REPEAT_WINDOW_S
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 LONG = ["trainer.max_steps=400", "trainer.save_every=1000", "logger=none"]  # runs until signalled
@@ -204,13 +204,18 @@ def test_sigusr1_saves_and_exits_with_the_documented_code(synth_data, tmp_path):
 
 
 def test_second_signal_exits_at_once(synth_data, tmp_path):
-    proc = start(tmp_path, f"data.path={synth_data}", *LONG, "trainer.fault.nan_at_step=0")
+    """A repeat within REPEAT_WINDOW_S is the same request (Slurm and torchrun deliver a stop twice); a signal after
+    it exits at once. Every step sleeps 6 s (trainer.fault.slow_rank_s), so both arrive inside one step."""
+    proc = start(tmp_path, f"data.path={synth_data}", *LONG, "trainer.fault.slow_rank_s=6")
     wait_for_step(proc, tmp_path, 1)
     proc.send_signal(signal.SIGTERM)
     for line in proc.stdout:  # signals of one kind arriving together count once: wait until the first is seen
         if "received SIGTERM" in line:
             break
-    proc.send_signal(signal.SIGTERM)  # before the step and its save finish (more than 0.1 s on this machine)
+    proc.send_signal(signal.SIGUSR1)  # within the window: ignored
+    time.sleep(REPEAT_WINDOW_S + 0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)  # before the step and its save finish
     proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
 

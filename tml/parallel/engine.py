@@ -7,6 +7,7 @@ environment before importing it.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     expert_parallel_size: int = 1  # ranks that share one copy of every MoE layer's experts (divides world, experts)
     moe_backend: str = "native"  # native (our all-to-all dispatch) | deepspeed (DeepSpeed AutoEP); see tml.parallel.expert
+    # A collective that waits longer than this fails, so the other ranks exit when one hangs (a rank that dies is
+    # noticed at once: its connections close). Keep it above the longest rank-0-only work (universal conversion).
+    collective_timeout_s: float = 1800.0
 
     def validate(self) -> None:
         if self.expert_parallel_size < 1:
@@ -35,6 +39,8 @@ class ParallelConfig:
             raise ConfigError("parallel.backend=nccl needs CUDA, which this machine lacks; use parallel.backend=gloo")
         if self.expert_parallel_size < 1:
             raise ConfigError(f"parallel.expert_parallel_size={self.expert_parallel_size}: must be >= 1")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"parallel.collective_timeout_s={self.collective_timeout_s}: must be positive")
         if self.moe_backend not in ("native", "deepspeed"):
             raise ConfigError(f"parallel.moe_backend={self.moe_backend!r}: choose native or deepspeed")
 
@@ -64,13 +70,39 @@ def setup_distributed(cfg: ParallelConfig) -> DistInfo:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     return DistInfo(rank, world, local_rank, device)
+
+
+class RankFailure(RuntimeError):
+    """A collective failed because another rank died or hangs; the message names the ranks that did not answer."""
+
+
+def unresponsive_ranks(wait_s: float = 5.0) -> list[int] | None:
+    """After a failed collective: the ranks that do not report themselves alive within ``wait_s``, through the
+    process group's key-value store (torchrun's agent keeps it, so it outlives any worker). Every surviving rank
+    calls this when its collective fails; a dead or stopped rank never does. None when the store is gone too."""
+    import time
+
+    dist = torch.distributed
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"tml/alive_after_failure/{dist.get_rank()}", "1")
+        deadline, missing = time.monotonic() + wait_s, []
+        while time.monotonic() < deadline:
+            missing = [r for r in range(dist.get_world_size()) if not store.check([f"tml/alive_after_failure/{r}"])]
+            if not missing:
+                break
+            time.sleep(0.1)
+        return missing
+    except Exception:  # the store lived in a process that is gone (e.g. rank 0 without torchrun)
+        return None
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum_steps: int, world_size: int, grad_clip: float,

@@ -50,6 +50,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint to resume from is missing or incomplete; the message names the path."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the message names the path and the bytes
+    needed. The previous complete checkpoint is untouched and stays ``latest``."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -91,13 +96,32 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank:
     tag = tag_for(step)
     tmp_root = ckpt_dir / ".tmp"
     if rank == 0:
-        shutil.rmtree(tmp_root / tag, ignore_errors=True)  # left by a save that was killed
+        shutil.rmtree(tmp_root, ignore_errors=True)  # saves that were killed or failed: their space comes back
         (tmp_root / tag).mkdir(parents=True)
-    torch.distributed.barrier()
-    torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": world_size,
-                "nonfinite_skipped": nonfinite_skipped},
-               tmp_root / tag / f"trainer_state_rank{rank}.pt")
-    engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
+    need = bytes_needed(ckpt_dir, engine.module)
+    # Not enough free space (rank 0 looks; the directory is shared): every rank stops here, before writing anything.
+    free = shutil.disk_usage(ckpt_dir).free if rank == 0 else 0
+    short = torch.tensor([float(rank == 0 and free < need)])
+    torch.distributed.all_reduce(short)
+    if short.item():
+        raise CheckpointWriteError(f"not enough space to save step {step} in {ckpt_dir}: about {need} bytes needed, "
+                                   f"{free} free; the newest complete checkpoint is {latest_tag(ckpt_dir)}. Free "
+                                   f"space there (or lower trainer.keep_last) and resume with trainer.auto_resume=true")
+    try:
+        torch.save({"step": step, "loader": loader_state, "rng": rng_state(), "world_size": world_size,
+                    "nonfinite_skipped": nonfinite_skipped},
+                   tmp_root / tag / f"trainer_state_rank{rank}.pt")
+        engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        if not isinstance(e, OSError) and "write" not in str(e):  # torch.save reports a failed write as RuntimeError
+            raise
+        # The other ranks wait in a barrier; this process exiting ends it for them (gloo: connection closed; NCCL:
+        # parallel.collective_timeout_s). Nothing is published: latest still names the previous checkpoint.
+        written = sum(p.stat().st_size for p in (tmp_root / tag).rglob("*") if p.is_file())
+        raise CheckpointWriteError(f"writing the checkpoint of step {step} to {tmp_root / tag} failed on rank {rank} "
+                                   f"after {written} bytes ({type(e).__name__}: {e}); it needs about {need} bytes, "
+                                   f"{shutil.disk_usage(tmp_root).free} are free. The newest complete checkpoint is "
+                                   f"{latest_tag(ckpt_dir)}") from e
     torch.distributed.barrier()
     if crash_after_files:
         os._exit(137)
@@ -114,6 +138,15 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank:
         prune_checkpoints(ckpt_dir, keep_last, keep_every)
     torch.distributed.barrier()
     return final
+
+
+def bytes_needed(ckpt_dir: Path, module: torch.nn.Module) -> int:
+    """Bytes the next save of ``ckpt_dir`` will write: the size of its newest complete checkpoint, or, before the
+    first one, the module's weights plus two Adam moments of the same size (at ZeRO 0 in fp32, the usual case)."""
+    tag = latest_tag(ckpt_dir)
+    if tag is not None and (ckpt_dir / tag / MARKER).exists():
+        return sum(json.loads((ckpt_dir / tag / MARKER).read_text())["files"].values())
+    return 3 * sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def checkpoint_steps(ckpt_dir: Path) -> list[int]:

@@ -33,6 +33,8 @@ class FaultConfig:
     nan_at_step: int = 0  # make the loss of this step NaN on every rank
     nan_grad_at_step: int = 0  # make the gradients of this step NaN on every rank (its loss stays finite)
     kill_in_save_at_step: int = 0  # SIGKILL-like exit while the checkpoint of this step is being written
+    slow_rank: int = 0  # with slow_rank_s > 0: this rank sleeps slow_rank_s in every micro-batch (a straggler)
+    slow_rank_s: float = 0.0
 
 
 @dataclass

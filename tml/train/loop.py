@@ -177,11 +177,16 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         expert_counts = router_terms = grad_norm = None
         nonfinite = False
+        busy = 0.0  # this rank's own work (data, forward, loss) before it can wait on others: finds stragglers
         for _ in range(t.grad_accum_steps):
+            b0 = time.perf_counter()
             batch = next(loader).to(dist.device)
+            if t.fault.slow_rank_s > 0 and t.fault.slow_rank == dist.rank:
+                time.sleep(t.fault.slow_rank_s)
             out = engine(batch)
             losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
                                     text_pad_id=text.pad_id)
+            busy += time.perf_counter() - b0
             if t.fault.nan_at_step == step + 1:
                 losses["loss"] = losses["loss"] * float("nan")
             if t.fault.nan_grad_at_step == step + 1:
@@ -224,6 +229,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         torch.distributed.all_reduce(expert_counts)  # global load: the same bias update and metrics on every rank
         engine.module.update_expert_bias(expert_counts)
         torch.distributed.all_reduce(router_terms)
+        rank_busy = torch.zeros(dist.world_size, dtype=torch.float64)
+        rank_busy[dist.rank] = busy
+        torch.distributed.all_reduce(rank_busy)
         elapsed = time.perf_counter() - t0
         n_micro = t.grad_accum_steps * dist.world_size
         if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
@@ -231,7 +239,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         record = {"step": step, **{k: float(v) / n_micro for k, v in zip(LOGGED, sums[:-1])},
                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
-                  "mfu": flops_per_step / elapsed / (peak * dist.world_size), "nonfinite_skipped": skipped}
+                  "mfu": flops_per_step / elapsed / (peak * dist.world_size), "nonfinite_skipped": skipped,
+                  "rank_busy_s": rank_busy.tolist(), "slowest_rank": int(rank_busy.argmax())}
         record.update(expert_load_metrics(expert_counts))
         record.update(router_metrics(router_terms.cpu() / n_micro, cfg.model.moe, engine.module.moe_layers()))
         record.update(loader.stats())
