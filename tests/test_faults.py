@@ -108,7 +108,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_data, two_ra
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and latest_tag(ckpts) == tag_for(2) and damage(ckpts / tag_for(2)) is None, out[-3000:]
     size = sum(json.loads((ckpts / tag_for(2) / "complete.json").read_text())["files"].values())
-    assert out.count(f"not enough space to save step 4 in {ckpts}: about {size} bytes needed") == 2, out[-3000:]
+    assert out.count(f"not enough space to save step 4 in {ckpts}: about {size} bytes needed") >= 2, out[-3000:]
     assert "the newest complete checkpoint is step_00000002" in out
     print(f"disk full (pre-check): run ended {time.time() - t0:.1f} s after start")
 
