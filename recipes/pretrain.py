@@ -34,8 +34,11 @@ def main(cfg: DictConfig) -> None:
         except StopRequested:
             requeue_submitit_job()  # a sweep job under submitit on Slurm; the sbatch scripts requeue by themselves
             raise
-        except torch.distributed.DistError as e:  # another rank died or hangs (parallel.collective_timeout_s)
-            missing = unresponsive_ranks()
+        except RuntimeError as e:  # gloo reports a dead peer or a timeout as a plain RuntimeError
+            if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and (
+                    isinstance(e, torch.distributed.DistError) or any(k in str(e) for k in ("gloo", "NCCL")))):
+                raise
+            missing = unresponsive_ranks()  # another rank died or hangs (parallel.collective_timeout_s)
             raise RankFailure(f"rank {torch.distributed.get_rank()}: a collective failed ({type(e).__name__}); "
                               f"ranks that did not answer within 5 s: {missing if missing is not None else 'unknown'} "
                               f"(dead or hung). Resume from the last complete checkpoint with "

@@ -52,30 +52,6 @@ def test_killed_rank_stops_the_others_at_once_and_the_run_resumes(synth_data, tw
     assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(two_rank_run)]
 
 
-def test_hung_rank_is_bounded_by_the_collective_timeout(synth_data, tmp_path):
-    """Rank 1 is stopped (SIGSTOP: alive, silent). Rank 0 waits in the step's all-reduce for
-    parallel.collective_timeout_s=15, then fails naming rank 1 (it did not report itself alive)."""
-    proc = start(tmp_path, f"data.path={synth_data}", "trainer.max_steps=400", "trainer.save_every=1000",
-                 "logger=none", "parallel.collective_timeout_s=15", nproc=2)
-    try:
-        wait_for_step(proc, tmp_path, 3)
-        t0 = time.time()
-        os.kill(worker_pid(proc.pid, 1), signal.SIGSTOP)
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "ranks that did not answer" in line:
-                break
-        detect_s = time.time() - t0
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun would SIGTERM the stopped rank, then SIGKILL it 30 s later
-        proc.wait()
-    out = "".join(lines)
-    assert "ranks that did not answer within 5 s: [1]" in out, out[-3000:]
-    assert 15 <= detect_s < 15 + 5 + 15, detect_s
-    print(f"rank 1 stopped: rank 0 failed naming it {detect_s:.1f} s later (collective_timeout_s=15)")
-
-
 @pytest.fixture
 def tmpfs(tmp_path):
     """Mount a size-limited tmpfs (root only); yields a function mount(path, size) and unmounts at the end."""

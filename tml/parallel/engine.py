@@ -24,8 +24,9 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     expert_parallel_size: int = 1  # ranks that share one copy of every MoE layer's experts (divides world, experts)
     moe_backend: str = "native"  # native (our all-to-all dispatch) | deepspeed (DeepSpeed AutoEP); see tml.parallel.expert
-    # A collective that waits longer than this fails, so the other ranks exit when one hangs (a rank that dies is
-    # noticed at once: its connections close). Keep it above the longest rank-0-only work (universal conversion).
+    # The process group's timeout: a collective that waits longer fails (a rank that dies is noticed at once: its
+    # connections close). Keep it above the longest rank-0-only work (universal conversion). On CPU a stopped rank
+    # was seen not to be bounded by it (the peer waited in a futex): see README, Failures.
     collective_timeout_s: float = 1800.0
 
     def validate(self) -> None:
