@@ -1,7 +1,8 @@
-"""What clusters do to runs, done for real to 2 torchrun ranks on gloo: a rank SIGKILLed mid-step. Each checks
-what happened, how fast it was noticed, and that nothing after the last complete checkpoint is lost (the run
-resumes from it to the uninterrupted run's parameters)."""
+"""What clusters do to runs, done for real to 2 torchrun ranks on gloo: a rank SIGKILLed mid-step, a disk that fills
+up while a checkpoint is written, a straggler. Each checks what happened, how fast it was noticed, and that
+nothing after the last complete checkpoint is lost (the run resumes from it to the uninterrupted run's parameters)."""
 
+import json
 import os
 import re
 import signal
@@ -9,8 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import CLUSTER_RUN, CLUSTER_STEPS, metrics, run_recipe
-from test_operations import assert_same_params, module_state, start, wait_for_step
+import pytest
+
+from conftest import CLUSTER_RUN, CLUSTER_STEPS, ROOT, metrics, run_recipe
+from test_operations import ENV, _cmd, assert_same_params, module_state, start, wait_for_step
+from test_pretrain import COMPARED
 from tml.train.checkpoint import damage, latest_tag, tag_for
 
 
@@ -46,3 +50,68 @@ def test_killed_rank_stops_the_others_at_once_and_the_run_resumes(synth_data, tw
     assert f"resumed from {ckpts / tag_for(8)} at step 8" in resumed.stdout
     assert_same_params(module_state(run, CLUSTER_STEPS), module_state(two_rank_run, CLUSTER_STEPS))
     assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(two_rank_run)]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a size-limited tmpfs (root only); yields a function mount(path, size) and unmounts at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    mounted = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for p in reversed(mounted):
+        subprocess.run(["umount", "-l", str(p)], check=False)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_data, two_rank_run, tmp_path, tmpfs):
+    """The run dir is a 16 MB filesystem and a checkpoint takes 10.2 MB: step 2's save fits, step 4's does not.
+    Every rank stops before writing, with an error naming the directory and the bytes needed. Then the staging
+    directory alone is a 4 MB filesystem (the run dir has room): step 4's save fails while writing, with the path
+    and bytes; nothing is published. With room again the run resumes from step 2 and matches the reference."""
+    run = tmpfs(tmp_path / "run", "16m")
+    common = [f"data.path={synth_data}", "trainer.save_every=2", "trainer.keep_last=1", "logger=none",
+              "trainer.max_steps=4"]
+    ckpts = run / "checkpoints"
+    t0 = time.time()
+    proc = subprocess.run(_cmd(run, common, 2), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and latest_tag(ckpts) == tag_for(2) and damage(ckpts / tag_for(2)) is None, out[-3000:]
+    size = sum(json.loads((ckpts / tag_for(2) / "complete.json").read_text())["files"].values())
+    assert out.count(f"not enough space to save step 4 in {ckpts}: about {size} bytes needed") >= 2, out[-3000:]
+    assert "the newest complete checkpoint is step_00000002" in out
+    print(f"disk full (pre-check): run ended {time.time() - t0:.1f} s after start")
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(run)], check=True)  # the operator frees space ...
+    tmpfs(ckpts / ".tmp", "4m")  # ... but the staging directory is on a full filesystem
+    t0 = time.time()
+    proc = subprocess.run(_cmd(run, [*common, "trainer.auto_resume=true"], 2), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"resumed from {ckpts / tag_for(2)}" in out, out[-3000:]
+    m = re.search(rf"writing the checkpoint of step 4 to {re.escape(str(ckpts / '.tmp' / tag_for(4)))} failed on "
+                  rf"rank 0 after (\d+) bytes .*; it needs about {size} bytes, (\d+) are free", out, re.S)
+    assert m and int(m[1]) + int(m[2]) < size, out[-3000:]
+    print(f"disk full (while writing): run ended {time.time() - t0:.1f} s after start")
+    assert latest_tag(ckpts) == tag_for(2) and damage(ckpts / tag_for(2)) is None
+    assert not (ckpts / tag_for(4)).exists()
+
+    subprocess.run(["umount", str(ckpts / ".tmp")], check=True)
+    run_recipe(run, *common, "trainer.auto_resume=true", nproc=2)
+    for a, b in zip(metrics(run), metrics(two_rank_run)[:4], strict=True):
+        assert {k: a[k] for k in COMPARED} == {k: b[k] for k in COMPARED}, a["step"]
+
+
+def test_straggler_shows_in_step_time_and_per_rank_busy_time(synth_data, tmp_path):
+    run_recipe(tmp_path, f"data.path={synth_data}", "trainer.max_steps=3", "logger=none",
+               "trainer.fault.slow_rank=1", "trainer.fault.slow_rank_s=0.5", nproc=2)
+    for r in metrics(tmp_path):
+        assert r["slowest_rank"] == 1 and r["rank_busy_s"][1] - r["rank_busy_s"][0] > 0.45, r
+        if r["step"] > 1:  # step 1 of rank 0 overlaps rank 1's first sleep (the ranks start apart)
+            assert r["step_time_s"] > 0.5  # rank 0 waits for it in the gradient all-reduce

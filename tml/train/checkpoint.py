@@ -113,7 +113,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank:
                    tmp_root / tag / f"trainer_state_rank{rank}.pt")
         engine.save_checkpoint(str(tmp_root), tag=tag, save_latest=False)
     except (OSError, RuntimeError) as e:
-        if not isinstance(e, OSError) and "write" not in str(e):  # torch.save reports a failed write as RuntimeError
+        # torch.save reports a failed write as a RuntimeError from its file writer ("file write failed",
+        # "basic_ios::clear: iostream error", "[enforce fail at inline_container.cc] unexpected pos")
+        if not isinstance(e, OSError) and not any(k in str(e) for k in ("write", "iostream", "inline_container")):
             raise
         # The other ranks wait in a barrier; this process exiting ends it for them (gloo: connection closed; NCCL:
         # parallel.collective_timeout_s). Nothing is published: latest still names the previous checkpoint.
