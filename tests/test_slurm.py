@@ -1,7 +1,7 @@
 """The launch scripts under a real Slurm (the session's single-host cluster, `slurm` in conftest.py), on 2 CPU
-ranks with gloo: a job runs to completion like a local run; a pre-empted job (the batch shell's SIGUSR1, which is
-what `--signal=B:USR1@N` delivers before the time limit) saves, exits 75, requeues itself and resumes to the same
-parameters as an uninterrupted run; a submitit sweep job pre-empted with submitit's signal is requeued and resumes."""
+ranks with gloo: a job runs to completion like a local run; a pre-empted job (the batch shell's SIGUSR1, or the
+time limit's `--signal=B:USR1@N`) saves, exits 75, requeues itself and resumes to the same parameters as an
+uninterrupted run; a submitit sweep job pre-empted with submitit's signal is requeued and resumes."""
 
 import re
 import subprocess
@@ -39,8 +39,12 @@ def wait_job(slurm, job_id, timeout=600, until=("COMPLETED", "FAILED", "CANCELLE
         job = slurm.job(job_id)
         restarts = int(job["Restarts"])
         if job["JobState"] == "PENDING" and restarts > seen_restarts:
-            seen_restarts = restarts
-            slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            # only once the old run is cleaned up: started while its credential is being revoked, the job fails
+            node = slurm.run("scontrol", "-o", "show", "node", slurm.node).stdout
+            if "COMPLETING" not in node and "State=IDLE" in node:
+                seen_restarts = restarts
+                time.sleep(1)
+                slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
         if job["JobState"] in until:
             return job
         time.sleep(0.5)
@@ -107,6 +111,27 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_parameters(slurm, 
     assert after["state"] == "finished" and after["step"] == STEPS and after["restarts"] == 1
     assert after["checkpoint"]["step"] == STEPS and after["checkpoint"]["complete"]
     assert after["nonfinite_skipped"] == 0 and after["bad_samples"] == 0
+
+
+def test_time_limit_warning_saves_requeues_and_resumes(slurm, synth_data, two_rank_run, tmp_path):
+    """`--time=2 --signal=B:USR1@60`: Slurm itself signals the batch shell 60 s before the limit (slurmctld checks
+    limits every 30 s: 60-90 s after the start). Rank 1 sleeps 3 s per step (trainer.fault.slow_rank_s: time only,
+    the numbers are unchanged), so the run is mid-way then. A requeued run that is warned again resumes again;
+    however often, the result equals the uninterrupted run's. The straggler shows in the per-rank metrics."""
+    run = tmp_path / "run"
+    job = submit(slurm, run, f"data.path={synth_data}", *COMMON, "trainer.fault.slow_rank=1",
+                 "trainer.fault.slow_rank_s=3", sbatch_args=["--time=2", "--signal=B:USR1@60"])
+    state = wait_job(slurm, job, timeout=900)
+    log = (tmp_path / "slurm.out").read_text(errors="replace")
+    assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) >= 1, log[-3000:]
+    stopped = stopped_at(log)
+    assert 0 < stopped < STEPS and "trainers exited 75" in log, log[-3000:]
+    assert f"resumed from {run / 'checkpoints' / tag_for(stopped)} at step {stopped}" in log
+    assert_like_reference(run, two_rank_run)
+    m = metrics(run)
+    assert all(r["slowest_rank"] == 1 and r["rank_busy_s"][1] > r["rank_busy_s"][0] + 2.5 for r in m)
+    assert min(r["step_time_s"] for r in m) > 2.5  # rank 0 (own work < 0.5 s) waits for it every step
+    assert run_status(run)["slowest_rank"] == 1
 
 
 def test_submitit_sweep_job_preempted_is_requeued_and_resumes(slurm, synth_data, tmp_path):
