@@ -27,6 +27,13 @@ def test_this_environment_is_the_lock():
     assert {n for n in have if n not in ("pip", "tml")} == set(want)
 
 
+def test_setuptools_vendored_packages_are_not_installs():
+    """DeepSpeed imports setuptools, which puts setuptools/_vendor on sys.path: its dist-infos must not count."""
+    import setuptools  # noqa: F401
+
+    assert lock_differences() == []
+
+
 def test_differences_name_the_package(tmp_path):
     want = locked_here()
     have = dict(want, torchaudio="2.11.1", **{"extra-pkg": "1.0"})

@@ -14,6 +14,7 @@ import hashlib
 import re
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -62,7 +63,11 @@ def locked_here(path: Path = LOCK_PATH) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {normalize(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """{name: version} of what pip installed into this interpreter's site-packages. Only there: once setuptools is
+    imported (DeepSpeed's op builder does) it appends its ``_vendor`` folder to sys.path, whose dist-infos are no
+    installs of ours."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {normalize(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths) if d.metadata["Name"]}
 
 
 def lock_sha256(path: Path = LOCK_PATH) -> str | None:
