@@ -141,6 +141,19 @@ class ScriptedResponder:
                                 compute_s=self.compute_s)
 
 
+def scripted_turn(tmp_path):
+    """The scripted episode's pieces: the user speaks (noise) from 0.2 s to 1.0 s of 3 s and expects a reply by 2 s.
+    Returns (layout, dmel, text tokenizer, user wave [3 * SR], events)."""
+    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
+    text = train_bpe(["yes no maybe"] * 10, 300, tmp_path / "tokenizer.json")
+    user = torch.zeros(3 * SR)
+    user[int(0.2 * SR) : int(1.0 * SR)] = 0.1 * torch.randn(int(0.8 * SR), generator=torch.Generator().manual_seed(0))
+    events = [{"type": "utterance_start", "time": 0.2, "speaker": "user", "kind": "turn"},
+              {"type": "utterance_end", "time": 1.0, "speaker": "user", "kind": "turn"},
+              {"type": "expected_response", "time": 1.0, "speaker": "model", "by": 2.0}]
+    return layout, dmel, text, user, events
+
+
 @pytest.mark.parametrize("n, compute_s, realtime", [(1, 0.0, False), (2, 0.0, False), (2, 0.05, False),
                                                     (2, 0.05, True)])
 def test_scripted_reply_delay_is_measured_exactly_on_the_playback_clock(tmp_path, n, compute_s, realtime):
@@ -148,14 +161,8 @@ def test_scripted_reply_delay_is_measured_exactly_on_the_playback_clock(tmp_path
     # micro-turn is 4 + n; its output is computed once that input has arrived, at (4 + n + 1) * 0.2 s, and plays then
     # (plus compute, when measured: a constant 0.05 s < 0.2 s never builds a backlog). So the latency is
     # (5 + n) * 0.2 - 1.0 = n * 0.2 (+ compute): one micro-turn more than placing output at its own micro-turn would say.
-    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
-    text = train_bpe(["yes no maybe"] * 10, 300, tmp_path / "tokenizer.json")
-    user = torch.zeros(3 * SR)
-    user[int(0.2 * SR) : int(1.0 * SR)] = 0.1 * torch.randn(int(0.8 * SR), generator=torch.Generator().manual_seed(0))
-    events = [{"type": "utterance_start", "time": 0.2, "speaker": "user", "kind": "turn"},
-              {"type": "utterance_end", "time": 1.0, "speaker": "user", "kind": "turn"},
-              {"type": "expected_response", "time": 1.0, "speaker": "model", "by": 2.0},
-              {"type": "utterance_start", "time": 1.0, "speaker": "model", "kind": "answer", "text": "yes"}]
+    layout, dmel, text, user, events = scripted_turn(tmp_path)
+    events = events + [{"type": "utterance_start", "time": 1.0, "speaker": "model", "kind": "answer", "text": "yes"}]
     episode = Episode(key="scripted", duration=3.0, sample_rate=SR, audio={"user": user, "model": torch.zeros(3 * SR)},
                       meta={"events": events})
     delay = n * 0.2 + (0.0 if realtime else compute_s)
@@ -174,13 +181,7 @@ def test_evaluate_seeds_reports_counts_intervals_and_the_baseline(tmp_path):
     # 12 copies of the scripted episode, three seeds: the responder replying after 1 micro-turn answers every reply
     # gap at 0.2 s, the "baseline" replying after 3 at 0.6 s; 12 events per seed, intervals collapse on the value.
     # Then a responder whose compute (0.3 s per 0.2 s micro-turn) falls behind: the report warns.
-    layout, dmel = MicroTurnLayout(LayoutConfig()), DMelTokenizer()
-    text = train_bpe(["yes no maybe"] * 10, 300, tmp_path / "tokenizer.json")
-    user = torch.zeros(3 * SR)
-    user[int(0.2 * SR) : int(1.0 * SR)] = 0.1 * torch.randn(int(0.8 * SR), generator=torch.Generator().manual_seed(0))
-    events = [{"type": "utterance_start", "time": 0.2, "speaker": "user", "kind": "turn"},
-              {"type": "utterance_end", "time": 1.0, "speaker": "user", "kind": "turn"},
-              {"type": "expected_response", "time": 1.0, "speaker": "model", "by": 2.0}]
+    layout, dmel, text, user, events = scripted_turn(tmp_path)
     episodes = [Episode(key=f"ep{i}", duration=3.0, sample_rate=SR, audio={"user": user, "model": 0 * user},
                         meta={"events": events}) for i in range(12)]
     seen = []
