@@ -59,7 +59,8 @@ def test_evaluate_on_an_ingested_corpus_measures_turn_taking_and_warns_on_the_re
     with caplog.at_level(logging.WARNING):
         result = evaluate(lambda: SilenceRuleResponder(layout, dmel, gap_s=0.3, speak_s=1.0), [ep], layout, dmel,
                           text, tmp_path / "eval", VADConfig(method="logmel"))
-    assert result["turn_taking_latency_mean_s"] is not None and result["counts"]["latency"] == 1
+    metrics = result["metrics"]
+    assert metrics["turn_taking_latency_mean_s"] is not None and metrics["counts"]["latency"] == 1
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "interruption_stop_rate" in warned and "nothing to measure in 1 episodes" in warned
     assert "turn_taking" not in warned
