@@ -31,6 +31,8 @@ def main(cfg: DictConfig) -> None:
     with recipe_run(run_dir, "pretrain"):
         try:
             pretrain(OmegaConf.to_object(cfg), run_dir)
+            if torch.distributed.is_initialized():  # join gloo's threads before exit: left to interpreter
+                torch.distributed.destroy_process_group()  # shutdown, a rank was seen to abort (std::terminate)
         except StopRequested:
             requeue_submitit_job()  # a sweep job under submitit on Slurm; the sbatch scripts requeue by themselves
             raise
