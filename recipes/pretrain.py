@@ -4,7 +4,9 @@ Same command under `torchrun --nproc_per_node 2 recipes/pretrain.py ...` for dat
 Hydra run dir (outputs/pretrain/DATE/TIME unless `hydra.run.dir=...`).
 """
 
+import os
 import signal
+import sys
 
 # launch/slurm_node.sh starts torchrun with SIGUSR1 ignored (Slurm signals every process of a step, and torchrun has
 # no handler for it); the trainer takes the default back, so a SIGUSR1 before its own handler is installed (during
@@ -31,8 +33,6 @@ def main(cfg: DictConfig) -> None:
     with recipe_run(run_dir, "pretrain"):
         try:
             pretrain(OmegaConf.to_object(cfg), run_dir)
-            if torch.distributed.is_initialized():  # join gloo's threads before exit: left to interpreter
-                torch.distributed.destroy_process_group()  # shutdown, a rank was seen to abort (std::terminate)
         except StopRequested:
             requeue_submitit_job()  # a sweep job under submitit on Slurm; the sbatch scripts requeue by themselves
             raise
@@ -50,3 +50,10 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_overrides(PretrainConfig)
     main()
+    # A finished multi-rank run has saved, logged and flushed everything. Interpreter teardown of gloo / DeepSpeed's
+    # C++ state intermittently aborted one rank ("terminate called without an active exception", SIGABRT) after
+    # its last step, failing a complete run; skip that teardown (not root-caused yet: see the issue notes).
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
