@@ -25,7 +25,7 @@ from tml.eval.loading import load_run, read_episodes
 from tml.eval.report import EvalConfig
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.eval.vad import VADConfig
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 
 
 @dataclass

@@ -29,7 +29,7 @@ from tml.eval.loading import load_run
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.eval.vad import VADConfig
 from tml.streams import LayoutConfig, MicroTurnLayout
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 from tml.text.tokenizer import train_bpe
 
 

@@ -1,10 +1,12 @@
 """Fixtures and helpers shared by the tests: import helpers from here (``from conftest import make_batch``), never
 from another test module. Every test starts from the same seeds (``_seeded``), so a failure replays exactly."""
 
+import math
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from tml.model import ModelConfig, MoEConfig  # noqa: E402
 from tml.streams.batch import IGNORE_INDEX, Batch  # noqa: E402
 from tml.streams.layout import Kind, LayoutConfig, MicroTurnLayout, Stream  # noqa: E402
 from tml.text.tokenizer import TextTokenizer  # noqa: E402
+from tml.train.checkpoint import tag_for  # noqa: E402
 from tml.train.metrics import read_metrics  # noqa: E402
 
 
@@ -125,15 +128,57 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
         "trainer.warmup_steps=2", "trainer.decay_steps=16", "trainer.lr=3e-3", "logger.console_every=1"]
 
 
-def run_recipe(run_dir, *overrides, nproc=1, timeout=600):
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}  # the environment every recipe run gets
+# The logged values two runs that must agree are compared on (resume, other world sizes, requeue, faults).
+COMPARED = ("loss", "loss/text", "loss/audio", "loss/aux", "lr", "grad_norm")
+
+
+def recipe_cmd(run_dir, overrides, nproc=1) -> list[str]:
+    """The pretraining recipe's command line with the TINY model: one process, or torchrun with ``nproc`` ranks."""
+    # --standalone: a free rendezvous port (other test sessions on this machine may hold torchrun's default 29500)
     cmd = [sys.executable, "recipes/pretrain.py"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "recipes/pretrain.py"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, *TINY, f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [*cmd, *TINY, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def run_recipe(run_dir, *overrides, nproc=1, timeout=600):
+    """Run the recipe to its end; a failure raises with the output's tail."""
+    proc = subprocess.run(recipe_cmd(run_dir, overrides, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def start(run_dir, *overrides, nproc=1) -> subprocess.Popen:
+    """Start the recipe in its own session (so a test can signal the whole process group); output on stdout."""
+    return subprocess.Popen(recipe_cmd(run_dir, overrides, nproc), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_step(proc, run_dir, step, timeout=300):
+    """Block until metrics.jsonl holds ``step`` records (the process must still be running)."""
+    path, t_end = Path(run_dir) / "metrics.jsonl", time.time() + timeout
+    while time.time() < t_end:
+        if path.exists() and len(path.read_text().splitlines()) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended ({proc.returncode}) before step {step}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def module_state(run_dir, step) -> dict:
+    """Rank 0's saved model state dict at ``step``."""
+    f = Path(run_dir) / "checkpoints" / tag_for(step) / "mp_rank_00_model_states.pt"
+    return torch.load(f, weights_only=False)["module"]
+
+
+def assert_same_params(a: dict, b: dict):
+    """Bitwise equality of two state dicts."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def metrics(run_dir):
@@ -178,3 +223,84 @@ def two_rank_run(synth_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("two_rank_run") / "run"
     run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, nproc=2)
     return run
+
+
+# --- one streaming case: a tiny untrained model and one short episode (tests/test_streaming.py, tests/test_floor.py) ---
+
+STREAM_TURNS = 12  # micro-turns of the streaming episode
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model, layout, dmel, text tokenizer, episode, the episode's training tokens): a tiny untrained model in eval
+    mode and a 2.4 s episode with user speech, model noise and words, video and one background result."""
+    from tml.model import InteractionModel
+    from tml.streams import BackgroundEvent, Episode, Word
+    from tml.streams.interleave import interleave
+    from tml.text.tokenizer import train_bpe
+
+    torch.manual_seed(0)
+    sr, turns = 16000, STREAM_TURNS
+    words = "hello there how are you fine thanks result forty two let me check".split()
+    text = train_bpe([" ".join(words)] * 20, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    g = torch.Generator().manual_seed(1)
+    n = int(turns * 0.2 * sr)
+    t = torch.arange(n) / sr
+    episode = Episode(
+        key="ep", duration=turns * 0.2, sample_rate=sr,
+        audio={"user": 0.3 * torch.sin(2 * math.pi * 300 * t) * (t < 1.0), "model": 0.05 * torch.randn(n, generator=g)},
+        words={"user": [Word("hello", 0.1, 0.4)], "model": [Word("fine", 1.1, 1.3), Word("thanks", 1.35, 1.6),
+                                                              Word("result", 1.7, 1.9)]},
+        video=torch.randint(0, 256, (turns, 80, 80, 3), generator=g, dtype=torch.uint8), video_fps=5.0,
+        background=[BackgroundEvent(0.9, "result forty two")],
+    )
+    layout = MicroTurnLayout(LayoutConfig(video_stride=2))
+    model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                                         moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))).eval()
+    dmel = DMelTokenizer()
+    tok = interleave(episode, layout, dmel, text)
+    return model, layout, dmel, text, episode, tok
+
+
+def turn_inputs(tok, layout, episode, t):
+    """The inputs of micro-turn t as a live stream would deliver them (payloads taken from the training tokens), and
+    the model's own text ids and audio bins of that micro-turn."""
+    from tml.eval.session import MicroTurnInputs
+
+    n = layout.length
+    sl = slice(t * n, (t + 1) * n)
+    kind, stream, ids = tok.kind[sl], tok.stream[sl], tok.text_ids[sl]
+    audio_idx = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1
+    user = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.USER)]
+    model = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.MODEL)]
+    bg = [int(i) for i in ids[stream == Stream.BACKGROUND] if i != 0]
+    return (MicroTurnInputs(user_audio=tok.audio_bins[user].reshape(-1, 80), video_frame=episode.video[t],
+                            background_text=bg),
+            {"text": ids[(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(),
+             "audio": tok.audio_bins[model].reshape(-1, 80)})
+
+
+# --- recorded-conversation material: espeak speech at 24 kHz (tests/test_ingest.py, tests/test_word_events.py) ---
+
+@pytest.fixture(scope="module")
+def voices():
+    """Two utterances, 24 kHz (moshi's rate), with their espeak word times."""
+    import torchaudio
+
+    from data_prep.espeak import speak
+
+    a, wa = speak("hello there, how are you?", "en-us", 170, 50)
+    b, wb = speak("fine thanks", "en+f3", 170, 60)
+    up = lambda x: torchaudio.functional.resample(x, 16000, 24000)  # noqa: E731
+    return (up(a), wa), (up(b), wb)
+
+
+def conversation(voices, dur=3.0, sr=24000):
+    """Left (model) says sentence A at 0.2 s, right (user) says B at 1.6 s; returns the stereo wave and alignments."""
+    (a, wa), (b, wb) = voices
+    x = torch.zeros(2, round(dur * sr))
+    x[0, round(0.2 * sr): round(0.2 * sr) + a.numel()] = a[: x.shape[1] - round(0.2 * sr)]
+    x[1, round(1.6 * sr): round(1.6 * sr) + b.numel()] = b[: x.shape[1] - round(1.6 * sr)]
+    al = [[w.text, [round(0.2 + w.start, 3), round(0.2 + w.end, 3)], "SPEAKER_MAIN"] for w in wa] + \
+        [[w.text, [round(1.6 + w.start, 3), round(1.6 + w.end, 3)], "SPEAKER_OTHER"] for w in wb]
+    return x, al

@@ -10,7 +10,7 @@ from conftest import ROOT
 from tml.cli import unknown_key_message
 from tml.train import config_from_dict
 from tml.train.config import PretrainConfig, validate_config
-from tml.streams import ConfigError
+from tml.errors import ConfigError
 
 GROUPS = ("model", "data", "trainer", "parallel", "logger", "launcher")
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, metrics
 from handmade import write_dataset
 from tml.parallel.expert import validate_expert_parallel
-from tml.streams import ConfigError
+from tml.errors import ConfigError
 
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.hidden_dim=64",
         "model.moe.num_experts=4", "data.loader.seq_len=200", "data.loader.micro_batch_size=1",

@@ -10,11 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_recipe
 from handmade import write_dataset
-from test_pretrain import run_recipe
 from tml.model import InteractionModel
-from tml.streams import ConfigError
+from tml.errors import ConfigError
 from tml.train.checkpoint import checkpoint_state_dict, find_checkpoint, load_initial_weights
 from tml.train.config import config_from_dict
 

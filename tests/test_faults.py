@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLUSTER_RUN, CLUSTER_STEPS, ROOT, metrics, run_recipe
-from test_operations import ENV, _cmd, assert_same_params, module_state, start, wait_for_step
-from test_pretrain import COMPARED
+from conftest import (CLUSTER_RUN, CLUSTER_STEPS, COMPARED, ENV, ROOT, assert_same_params, metrics, module_state,
+                      recipe_cmd, run_recipe, start, wait_for_step)
 from tml.train.checkpoint import damage, latest_tag, tag_for
 
 
@@ -80,7 +79,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_data, two_ra
               "trainer.max_steps=4"]
     ckpts = run / "checkpoints"
     t0 = time.time()
-    proc = subprocess.run(_cmd(run, common, 2), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(recipe_cmd(run, common, 2), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and latest_tag(ckpts) == tag_for(2) and damage(ckpts / tag_for(2)) is None, out[-3000:]
     size = sum(json.loads((ckpts / tag_for(2) / "complete.json").read_text())["files"].values())
@@ -91,7 +90,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(synth_data, two_ra
     subprocess.run(["mount", "-o", "remount,size=64m", str(run)], check=True)  # the operator frees space ...
     tmpfs(ckpts / ".tmp", "4m")  # ... but the staging directory is on a full filesystem
     t0 = time.time()
-    proc = subprocess.run(_cmd(run, [*common, "trainer.auto_resume=true"], 2), cwd=ROOT, env=ENV,
+    proc = subprocess.run(recipe_cmd(run, [*common, "trainer.auto_resume=true"], 2), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and f"resumed from {ckpts / tag_for(2)}" in out, out[-3000:]

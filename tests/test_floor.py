@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_streaming import TURNS, setup, turn_inputs  # noqa: F401  (setup is a module-scoped fixture)
+from conftest import turn_inputs
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.model import InteractionModel, ModelConfig, MoEConfig
 from tml.model.config import FlowHeadConfig

@@ -15,7 +15,8 @@ from tml.model import (FlowHead, FlowHeadConfig, HeadsConfig, InteractionModel, 
                        bins_to_unit, unit_to_bins)
 from tml.model.heads import DMelHead
 from tml.model.sampling import SamplingConfig, sample_logits
-from tml.streams.layout import ConfigError, Kind, Stream
+from tml.errors import ConfigError
+from tml.streams.layout import Kind, Stream
 
 NB = 16
 

@@ -8,31 +8,10 @@ import torch
 import torchaudio
 import webdataset as wds
 
-from conftest import make_loader
-from data_prep.espeak import speak
+from conftest import conversation, make_loader
 from data_prep.ingest_conversations import ingest, main
 from tml.audio.wav import write_wav
 from tml.streams.episode import Episode
-
-
-@pytest.fixture(scope="module")
-def voices():
-    """Two utterances, 24 kHz (moshi's rate), with their espeak word times."""
-    a, wa = speak("hello there, how are you?", "en-us", 170, 50)
-    b, wb = speak("fine thanks", "en+f3", 170, 60)
-    up = lambda x: torchaudio.functional.resample(x, 16000, 24000)  # noqa: E731
-    return (up(a), wa), (up(b), wb)
-
-
-def conversation(voices, dur=3.0, sr=24000):
-    """Left (model) says sentence A at 0.2 s, right (user) says B at 1.6 s; returns the stereo wave and alignments."""
-    (a, wa), (b, wb) = voices
-    x = torch.zeros(2, round(dur * sr))
-    x[0, round(0.2 * sr): round(0.2 * sr) + a.numel()] = a[: x.shape[1] - round(0.2 * sr)]
-    x[1, round(1.6 * sr): round(1.6 * sr) + b.numel()] = b[: x.shape[1] - round(1.6 * sr)]
-    al = [[w.text, [round(0.2 + w.start, 3), round(0.2 + w.end, 3)], "SPEAKER_MAIN"] for w in wa] + \
-        [[w.text, [round(1.6 + w.start, 3), round(1.6 + w.end, 3)], "SPEAKER_OTHER"] for w in wb]
-    return x, al
 
 
 def episodes_of(out):

@@ -12,7 +12,8 @@ from conftest import C, NB, P, S, SLOTS, TURN, make_batch, tiny_cfg
 from tml.model import (DMelBagEmbedding, HeadsConfig, InteractionModel, ModelConfig, MoE, MoEConfig, compute_losses,
                        param_counts)
 from tml.streams.batch import Batch
-from tml.streams.layout import ConfigError, Kind, Stream
+from tml.errors import ConfigError
+from tml.streams.layout import Kind, Stream
 
 
 def test_forward_backward_shapes_and_init_losses():

@@ -15,7 +15,7 @@ from conftest import TURN, make_batch
 from tml.model import InteractionModel, ModelConfig, MoEConfig, param_counts
 from tml.model.counts import count_params
 from tml.parallel.engine import ParallelConfig
-from tml.streams import ConfigError
+from tml.errors import ConfigError
 from tml.tools.plan import GIB, ClusterConfig, PlanConfig, TrainShape, plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tml.model import ModelConfig, MoE, MoEConfig
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 
 DIM, HIDDEN, E = 16, 24, 4
 

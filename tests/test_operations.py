@@ -14,12 +14,10 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import ROOT, TINY, metrics
+from conftest import ENV, ROOT, TINY, assert_same_params, metrics, module_state, run_recipe, start, wait_for_step
 from tml.audio.wav import read_wav
 from tml.model import ModelConfig
 from tml.model.flops import active_matmul_params, flops_per_token
@@ -28,52 +26,7 @@ from tml.train.checkpoint import (CheckpointError, damage, prune_checkpoints, re
 from tml.train.optim import warmup_cosine
 from tml.train.signals import EXIT_STOPPED_BY_SIGNAL, REPEAT_WINDOW_S
 
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 LONG = ["trainer.max_steps=400", "trainer.save_every=1000", "logger=none"]  # runs until signalled
-
-
-def _cmd(run_dir, overrides, nproc):
-    # --standalone: a free rendezvous port (other test sessions on this machine may hold torchrun's default 29500)
-    cmd = [sys.executable, "recipes/pretrain.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         "recipes/pretrain.py"]
-    return [*cmd, *TINY, f"hydra.run.dir={run_dir}", *overrides]
-
-
-def start(run_dir, *overrides, nproc=1):
-    return subprocess.Popen(_cmd(run_dir, overrides, nproc), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def run_recipe(run_dir, *overrides, nproc=1):
-    proc = subprocess.run(_cmd(run_dir, overrides, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def wait_for_step(proc, run_dir, step, timeout=300):
-    """Block until metrics.jsonl holds ``step`` records (the process must still be running)."""
-    path, t_end = Path(run_dir) / "metrics.jsonl", time.time() + timeout
-    while time.time() < t_end:
-        if path.exists() and len(path.read_text().splitlines()) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended ({proc.returncode}) before step {step}:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.02)
-    raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def module_state(run_dir, step):
-    f = Path(run_dir) / "checkpoints" / tag_for(step) / "mp_rank_00_model_states.pt"
-    return torch.load(f, weights_only=False)["module"]
-
-
-def assert_same_params(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # ----------------------------------------------------------------------------------------------- units

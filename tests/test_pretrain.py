@@ -6,12 +6,10 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT, metrics, run_recipe
+from conftest import COMPARED, ROOT, metrics, run_recipe
 from handmade import write_dataset
-from tml.streams import ConfigError
+from tml.errors import ConfigError
 from tml.train import config_from_dict, validate_config
-
-COMPARED = ("loss", "loss/text", "loss/audio", "loss/aux", "lr", "grad_norm")
 
 
 def test_pretrain_learns_and_resumes_bitwise(synth_data, tmp_path):

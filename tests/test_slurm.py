@@ -13,9 +13,7 @@ import pytest
 
 from conftest import CLUSTER_RUN as COMMON
 from conftest import CLUSTER_STEPS as STEPS
-from conftest import ROOT, TINY, metrics, run_recipe
-from test_operations import ENV, assert_same_params
-from test_pretrain import COMPARED
+from conftest import COMPARED, ENV, ROOT, TINY, assert_same_params, metrics, run_recipe
 from tml.tools.status import run_status
 from tml.train.checkpoint import tag_for
 # The sbatch script's GPU and CPU requests, overridden for the test node (2 CPUs, no GPUs).

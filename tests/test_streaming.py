@@ -1,61 +1,16 @@
 """Trainer-sampler alignment: the streaming session's step-by-step logits equal the training forward's."""
 
-import math
-
 import pytest
 import torch
 
-from tml.audio.dmel import DMelTokenizer
-from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
+from conftest import STREAM_TURNS as TURNS
+from conftest import turn_inputs
+from tml.eval.session import SessionConfig, StreamingSession
 from tml.model.attention import ContextFullError
 from tml.model.sampling import SamplingConfig
 from tml.model import InteractionModel, ModelConfig, MoEConfig
-from tml.streams import BackgroundEvent, Batch, Episode, Kind, LayoutConfig, MicroTurnLayout, Stream, Word
-from tml.streams.interleave import interleave
+from tml.streams import Batch
 from tml.streams.pack import collate
-from tml.text.tokenizer import train_bpe
-
-SR = 16000
-TURNS = 12
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    torch.manual_seed(0)
-    words = "hello there how are you fine thanks result forty two let me check".split()
-    text = train_bpe([" ".join(words)] * 20, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
-    g = torch.Generator().manual_seed(1)
-    n = int(TURNS * 0.2 * SR)
-    t = torch.arange(n) / SR
-    episode = Episode(
-        key="ep", duration=TURNS * 0.2, sample_rate=SR,
-        audio={"user": 0.3 * torch.sin(2 * math.pi * 300 * t) * (t < 1.0), "model": 0.05 * torch.randn(n, generator=g)},
-        words={"user": [Word("hello", 0.1, 0.4)], "model": [Word("fine", 1.1, 1.3), Word("thanks", 1.35, 1.6),
-                                                              Word("result", 1.7, 1.9)]},
-        video=torch.randint(0, 256, (TURNS, 80, 80, 3), generator=g, dtype=torch.uint8), video_fps=5.0,
-        background=[BackgroundEvent(0.9, "result forty two")],
-    )
-    layout = MicroTurnLayout(LayoutConfig(video_stride=2))
-    model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
-                                         moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))).eval()
-    dmel = DMelTokenizer()
-    tok = interleave(episode, layout, dmel, text)
-    return model, layout, dmel, text, episode, tok
-
-
-def turn_inputs(tok, layout, episode, t):
-    """The inputs of micro-turn t as a live stream would deliver them (payloads taken from the training tokens)."""
-    n = layout.length
-    sl = slice(t * n, (t + 1) * n)
-    kind, stream, ids = tok.kind[sl], tok.stream[sl], tok.text_ids[sl]
-    audio_idx = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1
-    user = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.USER)]
-    model = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.MODEL)]
-    bg = [int(i) for i in ids[stream == Stream.BACKGROUND] if i != 0]
-    return (MicroTurnInputs(user_audio=tok.audio_bins[user].reshape(-1, 80), video_frame=episode.video[t],
-                            background_text=bg),
-            {"text": ids[(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(),
-             "audio": tok.audio_bins[model].reshape(-1, 80)})
 
 
 def run_session(setup, cfg=None):

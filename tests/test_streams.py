@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tml.audio.dmel import DMelTokenizer
-from tml.streams import BackgroundEvent, Batch, BatchError, ConfigError, Episode, Kind, LayoutConfig, MicroTurnLayout
+from tml.errors import ConfigError
+from tml.streams import BackgroundEvent, Batch, BatchError, Episode, Kind, LayoutConfig, MicroTurnLayout
 from tml.streams import SlotConfig, Stream, Word
 from tml.streams.interleave import interleave, place_text
 from tml.streams.pack import collate, pack_rows

@@ -4,8 +4,8 @@ import logging
 
 import pytest
 
+from conftest import conversation
 from data_prep.ingest_conversations import ingest
-from test_ingest import conversation, voices  # noqa: F401  (module-scoped espeak fixture)
 from tml.audio.dmel import DMelTokenizer
 from tml.audio.wav import write_wav
 from tml.eval.evaluate import SilenceRuleResponder, evaluate, labels_from_events

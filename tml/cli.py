@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tml.data.loader import DataError
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 
 EXIT_CONFIG = 2  # a usage error, like argparse's
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -5,7 +5,8 @@ Read ``batch.py`` for the contract and the prediction convention, ``layout.py`` 
 
 from tml.streams.batch import IGNORE_INDEX, Batch, BatchError
 from tml.streams.episode import BackgroundEvent, Episode, EpisodeError, Word
-from tml.streams.layout import ConfigError, Kind, LayoutConfig, MicroTurnLayout, SlotConfig, Stream
+from tml.errors import ConfigError
+from tml.streams.layout import Kind, LayoutConfig, MicroTurnLayout, SlotConfig, Stream
 
 __all__ = [
     "IGNORE_INDEX", "Batch", "BatchError", "BackgroundEvent", "Episode", "EpisodeError", "Word", "ConfigError",

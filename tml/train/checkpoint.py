@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tml.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
@@ -366,8 +368,6 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
     (RUN_DIR, RUN_DIR/checkpoints or a step dir) into ``model``; nothing else (optimizer, step, data) carries over.
     Raises ConfigError naming every tensor that is missing, unexpected or of another shape. Returns the file or
     step dir read."""
-    from tml.streams.layout import ConfigError
-
     path = Path(source)
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file

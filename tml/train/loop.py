@@ -26,7 +26,7 @@ from tml.model.flops import flops_per_token
 from tml.model.moe_stats import expert_load_metrics, router_metrics
 from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
 from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
-from tml.streams.layout import ConfigError
+from tml.errors import ConfigError
 from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, load_initial_weights,
                                   save_checkpoint, set_rng_state, universal_resume_tag)
 from tml.train.config import PretrainConfig
