@@ -1,5 +1,5 @@
-"""What clusters do to runs, done for real to 2 torchrun ranks on gloo: a rank SIGKILLed mid-step, a disk that fills
-up while a checkpoint is written, a straggler. Each checks what happened, how fast it was noticed, and that
+"""What clusters do to runs, done for real to 2 torchrun ranks on gloo: a rank SIGKILLed mid-step, a rank that hangs
+(SIGSTOP), a disk that fills up while a checkpoint is written, a straggler. Each checks what happened, how fast it was noticed, and that
 nothing after the last complete checkpoint is lost (the run resumes from it to the uninterrupted run's parameters)."""
 
 import json
@@ -27,6 +27,14 @@ def worker_pid(torchrun_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} among torchrun {torchrun_pid}'s children {kids}")
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exited child that its parent has not reaped yet is a zombie: not alive)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_killed_rank_stops_the_others_at_once_and_the_run_resumes(synth_data, two_rank_run, tmp_path):
     """Rank 1 is SIGKILLed after step 10 (checkpoint of step 8 complete): rank 0, blocked in the step's collective,
     fails as soon as the dead rank's connections close, torchrun names rank 1 and its signal, and the resumed run
@@ -43,6 +51,35 @@ def test_killed_rank_stops_the_others_at_once_and_the_run_resumes(synth_data, tw
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", out), out[-3000:]  # torchrun's report
     assert detect_s < 40, detect_s  # torchrun: a dead worker is seen at once; the survivor fails on its socket
     print(f"rank 1 SIGKILLed: torchrun exited {detect_s:.1f} s later")
+    ckpts = run / "checkpoints"
+    assert latest_tag(ckpts) == tag_for(8) and damage(ckpts / tag_for(8)) is None
+    resumed = run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, "trainer.auto_resume=true", nproc=2)
+    assert f"resumed from {ckpts / tag_for(8)} at step 8" in resumed.stdout
+    assert_same_params(module_state(run, CLUSTER_STEPS), module_state(two_rank_run, CLUSTER_STEPS))
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(two_rank_run)]
+
+
+def test_hung_rank_is_bounded_by_the_collective_timeout_and_the_run_resumes(synth_data, two_rank_run, tmp_path):
+    """Rank 1 is SIGSTOPped after step 10 (alive, sockets open, never answering): rank 0's gradient all-reduce (on
+    DeepSpeed's data-parallel group, which must carry parallel.collective_timeout_s too) times out after 10 s, its
+    error names rank 1, torchrun then kills the stopped rank (SIGTERM waits 30 s, then SIGKILL). The checkpoint of
+    step 8 is intact and the resumed run ends with the uninterrupted run's parameters."""
+    run = tmp_path / "run"
+    proc = start(run, f"data.path={synth_data}", *CLUSTER_RUN, "parallel.collective_timeout_s=10", nproc=2)
+    wait_for_step(proc, run, 10)
+    rank0 = worker_pid(proc.pid, 0)
+    t0 = time.time()
+    os.kill(worker_pid(proc.pid, 1), signal.SIGSTOP)
+    while alive(rank0) and time.time() - t0 < 120:
+        time.sleep(0.05)
+    rank0_s = time.time() - t0
+    out, _ = proc.communicate(timeout=120)
+    torchrun_s = time.time() - t0
+    print(f"rank 1 SIGSTOPped: rank 0 exited {rank0_s:.1f} s later, torchrun {torchrun_s:.1f} s")
+    assert proc.returncode != 0
+    assert "Timed out waiting 10000ms" in out and "ranks that did not answer within 5 s: [1]" in out, out[-3000:]
+    assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", out), out[-3000:]
+    assert 10 <= rank0_s < 10 + 5 + 20, rank0_s  # the timeout, the 5 s roll call, start-up slack on a busy machine
     ckpts = run / "checkpoints"
     assert latest_tag(ckpts) == tag_for(8) and damage(ckpts / tag_for(8)) is None
     resumed = run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, "trainer.auto_resume=true", nproc=2)

@@ -25,8 +25,8 @@ class ParallelConfig:
     expert_parallel_size: int = 1  # ranks that share one copy of every MoE layer's experts (divides world, experts)
     moe_backend: str = "native"  # native (our all-to-all dispatch) | deepspeed (DeepSpeed AutoEP); see tml.parallel.expert
     # The process group's timeout: a collective that waits longer fails (a rank that dies is noticed at once: its
-    # connections close). Keep it above the longest rank-0-only work (universal conversion). On CPU a stopped rank
-    # was seen not to be bounded by it (the peer waited in a futex): see README, Failures.
+    # connections close), and so does a rank that hangs: the others fail after this long, naming it. It applies to
+    # every process group, DeepSpeed's too. Keep it above the longest rank-0-only work (universal conversion).
     collective_timeout_s: float = 1800.0
 
     def validate(self) -> None:
@@ -70,9 +70,14 @@ def setup_distributed(cfg: ParallelConfig) -> DistInfo:
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
     import deepspeed
 
+    timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
+    # torch's new_group() without a timeout takes the module default (30 min for gloo, 10 for NCCL), not the world
+    # group's, and DeepSpeed creates its data-parallel and expert groups that way: a rank that hangs (not dies) in the
+    # gradient all-reduce held the others for 30 min. Every group of this process gets the configured timeout.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
