@@ -1,5 +1,10 @@
 """The pretraining loop: validated config -> data, model, DeepSpeed engine -> steps, metrics, checkpoints.
 
+Read top to bottom: ``setup`` builds a ``Trainer`` (engine, loader, logger; restores a checkpoint when resuming),
+``forward_backward`` runs one micro-batch, ``optimizer_step`` is the guarded update at the accumulation boundary,
+``train_step`` is one optimizer step and its metrics, and ``pretrain`` loops over steps with validation, logging,
+checkpoints and the stop checks in between.
+
 One optimizer step = ``grad_accum_steps`` micro-batches per rank. Logged values are means over the step's
 micro-batches and over ranks. With ``trainer.resume=true`` the run continues from its run dir's newest checkpoint
 with the same step count, data cursor and RNG state, so its metrics equal an uninterrupted run's.
@@ -15,18 +20,23 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import OmegaConf
 
+from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import PackedBatchLoader
-from tml.model import InteractionModel, compute_losses, param_counts
+from tml.model import InteractionModel, ModelOutput, compute_losses, param_counts
 from tml.model.flops import flops_per_token
 from tml.model.moe_stats import expert_load_metrics, router_metrics
-from tml.parallel.engine import build_engine, deepspeed_config, setup_distributed
+from tml.parallel.engine import DistInfo, build_engine, deepspeed_config, setup_distributed
 from tml.parallel.expert import moe_param_groups, prepare_expert_parallel, restore_expert_shards
 from tml.errors import ConfigError
+from tml.streams.batch import Batch
+from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import (checkpoint_steps, convert_to_universal, load_checkpoint, load_initial_weights,
                                   save_checkpoint, set_rng_state, universal_resume_tag)
 from tml.train.config import PretrainConfig
@@ -37,6 +47,9 @@ from tml.train.signals import SignalFlag, StopRequested
 from tml.train.optim import param_groups, warmup_cosine
 from tml.train.run import build_run
 from tml.train.validation import validation_batches, validation_losses
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +89,33 @@ def _grad_norm(model: torch.nn.Module) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
-def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
-    """Run (or resume) pretraining into ``run_dir``. Returns the last logged metrics record."""
+@dataclass
+class Trainer:
+    """Everything the steps need, built once by ``setup``; ``step`` and ``skipped`` advance as the run goes."""
+    cfg: PretrainConfig
+    run_dir: Path
+    ckpt_dir: Path
+    dist: DistInfo
+    engine: DeepSpeedEngine
+    optimizer: torch.optim.Optimizer
+    loader: PackedBatchLoader
+    val_batches: list
+    logger: MetricsLogger
+    dmel: DMelTokenizer
+    text: TextTokenizer
+    flops_per_step: float  # model FLOPs of one optimizer step over all ranks (for MFU)
+    peak: float  # peak FLOP/s of one device
+    step: int = 0  # optimizer steps done
+    skipped: int = 0  # steps skipped as non-finite since the run began (carried over by resumes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+
+def setup(cfg: PretrainConfig, run_dir: str | Path) -> Trainer:
+    """Config -> distributed setup, model, DeepSpeed engine, data loader, validation batches, logger; restores the
+    newest checkpoint when resuming. Writes the resolved config and the run manifest (rank 0)."""
     run_dir = Path(run_dir)
     t = cfg.trainer
     run = build_run(cfg)  # validated config, layout, data tools; model.vocab_size follows the data's tokenizer
@@ -98,6 +136,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
                     t.max_steps, t.decay_steps, t.decay_steps)
     torch.manual_seed(t.seed)
 
+    # Model and engine.
     model = InteractionModel(cfg.model)
     if t.init_from and not resume:  # weights only; a resumed run takes everything from its own checkpoint
         source = load_initial_weights(model, t.init_from)
@@ -120,14 +159,16 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         optimizer_fn=lambda groups: torch.optim.AdamW(moe_param_groups(groups), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps),
         scheduler_fn=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+
+    # Data.
     dmel = run.dmel
     loader = PackedBatchLoader(cfg.data.path, cfg.data.loader, layout, dmel, text,
                                rank=dist.rank, world_size=dist.world_size)
-
     val_batches = validation_batches(cfg.data.val_path, cfg.data.val_batches, cfg.data.loader, layout, dmel, text,
                                      dist.rank, dist.world_size) if t.val_every else []
 
-    step = skipped = 0  # skipped: steps skipped as non-finite since the run began (carried over by resumes)
+    # Resume: weights, optimizer, lr schedule, step count, data cursor and RNG state.
+    step = skipped = 0
     if resume:
         tag, state = load_checkpoint(engine, ckpt_dir, dist.rank, dist.world_size, cfg.parallel.zero_stage,
                                      universal_tag=universal)
@@ -138,6 +179,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         if is_main:
             print(f"resumed from {ckpt_dir / tag} at step {step}", flush=True)
 
+    # Records: resolved config, manifest, metrics logger, the MFU denominator.
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     if is_main:
         (run_dir / "config.resolved.json").write_text(json.dumps(config_dict, indent=2))
@@ -153,123 +195,168 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
     peak, peak_source = peak_flops_per_device(t.peak_tflops) if is_main else (float("nan"), "")
     if is_main:
         print(f"MFU peak {peak / 1e12:.3f} TFLOP/s per device ({peak_source})", flush=True)
+    return Trainer(cfg=cfg, run_dir=run_dir, ckpt_dir=ckpt_dir, dist=dist, engine=engine, optimizer=optimizer,
+                   loader=loader, val_batches=val_batches, logger=logger, dmel=dmel, text=text,
+                   flops_per_step=flops_per_step, peak=peak, step=step, skipped=skipped)
 
-    def save(at_step: int) -> None:
-        save_checkpoint(engine, ckpt_dir, at_step, loader.state_dict(), dist.rank, dist.world_size,
-                        nonfinite_skipped=skipped, keep_last=t.keep_last, keep_every=t.keep_every,
-                        crash_after_files=t.fault.kill_in_save_at_step == at_step)
 
-    def close() -> None:
-        """Close the logger and put every rank's bad-sample counts into the run manifest."""
-        logger.close()
-        per_rank = [None] * dist.world_size
-        torch.distributed.all_gather_object(per_rank, {**loader.stats(), "bad_by_reason": loader.bad_by_reason})
-        if is_main:
-            record_data_quality(run_dir, per_rank)
+def forward_backward(tr: Trainer, batch: Batch) -> tuple[ModelOutput, dict[str, torch.Tensor], float]:
+    """One micro-batch: forward, losses, backward (DeepSpeed scales it for gradient accumulation). The faults
+    ``trainer.fault.nan_at_step`` / ``nan_grad_at_step`` poison the loss or its gradient at the step being computed.
+    Returns the model output, the scalar losses (``loss`` is the one backpropagated) and the seconds forward and
+    loss took (this rank's own work; backward may wait on other ranks)."""
+    t = tr.cfg.trainer
+    t0 = time.perf_counter()
+    out = tr.engine(batch)
+    losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
+                            text_pad_id=tr.text.pad_id)
+    forward_s = time.perf_counter() - t0
+    if t.fault.nan_at_step == tr.step + 1:
+        losses["loss"] = losses["loss"] * float("nan")
+    if t.fault.nan_grad_at_step == tr.step + 1:
+        losses["loss"] = _NaNGradient.apply(losses["loss"])
+    tr.engine.backward(losses["loss"])
+    return out, losses, forward_s
 
+
+def optimizer_step(tr: Trainer, loss_sum: float) -> tuple[float | None, bool]:
+    """At the accumulation boundary: step the optimizer unless any rank saw a non-finite loss or gradient.
+    Returns (grad norm or None when DeepSpeed reports it later, whether the step was skipped as non-finite)."""
+    engine, zero_stage = tr.engine, tr.cfg.parallel.zero_stage
+    # Non-finite guard: any rank's NaN/inf loss (or gradient, at ZeRO 0 where grads are whole) skips the
+    # optimizer step on all ranks: gradients are dropped, weights, optimizer and lr schedule stay. At
+    # ZeRO >= 1 the gradients live in DeepSpeed's partitions: its optimizer checks their global norm and
+    # skips the step itself (counted in engine.skipped_steps, schedule not advanced); we count it the same.
+    bad = torch.tensor([float(not math.isfinite(loss_sum))])
+    if zero_stage == 0:
+        bad[0] += float(not _grads_finite(engine.module))
+    torch.distributed.all_reduce(bad)
+    if bad.item() > 0:
+        engine.zero_grad()
+        engine.micro_steps += 1  # what engine.step() counts, so the accumulation boundaries stay aligned
+        return float("nan"), True
+    grad_norm = _grad_norm(engine.module) if zero_stage == 0 else None  # DeepSpeed reports it only for ZeRO >= 1, bf16
+    skipped_by_deepspeed = engine.skipped_steps
+    engine.step()
+    if engine.skipped_steps > skipped_by_deepspeed:
+        return float("nan"), True
+    return grad_norm, False
+
+
+def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
+    """One optimizer step: ``grad_accum_steps`` micro-batches through ``forward_backward``, the guarded optimizer
+    step, then the step's metrics averaged over micro-batches and ranks (and the router's bias update from the global
+    expert load). Returns (metrics record, last micro-batch's output, that batch) and advances ``tr.step``."""
+    cfg, t, dist, engine = tr.cfg, tr.cfg.trainer, tr.dist, tr.engine
+    t0 = time.perf_counter()
+    sums = torch.zeros(len(LOGGED) + 1, dtype=torch.float64)  # losses..., tokens
+    lr = tr.optimizer.param_groups[0]["lr"]
+    expert_counts = router_terms = grad_norm = None
+    nonfinite = False
+    busy = 0.0  # this rank's own work (data, forward, loss) before it can wait on others: finds stragglers
+    for _ in range(t.grad_accum_steps):
+        b0 = time.perf_counter()
+        batch = next(tr.loader).to(dist.device)
+        if t.fault.slow_rank_s > 0 and t.fault.slow_rank == dist.rank:
+            time.sleep(t.fault.slow_rank_s)
+        data_s = time.perf_counter() - b0
+        out, losses, forward_s = forward_backward(tr, batch)
+        busy += data_s + forward_s
+        sums[:-1] += torch.stack([losses[k].detach().double().cpu() for k in LOGGED])
+        sums[-1] += batch.num_tokens()
+        counts, terms = out.expert_counts.detach(), out.router_terms.detach().double()
+        expert_counts = counts if expert_counts is None else expert_counts + counts
+        router_terms = terms if router_terms is None else router_terms + terms
+        if engine.is_gradient_accumulation_boundary():
+            grad_norm, nonfinite = optimizer_step(tr, float(sums[0]))
+        else:
+            engine.step()  # DeepSpeed counts micro-steps; it steps the optimizer only at the boundary
+    tr.step += 1
+    tr.skipped += int(nonfinite)
+
+    # Metrics over micro-batches and ranks; the router's bias follows the global expert load (same on every rank).
+    torch.distributed.all_reduce(sums)
+    torch.distributed.all_reduce(expert_counts)
+    engine.module.update_expert_bias(expert_counts)
+    torch.distributed.all_reduce(router_terms)
+    rank_busy = torch.zeros(dist.world_size, dtype=torch.float64)
+    rank_busy[dist.rank] = busy
+    torch.distributed.all_reduce(rank_busy)
+    elapsed = time.perf_counter() - t0
+    n_micro = t.grad_accum_steps * dist.world_size
+    if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
+        grad_norm = engine.get_global_grad_norm()
+    record = {"step": tr.step, **{k: float(v) / n_micro for k, v in zip(LOGGED, sums[:-1])},
+              "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+              "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
+              "mfu": tr.flops_per_step / elapsed / (tr.peak * dist.world_size), "nonfinite_skipped": tr.skipped,
+              "rank_busy_s": rank_busy.tolist(), "slowest_rank": int(rank_busy.argmax())}
+    record.update(expert_load_metrics(expert_counts))
+    record.update(router_metrics(router_terms.cpu() / n_micro, cfg.model.moe, engine.module.moe_layers()))
+    record.update(tr.loader.stats())
+    return record, out, batch
+
+
+def save(tr: Trainer) -> None:
+    """Checkpoint the current step (engine, data cursor, RNG, skip count); prunes per keep_last / keep_every."""
+    t = tr.cfg.trainer
+    save_checkpoint(tr.engine, tr.ckpt_dir, tr.step, tr.loader.state_dict(), tr.dist.rank, tr.dist.world_size,
+                    nonfinite_skipped=tr.skipped, keep_last=t.keep_last, keep_every=t.keep_every,
+                    crash_after_files=t.fault.kill_in_save_at_step == tr.step)
+
+
+def close(tr: Trainer) -> None:
+    """Close the logger and put every rank's bad-sample counts into the run manifest."""
+    tr.logger.close()
+    per_rank = [None] * tr.dist.world_size
+    torch.distributed.all_gather_object(per_rank, {**tr.loader.stats(), "bad_by_reason": tr.loader.bad_by_reason})
+    if tr.is_main:
+        record_data_quality(tr.run_dir, per_rank)
+
+
+def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
+    """Run (or resume) pretraining into ``run_dir``: ``setup``, then ``train_step`` until ``trainer.max_steps`` with
+    validation, logging, checkpoints and the stop checks between steps. Returns the last logged metrics record."""
+    tr = setup(cfg, run_dir)
+    t = cfg.trainer
     signals = SignalFlag()
     record: dict = {}
     nonfinite_in_a_row = 0
-    saved_step = step
-    while step < t.max_steps:
-        t0 = time.perf_counter()
-        sums = torch.zeros(len(LOGGED) + 1, dtype=torch.float64)  # losses..., tokens
-        lr = optimizer.param_groups[0]["lr"]
-        expert_counts = router_terms = grad_norm = None
-        nonfinite = False
-        busy = 0.0  # this rank's own work (data, forward, loss) before it can wait on others: finds stragglers
-        for _ in range(t.grad_accum_steps):
-            b0 = time.perf_counter()
-            batch = next(loader).to(dist.device)
-            if t.fault.slow_rank_s > 0 and t.fault.slow_rank == dist.rank:
-                time.sleep(t.fault.slow_rank_s)
-            out = engine(batch)
-            losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
-                                    text_pad_id=text.pad_id)
-            busy += time.perf_counter() - b0
-            if t.fault.nan_at_step == step + 1:
-                losses["loss"] = losses["loss"] * float("nan")
-            if t.fault.nan_grad_at_step == step + 1:
-                losses["loss"] = _NaNGradient.apply(losses["loss"])
-            engine.backward(losses["loss"])
-            sums[:-1] += torch.stack([losses[k].detach().double().cpu() for k in LOGGED])
-            sums[-1] += batch.num_tokens()
-            counts, terms = out.expert_counts.detach(), out.router_terms.detach().double()
-            expert_counts = counts if expert_counts is None else expert_counts + counts
-            router_terms = terms if router_terms is None else router_terms + terms
-            if not engine.is_gradient_accumulation_boundary():
-                engine.step()
-                continue
-            # Non-finite guard: any rank's NaN/inf loss (or gradient, at ZeRO 0 where grads are whole) skips the
-            # optimizer step on all ranks: gradients are dropped, weights, optimizer and lr schedule stay. At
-            # ZeRO >= 1 the gradients live in DeepSpeed's partitions: its optimizer checks their global norm and
-            # skips the step itself (counted in engine.skipped_steps, schedule not advanced); we count it the same.
-            bad = torch.tensor([float(not math.isfinite(float(sums[0])))])
-            if cfg.parallel.zero_stage == 0:
-                bad[0] += float(not _grads_finite(engine.module))
-            torch.distributed.all_reduce(bad)
-            if bad.item() > 0:
-                engine.zero_grad()
-                engine.micro_steps += 1  # what engine.step() counts, so the accumulation boundaries stay aligned
-                grad_norm, nonfinite = float("nan"), True
-            else:
-                if cfg.parallel.zero_stage == 0:
-                    grad_norm = _grad_norm(engine.module)  # DeepSpeed reports it only for ZeRO >= 1 and bf16
-                skipped_by_deepspeed = engine.skipped_steps
-                engine.step()
-                if engine.skipped_steps > skipped_by_deepspeed:
-                    grad_norm, nonfinite = float("nan"), True
-        step += 1
-        skipped += int(nonfinite)
+    saved_step = tr.step
+    while tr.step < t.max_steps:
+        skipped_before = tr.skipped
+        record, out, batch = train_step(tr)
+        step = tr.step
+        nonfinite = tr.skipped > skipped_before
         nonfinite_in_a_row = nonfinite_in_a_row + 1 if nonfinite else 0
-        if nonfinite and is_main:
+        if nonfinite and tr.is_main:
             log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)", step,
-                        nonfinite_in_a_row, skipped)
-        torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(expert_counts)  # global load: the same bias update and metrics on every rank
-        engine.module.update_expert_bias(expert_counts)
-        torch.distributed.all_reduce(router_terms)
-        rank_busy = torch.zeros(dist.world_size, dtype=torch.float64)
-        rank_busy[dist.rank] = busy
-        torch.distributed.all_reduce(rank_busy)
-        elapsed = time.perf_counter() - t0
-        n_micro = t.grad_accum_steps * dist.world_size
-        if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
-            grad_norm = engine.get_global_grad_norm()
-        record = {"step": step, **{k: float(v) / n_micro for k, v in zip(LOGGED, sums[:-1])},
-                  "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
-                  "mfu": flops_per_step / elapsed / (peak * dist.world_size), "nonfinite_skipped": skipped,
-                  "rank_busy_s": rank_busy.tolist(), "slowest_rank": int(rank_busy.argmax())}
-        record.update(expert_load_metrics(expert_counts))
-        record.update(router_metrics(router_terms.cpu() / n_micro, cfg.model.moe, engine.module.moe_layers()))
-        record.update(loader.stats())
+                        nonfinite_in_a_row, tr.skipped)
         if t.val_every and (step % t.val_every == 0 or step == t.max_steps):
-            record.update(validation_losses(engine, val_batches, dist.device, text.pad_id))
-            if is_main:
+            record.update(validation_losses(tr.engine, tr.val_batches, tr.dist.device, tr.text.pad_id))
+            if tr.is_main:
                 print(f"step {step}: held-out loss text {record['val/loss/text']:.4f} (words "
                       f"{record['val/loss/text_words']:.3f}) audio {record['val/loss/audio']:.4f}", flush=True)
         if step % t.log_every == 0 or step == t.max_steps or "val/loss" in record:
-            logger.log(record)
+            tr.logger.log(record)
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
-                logger.log_samples(step, out, batch, record, dmel)
+                tr.logger.log_samples(step, out, batch, record, tr.dmel)
         if nonfinite_in_a_row >= t.max_nonfinite_in_a_row:
-            close()
+            close(tr)
             raise NonFiniteError(f"{nonfinite_in_a_row} steps in a row (up to step {step}) had a NaN/inf loss or "
                                  f"gradient (trainer.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the last "
-                                 f"good state is the checkpoint of step {saved_step} in {ckpt_dir}. Lower "
+                                 f"good state is the checkpoint of step {saved_step} in {tr.ckpt_dir}. Lower "
                                  f"trainer.lr or check the data.")
         stop = torch.tensor([signals.signum])
         torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
         if step % t.save_every == 0 or step == t.max_steps or stop.item():
-            save(step)
+            save(tr)
             saved_step = step
         if stop.item():
-            close()
-            if is_main:
-                print(f"stopped by signal {stop.item()} at step {step}; checkpoint saved in {ckpt_dir}", flush=True)
+            close(tr)
+            if tr.is_main:
+                print(f"stopped by signal {stop.item()} at step {step}; checkpoint saved in {tr.ckpt_dir}", flush=True)
             raise StopRequested(int(stop.item()), step)
     signals.restore()
-    close()
+    close(tr)
     return record
-
