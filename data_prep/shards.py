@@ -24,6 +24,13 @@ from tml.streams.episode import Episode
 from tml.checksum import sha256
 
 
+def episode_seconds(ep: Episode) -> dict:
+    """What the manifest counts of an episode: its duration and, per stream, the seconds of audio and of speech
+    (inside word spans)."""
+    return {"duration": ep.duration, "audio": {s: wave.numel() / ep.sample_rate for s, wave in ep.audio.items()},
+            "speech": {s: sum(w.end - w.start for w in words) for s, words in ep.words.items()}}
+
+
 class ShardSetWriter:
     def __init__(self, out: str | Path, shard_size: int = 64, max_shard_bytes: int = 256 << 20, **info):
         import webdataset as wds
@@ -46,19 +53,22 @@ class ShardSetWriter:
         self.manifest: dict | None = None
 
     def write(self, ep: Episode, source: str, license: str) -> None:
-        self.writer.write(ep.to_sample())
+        self.write_sample(ep.to_sample(), episode_seconds(ep), source, license)
+
+    def write_sample(self, sample: dict, seconds: dict, source: str, license: str) -> None:
+        """Write an episode already encoded by ``Episode.to_sample`` (e.g. in a worker process), with what the
+        manifest counts of it, ``episode_seconds(ep)``."""
+        self.writer.write(sample)
         name = Path(self.writer.fname).name
         shard = self.shards.setdefault(name, {"name": name, "episodes": 0, "hours": 0.0})
         shard["episodes"] += 1
-        shard["hours"] += ep.duration / 3600
+        shard["hours"] += seconds["duration"] / 3600
         src = self.sources.setdefault(source, {"license": license, "episodes": 0, "hours": 0.0})
         src["episodes"] += 1
-        src["hours"] += ep.duration / 3600
-        for stream, wave in ep.audio.items():
-            self.hours["audio"][stream] = self.hours["audio"].get(stream, 0.0) + wave.numel() / ep.sample_rate / 3600
-        for stream, words in ep.words.items():
-            self.hours["speech"][stream] = self.hours["speech"].get(stream, 0.0) + \
-                sum(w.end - w.start for w in words) / 3600
+        src["hours"] += seconds["duration"] / 3600
+        for what in ("audio", "speech"):
+            for stream, secs in seconds[what].items():
+                self.hours[what][stream] = self.hours[what].get(stream, 0.0) + secs / 3600
 
     def skip(self, what: str, reason: str, message: str) -> None:
         self.skipped.append({"input": what, "reason": reason, "message": message})

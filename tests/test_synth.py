@@ -10,7 +10,9 @@ import torch
 import webdataset as wds
 
 from data_prep.espeak import speak
-from data_prep.synth_dialogues import Line, SynthConfig, main, make_episode, sample_gap
+from data_prep.synth_content import Line
+from data_prep.synth_dialogues import SynthConfig, main, make_episode
+from data_prep.synth_timeline import sample_gap
 from tml.streams.episode import Episode
 from tml.text import TextTokenizer
 

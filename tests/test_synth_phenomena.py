@@ -6,8 +6,10 @@ import re
 import pytest
 import torch
 
-from data_prep.synth_dialogues import (SCENARIOS, VIDEO_SIZE, SynthConfig, VideoSpec, _bounce, add_noise,
-                                       make_episode)
+from data_prep.synth_content import SCENARIOS
+from data_prep.synth_dialogues import SynthConfig, make_episode
+from data_prep.synth_timeline import add_noise
+from data_prep.synth_video import VIDEO_SIZE, VideoSpec, bounce
 
 SR = 16000
 QUIET = dict(backchannel_prob=0.0, listener_sound_prob=0.0, pause_prob=0.0, noise_prob=0.0)
@@ -106,7 +108,7 @@ def test_wall_hits_match_the_rendered_trajectory():
     hits = spec.wall_hits(VIDEO_SIZE)
     t = torch.arange(0, 14, 1e-3)
     lo, hi = spec.radius, VIDEO_SIZE - 1 - spec.radius
-    x, y = (_bounce(torch.tensor(p), v, t, lo, hi) for p, v in ((spec.x0, spec.vx), (spec.y0, spec.vy)))
+    x, y = (bounce(torch.tensor(p), v, t, lo, hi) for p, v in ((spec.x0, spec.vx), (spec.y0, spec.vy)))
     at_wall = (((x - lo).abs() < 0.05) | ((hi - x).abs() < 0.05) | ((y - lo).abs() < 0.05) | ((hi - y).abs() < 0.05))
     dense = t[at_wall]
     want = [float(g[0]) for g in torch.tensor_split(dense, (torch.diff(dense) > 0.1).nonzero().flatten() + 1)]
