@@ -14,6 +14,16 @@ def track(duration, spans):
     return a
 
 
+def test_wait_window_grace_by_hand():
+    """Window 2.0-6.0 (opens when the reference's acknowledgement ended). An acknowledgement 2.2-2.5 is inside the
+    0.5 s grace (counted span 2.5-6.0: no speech); one of 2.3-2.7 puts 0.2 s in 3.5 s = 5.7% > 5% into it; a late
+    one 2.2-2.5 plus a new utterance 4.0-4.2 (0.2 s, 5.7%) speaks in the window too."""
+    labels = DuplexLabels(duration=8.0, quiet_windows=[(2.0, 6.0)])
+    ok = lambda spans: episode_metrics(labels, track(8.0, spans), [], MetricConfig())["quiet_ok"]  # noqa: E731
+    assert ok([(2.2, 2.5)]) == [1] and ok([(2.3, 2.7)]) == [0] and ok([(2.2, 2.5), (4.0, 4.2)]) == [0]
+    assert ok([(2.2, 2.5), (4.0, 4.15)]) == [1]  # 0.15 s of 3.5 s = 4.3%: within the tolerance
+
+
 def test_latencies_stops_and_rates_by_hand():
     # Model speaks: 1.30-2.50 (answer 1), 3.00-3.05 (a 50 ms blip: no onset), 4.40-6.00 (answer 2, interrupted at
     # 5.00, stops at 6.00), 7.00-7.40 (backchannel inside the long user turn 6.5-9.0), 10.0-12.0 (cough at 10.5:
@@ -30,7 +40,7 @@ def test_latencies_stops_and_rates_by_hand():
         answers=[(4.0, "forty two"), (0.0, "paris")],
     )
     text = [(4.2, "it is forty"), (4.4, "two"), (1.0, "hello")]
-    cfg = MetricConfig()
+    cfg = MetricConfig(quiet_grace_s=0.0)  # the grace after an acknowledgement: test_wait_window_grace_by_hand
     assert onsets(active, cfg) == pytest.approx([1.3, 4.4, 7.0, 10.0, 12.2])
     m = episode_metrics(labels, active, text, cfg)
     assert m["latency"] == pytest.approx([0.3, 0.4]) and m["missed_turns"] == [1]

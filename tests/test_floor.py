@@ -4,6 +4,7 @@ reaches its head through both the streaming session and free generation."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -120,6 +121,29 @@ def drive_both(model, setup, cfg: SamplingConfig):
             g.model_text, g.audio_bins[model_audio].reshape(-1, layout.cfg.n_mels))
 
 
+def always_speaks(model: InteractionModel) -> InteractionModel:
+    """``model`` with its floor head set to P(speak) = 1 - 2e-9 every micro-turn, so the content heads write."""
+    with torch.no_grad():
+        model.floor_head.proj.weight.zero_()
+        model.floor_head.proj.bias.fill_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def speaking_model(setup):  # noqa: F811
+    return always_speaks(copy.deepcopy(setup[0]))
+
+
+@pytest.fixture(scope="module")
+def slot_floor_model(setup):  # noqa: F811
+    """The setup's model without a floor head: every output slot takes its own speak/silent decision."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=setup[3].vocab_size,
+                      moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2))
+    cfg.heads.floor = False
+    return InteractionModel(cfg).eval()
+
+
 @pytest.fixture(scope="module")
 def flow_model(setup):  # noqa: F811
     text = setup[3]
@@ -131,7 +155,7 @@ def flow_model(setup):  # noqa: F811
     for m in model.audio_head.modules():  # adaLN-zero starts at velocity 0: give the flow something to integrate
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.05)
-    return model
+    return always_speaks(model)
 
 
 BASE = dict(text_temperature=1.0, audio_temperature=1.0)
@@ -141,12 +165,14 @@ FLOW_FIELDS = [("flow_steps", 2), ("flow_solver", "euler"), ("guidance", 2.0), (
                ("text_temperature", 0.0), ("seed", 1)]
 
 
-@pytest.mark.parametrize("head", ["dmel", "flow"])
-def test_every_sampling_field_reaches_its_head_in_session_and_generation(setup, flow_model, head):  # noqa: F811
+@pytest.mark.parametrize("head", ["dmel", "dmel_slot_floor", "flow"])
+def test_every_sampling_field_reaches_its_head_in_session_and_generation(setup, speaking_model, slot_floor_model,
+                                                                        flow_model, head):  # noqa: F811
     """The session and free generation draw through the same head methods in the same order from a generator seeded
-    alike, so they must write the same; and changing any one field must change what they write."""
-    model = setup[0] if head == "dmel" else flow_model
-    fields = DMEL_FIELDS if head == "dmel" else FLOW_FIELDS
+    alike, so they must write the same; and changing any one field must change what they write. (``floor`` reaching
+    the floor head is ``test_floor_head_decides_every_slot_of_its_micro_turn``'s.)"""
+    model = {"dmel": speaking_model, "dmel_slot_floor": slot_floor_model, "flow": flow_model}[head]
+    fields = {"dmel": DMEL_FIELDS[2:], "dmel_slot_floor": DMEL_FIELDS, "flow": FLOW_FIELDS}[head]
     base = drive_both(model, setup, SamplingConfig(**BASE))
     for key, value in [(None, None)] + fields:
         cfg = SamplingConfig(**{**BASE, **({key: value} if key else {})})
@@ -159,3 +185,96 @@ def test_every_sampling_field_reaches_its_head_in_session_and_generation(setup, 
             expect = "text" if key.startswith("text") else "audio" if key.startswith(("audio", "flow", "guid")) \
                 else None
             assert changed[expect] if expect else any(changed.values()), (key, changed)
+
+
+# -- the floor head: one decision per micro-turn ---------------------------------------------------------------------
+
+def test_floor_targets_by_hand():
+    """Micro-turn = [user audio][model text][model audio x3]. Row 0 packs a 2-micro-turn and a 1-micro-turn document,
+    row 1 one micro-turn cut after its text slot by the row's end. The query is the user audio position of each
+    micro-turn (followed by the first model slot); the target is 1 where at least 2 of the 3 model audio positions
+    are not silent."""
+    from conftest import make_batch
+    from tml.model.heads import floor_targets
+
+    slots = [(Stream.USER, Kind.AUDIO, 1), (Stream.MODEL, Kind.TEXT, 1), (Stream.MODEL, Kind.AUDIO, 3)]
+    batch = make_batch([[2, 1], [1]], L=15, vocab=10, empty_text=0.0, slots=slots)
+    spoken = {0: [1, 0, 1], 1: [0, 0, 1], 2: [1, 1, 1]}  # row 0's micro-turns in order: which audio positions speak
+    # Row 1 is cut: keep its first 2 positions (user audio, model text) and make the rest padding.
+    for f in ("kind", "stream", "micro_turn", "position_ids", "text_ids", "target_kind"):
+        getattr(batch, f)[1, 2:] = 0
+    batch.doc_ids[1, 2:] = -1
+    batch.target_kind[1, 1] = Kind.PAD
+    audio_rows = (batch.kind.flatten() == Kind.AUDIO).nonzero().flatten().tolist()  # positions, row-major
+    bins = torch.zeros(len(audio_rows), 4, 80, dtype=torch.long)
+    model_audio = [p for p in audio_rows if batch.stream.flatten()[p] == Stream.MODEL and p < 15]
+    for i, p in enumerate(model_audio):
+        bins[audio_rows.index(p), 0, 0] = spoken[i // 3][i % 3] * 5  # one loud bin is enough to not be silent
+    batch.audio_bins = bins
+    is_audio_target = batch.target_kind == Kind.AUDIO
+    row_of = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(batch.shape)
+    batch.target_audio = bins[row_of[:, 1:][is_audio_target[:, :-1]]]
+
+    query, target = floor_targets(batch)
+    assert query.nonzero().tolist() == [[0, 0], [0, 5], [0, 10]]  # row 1's micro-turn has no audio target: dropped
+    assert target.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_floor_loss_is_the_binary_cross_entropy_of_the_decision():
+    from conftest import make_batch, tiny_cfg
+    from tml.model import compute_losses
+    from tml.model.heads import floor_targets
+
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    with torch.no_grad():
+        model.floor_head.proj.weight.zero_()
+        model.floor_head.proj.bias.fill_(0.4)
+    batch = make_batch([[3, 2], [4]], L=5 * 20, vocab=128)
+    y = floor_targets(batch)[1]
+    p = 1 / (1 + math.exp(-0.4))
+    by_hand = -(y * math.log(p) + (1 - y) * math.log(1 - p)).mean().item()
+    losses = compute_losses(model(batch), batch, floor_weight=0.5)
+    assert len(y) == 9 and losses["loss/floor"].item() == pytest.approx(by_hand, rel=1e-6)
+    torch.testing.assert_close(losses["loss"], losses["loss/text"] + losses["loss/audio"] + losses["loss/aux"]
+                               + 0.5 * losses["loss/floor"])
+
+
+def test_a_floor_hazard_of_0_3_per_micro_turn_starts_after_a_geometric_wait():
+    from tml.model.heads import FloorHead
+
+    head = FloorHead(4)
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.fill_(math.log(0.3 / 0.7))
+    h, runs = torch.zeros(1, 4), 2000
+
+    def wait(cfg, seed, limit):
+        gen = torch.Generator().manual_seed(seed)
+        return next((t for t in range(1, limit + 1) if bool(head.sample(h, cfg, gen)[0][0])), None)
+
+    waits = [wait(SamplingConfig(), s, 200) for s in range(runs)]
+    assert abs(sum(waits) / runs - 1 / 0.3) <= 4 * math.sqrt(0.7) / 0.3 / math.sqrt(runs)
+    assert all(wait(SamplingConfig(floor="greedy"), s, 50) is None for s in range(20))
+
+
+@pytest.mark.parametrize("bias", [20.0, -20.0])
+def test_floor_head_decides_every_slot_of_its_micro_turn(setup, bias):  # noqa: F811
+    """Silent: every text slot is <pad> and every audio position silent; speaking: no audio position is silent and
+    the content heads write as they would (text temperature 1: words, as the untrained text head prefers them)."""
+    _, layout, dmel, text, episode, tok = setup
+    model = copy.deepcopy(setup[0])
+    with torch.no_grad():
+        model.floor_head.proj.weight.zero_()
+        model.floor_head.proj.bias.fill_(bias)
+    session = StreamingSession(model, layout, dmel, SessionConfig(sampling=SamplingConfig(text_temperature=1.0)),
+                               text.pad_id)
+    outs = [session.step(turn_inputs(tok, layout, episode, t)[0]) for t in range(3)]
+    audio = torch.stack([o.audio_bins.view(-1, 4, 80) for o in outs])  # [turns, positions, S, C]
+    silent = (audio == SILENT_BIN).flatten(2).all(-1)
+    if bias > 0:
+        assert all(o.speaks and o.p_speak > 0.99 for o in outs) and not silent.any()
+        assert any(t != text.pad_id for o in outs for t in o.text_ids)
+    else:
+        assert not any(o.speaks for o in outs) and silent.all()
+        assert all(t == text.pad_id for o in outs for t in o.text_ids)

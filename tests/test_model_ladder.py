@@ -73,7 +73,7 @@ def test_counts_by_hand_on_a_small_case():
     assert c.embed == 10 * 8 + 1 * 2 * 3 * 8 + 122 + 2 * 2 * 8 + 8 + 4 * 8
     assert c.attention == 2 * (8 * 8 + 2 * 8 * 4 + 8 * 8)  # wq, wk, wv (one kv head of 4), wo
     assert c.dense_ffn == 3 * 8 * 12 and c.router == 8 * 4 and c.shared_experts == 3 * 8 * 4
-    assert c.routed_experts == 4 * 3 * 8 * 4 and c.heads == 10 * 8 + 8 * 6
+    assert c.routed_experts == 4 * 3 * 8 * 4 and c.heads == 10 * 8 + 8 * 6 + (8 + 1)  # text, dMel, floor
     assert c.active == c.total - 3 * (3 * 8 * 4)  # 3 of 4 experts idle per token
 
 

@@ -123,7 +123,10 @@ def test_flow_head_session_speaks_continuous_mel_and_keeps_text_aligned(setup):
         inputs, force = turn_inputs(tok, layout, episode, t)
         outs.append(session.step(inputs, force=force))
     assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
+    with torch.no_grad():  # a floor head that always speaks: the micro-turn's audio is the flow head's own sample
+        model.floor_head.proj.bias.fill_(20.0)
     free = StreamingSession(model, layout, dmel).step(turn_inputs(tok, layout, episode, 0)[0])
+    assert free.speaks
     assert free.audio_logits is None and free.mel.shape == (20, 80)
     lo, hi = dmel.cfg.log_min, dmel.cfg.log_max
     assert (free.mel >= lo).all() and (free.mel <= hi).all() and not torch.equal(free.mel, dmel.decode(free.audio_bins))

@@ -17,7 +17,9 @@ Definitions (all times in seconds):
 * backchannel rate: share of long user turns during which the model produced speech shorter than
   ``max_backchannel_s``;
 * silence compliance: share of "wait / be quiet" windows in which the model spoke less than ``quiet_tolerance`` of
-  the window;
+  the window. A window opens when the reference speaker's acknowledgement ("okay, take your time") ends; the first
+  ``quiet_grace_s`` of it are not counted, so an acknowledgement heard up to that much later than the reference's
+  (the latency a reply is allowed) is not taken for speaking through the wait;
 * on-time rate: share of timed cues (time-aware or visual tasks) with a model onset within ``on_time_tol_s``;
 * text accuracy: share of expected answers whose words appear in the model's text written after the question;
 * delegation rate: share of expected delegations (time, query) for which the model's text holds a closed
@@ -60,6 +62,7 @@ class MetricConfig:
     false_stop_s: float = 0.5
     max_backchannel_s: float = 1.0
     quiet_tolerance: float = 0.05
+    quiet_grace_s: float = 0.5  # a late acknowledgement may run this far into a wait window
     on_time_tol_s: float = 0.5
     delegate_tol_s: float = 2.0
 
@@ -156,7 +159,7 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
                 and (y - x) * cfg.frame_s >= cfg.min_speech_s]
         out["backchannel"].append(int(bool(runs)))
     for s, e in labels.quiet_windows:
-        a, b = round(s / cfg.frame_s), round(e / cfg.frame_s)
+        a, b = round((s + cfg.quiet_grace_s) / cfg.frame_s), round(e / cfg.frame_s)
         out["quiet_ok"].append(int(active[a:b].float().mean().item() <= cfg.quiet_tolerance if b > a else 1))
     for t in labels.timed_cues:
         out["on_time"].append(int(any(abs(o - t) <= cfg.on_time_tol_s for o in on)))

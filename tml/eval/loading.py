@@ -16,7 +16,7 @@ from tml.streams.episode import Episode
 from tml.streams.layout import MicroTurnLayout
 from tml.text.tokenizer import TextTokenizer
 from tml.train.checkpoint import find_checkpoint, load_model_weights
-from tml.train.config import PretrainConfig, config_from_dict, validate_config
+from tml.train.config import PretrainConfig, config_from_saved, validate_config
 from tml.train.run import build_run
 
 
@@ -38,7 +38,7 @@ def load_export(export_dir: Path, untrained: bool = False, seed: int = 0) -> Loa
     config = json.loads((export_dir / "run_config.json").read_text())
     if config["data"]["dmel"].get("ranges_file"):
         config["data"]["dmel"]["ranges_file"] = str(export_dir / config["data"]["dmel"]["ranges_file"])
-    cfg = config_from_dict(config)
+    cfg = config_from_saved(config)
     layout = validate_config(cfg)
     torch.manual_seed(seed)
     model = InteractionModel(cfg.model)
@@ -56,7 +56,7 @@ def load_run(checkpoint: str | Path, untrained: bool = False, seed: int = 0) -> 
     if (Path(checkpoint) / "run_config.json").exists():
         return load_export(Path(checkpoint), untrained, seed)
     run_dir, step_dir = find_checkpoint(checkpoint)
-    run = build_run(config_from_dict(json.loads((run_dir / "config.resolved.json").read_text())))
+    run = build_run(config_from_saved(json.loads((run_dir / "config.resolved.json").read_text())))
     torch.manual_seed(seed)
     model = InteractionModel(run.config.model)
     if not untrained:

@@ -25,7 +25,7 @@ from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
 from tml.model.attention import ContextFullError, KVCache, RopeTable
-from tml.model.heads import DMelHead, unit_to_bins
+from tml.model.heads import SILENT_BIN, DMelHead, bins_to_unit, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
@@ -73,6 +73,9 @@ class MicroTurnOutputs:
     audio_logits: torch.Tensor | None  # [audio slots, S, C, bins] for the dMel head; None for the flow head
     background_ids: list[int]  # what the background slots read in this micro-turn (pad id where empty)
     compute_s: float  # wall time of the step that computed it (shared by the sessions stepped together)
+    # the floor head's decision for this micro-turn and P(speak) it was drawn from (None: model without one)
+    speaks: bool | None = None
+    p_speak: float | None = None
 
 
 class LiveLogMel:
@@ -307,15 +310,24 @@ class StreamingSession:
             rows = [b for b in range(B) if len(chunks[b][0]) == n]
             h[rows] = self._forward_rows(rows, [chunks[b] for b in rows])
 
+        # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
+        # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
+        sc, head, pad = self.cfg.sampling, self.model.audio_head, self.pad_id
+        speak = p_speak = None
+        if self.model.floor_head is not None and sc.floor != "none":
+            decided = [self.model.floor_head.sample(h[b : b + 1], sc, r.generator) for b, r in enumerate(self.rows)]
+            speak, p_speak = torch.cat([d[0] for d in decided]), torch.cat([d[1] for d in decided])
+
         # Output slots, one position at a time: predict from h [B, dim], feed the payload back, get the next h.
         # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator.
-        sc, head, pad = self.cfg.sampling, self.model.audio_head, self.pad_id
         forced_audio = [f["audio"].view(-1, S, C) if f else None for f in (force or [None] * B)]
         texts, audios, mels, text_logits, audio_logits = [], [], [], [], []
         for i, (k, st) in enumerate(self.outputs):
             if k == Kind.TEXT:
                 logits = self.model.text_head(h)  # [B, vocab]
                 tid = self._rows(lambda b, g: self.model.text_head.sample(h[b : b + 1], sc, g, pad, logits[b : b + 1]))
+                if speak is not None:
+                    tid = torch.where(speak, tid, pad)
                 if force is not None:
                     tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
                 text_logits.append(logits)
@@ -324,12 +336,14 @@ class StreamingSession:
             else:
                 if isinstance(head, DMelHead):
                     logits = head(h)  # [B, S, C, bins]
-                    bins = unit_to_bins(self._rows(lambda b, g: head.sample(h[b : b + 1], sc, g, logits[b : b + 1])),
-                                        head.bins)
+                    bins = unit_to_bins(self._rows(lambda b, g: head.sample(
+                        h[b : b + 1], sc, g, logits[b : b + 1], None if speak is None else speak[b : b + 1])), head.bins)
                     mel = [self.dmel.decode(x) for x in bins]  # bin centres (also with per-channel ranges)
                     audio_logits.append(logits)
                 else:  # flow: a continuous log-mel sample; it feeds back quantised, like real audio
                     unit = self._rows(lambda b, g: head.sample(h[b : b + 1], sc, g))
+                    if speak is not None:  # the flow head has no floor of its own: a silent micro-turn is silence
+                        unit = torch.where(speak[:, None, None], unit, bins_to_unit(torch.full_like(unit, SILENT_BIN), head.bins))
                     bins, mel = unit_to_bins(unit, head.bins), [self.dmel.unit_to_log_mel(u) for u in unit]
                 for b, fa in enumerate(forced_audio):
                     if fa is not None:
@@ -358,7 +372,8 @@ class StreamingSession:
                 wave=self.vocoder(mel) if self.vocoder is not None else None,
                 text_logits=torch.stack([t[b] for t in text_logits]) if text_logits else torch.zeros(0),
                 audio_logits=torch.stack([a[b] for a in audio_logits]) if audio_logits else None,
-                background_ids=chunks[b][6], compute_s=compute_s))
+                background_ids=chunks[b][6], compute_s=compute_s,
+                speaks=None if speak is None else bool(speak[b]), p_speak=None if p_speak is None else float(p_speak[b])))
             r.turn += 1
         return results
 

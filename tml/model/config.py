@@ -58,10 +58,13 @@ class FlowHeadConfig:
 @dataclass
 class HeadsConfig:
     """Output heads. ``audio``: ``dmel`` (per-channel ``dmel_bins``-way classification, exact likelihood) or
-    ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or ``tied`` to the text embedding."""
+    ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or ``tied`` to the text embedding;
+    ``floor``: a ``FloorHead`` that decides speak / stay silent once per micro-turn (``tml.model.heads``). Runs saved
+    before it existed load with ``floor: false`` and decide per output slot from the content heads."""
 
     audio: str = "dmel"
     text: str = "untied"
+    floor: bool = True
     flow: FlowHeadConfig = field(default_factory=FlowHeadConfig)
 
 

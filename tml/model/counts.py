@@ -22,7 +22,7 @@ class ParamCounts:
     router: int
     shared_experts: int
     routed_experts: int  # all routed experts of all MoE layers
-    heads: int  # text head (0 extra when tied) and dMel head
+    heads: int  # text head (0 extra when tied), audio head and floor head
     total: int
     active: int  # parameters one token uses: routed experts count top_k of num_experts
 
@@ -48,7 +48,8 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     shared = n_moe * 3 * d * m.num_shared_experts * m.hidden_dim
     per_expert = 3 * d * m.hidden_dim
     routed = n_moe * m.num_experts * per_expert
-    heads = (0 if cfg.heads.text == "tied" else cfg.vocab_size * d) + audio_head_params(cfg)
+    heads = ((0 if cfg.heads.text == "tied" else cfg.vocab_size * d) + audio_head_params(cfg)
+             + (d + 1 if cfg.heads.floor else 0))  # floor head: one linear unit
     total = embed + attention + norms + dense_ffn + router + shared + routed + heads
     active = total - n_moe * (m.num_experts - m.top_k) * per_expert
     return ParamCounts(embed, attention, norms, dense_ffn, router, shared, routed, heads, total, active)

@@ -2,8 +2,10 @@
 
 Walk the episode's positions in order. Input positions (user audio, video, background text) keep the recording's
 payload; at every MODEL-stream text or audio position the hidden state of the position before it is sampled by
-the head's own ``sample`` (floor decision, then content: ``tml.model.sampling``) and the sample becomes that position's payload, so later positions read what the model
-wrote. Audio feeds back through the dMel bag, i.e. quantised to bins, the same path as real audio; the continuous
+the head's own ``sample`` (floor decision, then content: ``tml.model.sampling``) and the sample becomes that
+position's payload, so later positions read what the model wrote. With a floor head the speak / stay-silent
+decision is taken once per micro-turn, at its first output slot, and every output slot of the micro-turn follows it
+(as ``tml.eval.session.StreamingSession`` does). Audio feeds back through the dMel bag, i.e. quantised to bins, the same path as real audio; the continuous
 unit coordinates (the flow head's samples, or bin centres) are kept for listening.
 
 Positions go through the model once each, with a KV cache per layer (``InteractionModel.forward_cached``): the
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tml.model.attention import KVCache
-from tml.model.heads import unit_to_bins
+from tml.model.heads import SILENT_BIN, DMelHead, bins_to_unit, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.model.transformer import InteractionModel
 from tml.streams.batch import IGNORE_INDEX, Batch
@@ -69,17 +71,26 @@ def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: Sampli
     text_ids, audio_bins = tok.text_ids.clone(), tok.audio_bins.clone()
     audio_row = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1  # row of audio_bins of each AUDIO position
     is_model = tok.stream == Stream.MODEL
-    units = []
+    units, speak = [], None
+    floor = model.floor_head is not None and cfg.floor != "none"
     cache, fed = KVCache(len(model.layers)), 0  # positions [0, fed) are in the cache
     for q in torch.nonzero(is_model & ((tok.kind == Kind.TEXT) | (tok.kind == Kind.AUDIO))).flatten().tolist():
         if q == 0:
             raise ValueError(f"episode {tok.key}: a MODEL position is first in the micro-turn; nothing predicts it")
         h = model.forward_cached(span_batch(tok, fed, q, text_ids, audio_bins).to(device), cache, fed)[0, -1:]
         fed = q
+        if floor and tok.stream[q - 1] != Stream.MODEL:  # first output slot of a micro-turn: the floor decision
+            speak = model.floor_head.sample(h, cfg, gen)[0]
         if tok.kind[q] == Kind.TEXT:
-            text_ids[q] = model.text_head.sample(h, cfg, gen, text_pad_id).cpu()[0]
+            token = model.text_head.sample(h, cfg, gen, text_pad_id).cpu()[0]
+            text_ids[q] = token if speak is None or bool(speak[0]) else text_pad_id
+        elif isinstance(model.audio_head, DMelHead):  # the content given the decision
+            unit = model.audio_head.sample(h, cfg, gen, speak=speak).float().cpu()
         else:
             unit = model.audio_head.sample(h, cfg, gen).float().cpu()
+            if speak is not None and not bool(speak[0]):
+                unit = bins_to_unit(torch.full_like(unit, SILENT_BIN), model.cfg.dmel_bins)
+        if tok.kind[q] != Kind.TEXT:
             audio_bins[audio_row[q]] = unit_to_bins(unit[0], model.cfg.dmel_bins)
             units.append(unit[0])
     S, C = tok.audio_bins.shape[1:]

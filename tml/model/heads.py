@@ -7,6 +7,12 @@ gives back the bin the dMel bag reads. The model needs no knowledge of the log-m
 
 Every head draws its output with ``sample(h, cfg, generator)`` (``tml.model.sampling.SamplingConfig``): first the
 floor decision (speak or stay silent), then the content given speech. See each head's ``sample``.
+
+The floor decision has its own head, ``FloorHead``: once per micro-turn, before its first output slot, it gives
+P(the model speaks in this micro-turn's audio). Deciding once per micro-turn instead of once per 40 ms audio
+position matters: a stop hazard of 0.05 per position compounds to 1 - 0.95^5 = 0.23 per micro-turn, so a turn
+sampled position by position breaks off after a second or two, and a model that hears its own silence takes the
+break for the end of its turn.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from torch import nn
 
 from tml.model.config import FlowHeadConfig
 from tml.model.sampling import SamplingConfig, decide_floor, sample_logits
+from tml.streams.batch import Batch
+from tml.streams.layout import Kind, Stream
 
 # The dMel bin of silence: digital silence (log10 eps = -10) and everything below the kept range's floor clip to the
 # lowest bin (``tml.audio.dmel``), so a silent audio position is all bins 0.
@@ -87,7 +95,7 @@ class DMelHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-               logits: torch.Tensor | None = None) -> torch.Tensor:
+               logits: torch.Tensor | None = None, speak: torch.Tensor | None = None) -> torch.Tensor:
         """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels] at bin centres.
 
         Floor: one speak/silent draw per 40 ms position (``cfg.floor``) from P(speak) = the mean over its frames and
@@ -96,18 +104,77 @@ class DMelHead(nn.Module):
         max(P(b) - (1 - P(speak)) [b = SILENT_BIN], 0) (a channel that is quieter than the position on average keeps
         some silent mass), drawn with ``audio_temperature`` / ``audio_top_p`` (0 = greedy). ``floor="none"``: every
         channel's bin drawn from its full distribution. ``logits`` [N, frames, n_mels, bins]: ``self(h)`` if known.
+        ``speak`` bool [N]: the decision already taken (by ``FloorHead`` for the whole micro-turn): only the content
+        is drawn, given speech where True; silence where False.
         """
         logits = self(h) if logits is None else logits
-        if cfg.floor == "none":
+        if cfg.floor == "none" and speak is None:
             return bins_to_unit(sample_logits(logits, cfg.audio_temperature, cfg.audio_top_p, generator), self.bins)
         p = logits.float().softmax(-1)  # [N, S, C, bins]
         p_silent_bin = p[..., SILENT_BIN]
         p_speak = 1.0 - p_silent_bin.mean((1, 2))  # [N]
-        speak = decide_floor(p_speak, cfg.floor, generator)
+        if speak is None:
+            speak = decide_floor(p_speak, cfg.floor, generator)
         given = p.clone()
         given[..., SILENT_BIN] = (p_silent_bin - (1.0 - p_speak)[:, None, None]).clamp_min(0.0)
         bins = sample_logits(given.log(), cfg.audio_temperature, cfg.audio_top_p, generator)
         return bins_to_unit(torch.where(speak[:, None, None], bins, SILENT_BIN), self.bins)
+
+
+class FloorHead(nn.Module):
+    """Hidden [N, dim] -> logit [N] of P(the model speaks in this micro-turn): the speak / stay-silent decision.
+
+    It reads the hidden state of a micro-turn's last input position (which has heard this micro-turn's input and
+    predicts its first output slot) and is trained with binary cross-entropy on ``floor_targets``: whether the
+    reference speaks in at least half of the micro-turn's model audio positions. At inference the decision is
+    sampled from it (``cfg.floor``: ``sample``, or ``greedy`` = P > 0.5) and every output slot of the micro-turn
+    follows it: silent writes ``<pad>`` text and silent audio; speaking draws the content given speech.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h).squeeze(-1)
+
+    @torch.no_grad()
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-turn's decision for hidden states h [N, dim] -> (speak bool [N], P(speak) float [N]).
+        ``cfg.floor="none"`` has no micro-turn decision: speak is all True (every slot decides for itself)."""
+        p = torch.sigmoid(self(h).float())
+        if cfg.floor == "none":
+            return torch.ones_like(p, dtype=torch.bool), p
+        return decide_floor(p, cfg.floor, generator), p
+
+
+def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the floor decision is taken and what the reference did there.
+
+    Returns (query bool [B, L], target float [Q]): ``query`` marks each micro-turn's last input position, the one
+    followed by the micro-turn's first MODEL output slot; ``target`` (row-major over the queries) is 1 where the
+    reference speaks in at least half of that micro-turn's model audio positions (``target_audio`` not all
+    ``SILENT_BIN``). A query whose micro-turn has no audio targets (cut by the end of its row) is dropped from
+    ``query``. With ``layout.model_lead_turns`` the audio targets already carry the lead, so the target does too.
+    """
+    B, L = batch.shape
+    query = torch.zeros(B, L, dtype=torch.bool, device=batch.kind.device)
+    query[:, :-1] = ((batch.stream[:, :-1] != Stream.MODEL) & (batch.stream[:, 1:] == Stream.MODEL)
+                     & (batch.doc_ids[:, :-1] == batch.doc_ids[:, 1:]) & (batch.doc_ids[:, :-1] >= 0))
+    is_audio = batch.target_kind == Kind.AUDIO
+    spoken = torch.zeros(B, L, device=batch.kind.device)
+    spoken[is_audio] = (batch.target_audio != SILENT_BIN).flatten(1).any(1).float()
+    # Each output position belongs to the query before it in its row: segment ids by a running count of queries.
+    seg = query.long().cumsum(1) - 1 + torch.arange(B, device=query.device)[:, None] * L
+    ok = is_audio & (seg >= torch.arange(B, device=query.device)[:, None] * L)
+    n_audio = torch.zeros(B * L, device=spoken.device).index_add_(0, seg[ok], torch.ones_like(spoken[ok]))
+    n_spoken = torch.zeros(B * L, device=spoken.device).index_add_(0, seg[ok], spoken[ok])
+    q_seg = seg[query]
+    keep = n_audio[q_seg] > 0
+    query = query.clone()
+    query[query.clone()] = keep
+    return query, (2 * n_spoken[q_seg[keep]] >= n_audio[q_seg[keep]]).float()
 
 
 def _time_features(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from tml.errors import ConfigError
 from tml.model.attention import Attention, KVCache, RMSNorm, RopeTable, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
-from tml.model.heads import DMelHead, FlowHead, TextHead
+from tml.model.heads import DMelHead, FloorHead, FlowHead, TextHead, floor_targets
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
 from tml.streams.batch import Batch
@@ -34,6 +34,9 @@ class ModelOutput:
     router_terms: torch.Tensor  # fp32 [n_moe_layers, 3]: balancing terms before coefficients (MoE.ROUTER_TERMS)
     # flow head: [N_audio] velocity regression error per audio target (fresh noise every forward); else None
     audio_flow_mse: Optional[torch.Tensor] = None
+    # floor head: logits [Q] at each micro-turn's last input position and the reference's decision there [Q]
+    floor_logits: Optional[torch.Tensor] = None
+    floor_targets: Optional[torch.Tensor] = None
 
 
 class Block(nn.Module):
@@ -89,6 +92,7 @@ class InteractionModel(nn.Module):
         S, C, NB = cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins
         self.audio_head: DMelHead | FlowHead = (FlowHead(cfg.dim, S, C, NB, cfg.heads.flow) if cfg.heads.audio == "flow"
                                                 else DMelHead(cfg.dim, S, C, NB))
+        self.floor_head = FloorHead(cfg.dim) if cfg.heads.floor else None
         self.init_weights()
 
     @torch.no_grad()
@@ -114,6 +118,8 @@ class InteractionModel(nn.Module):
             elif isinstance(m, FlowHead):
                 m.reset_parameters()  # adaLN-zero: its modulations and output start at zero
         nn.init.normal_(self.embed.pad, std=std)
+        if self.floor_head is not None:
+            nn.init.zeros_(self.floor_head.proj.bias)  # P(speak) starts at 1/2 up to the weights' small term
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe[0] for layer in self.layers if layer.moe]
@@ -170,8 +176,13 @@ class InteractionModel(nn.Module):
             flow_mse = self.audio_head.loss(h_audio, batch.target_audio)
         else:
             audio_logits = self.audio_head(h_audio)
+        floor_logits = floor_target = None
+        if self.floor_head is not None:
+            query, floor_target = floor_targets(batch)
+            floor_logits = self.floor_head(h[query])
         aux_loss, expert_counts, router_terms = self._router_stats(h)
-        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, flow_mse)
+        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, flow_mse,
+                           floor_logits, floor_target)
 
     def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(aux loss summed over MoE layers, expert counts [n_moe_layers, E], router terms [n_moe_layers, 3])."""

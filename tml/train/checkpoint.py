@@ -366,8 +366,9 @@ def checkpoint_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
     """``trainer.init_from``: copy the weights of an export (a dir with ``model.safetensors``) or of a checkpoint
     (RUN_DIR, RUN_DIR/checkpoints or a step dir) into ``model``; nothing else (optimizer, step, data) carries over.
-    Raises ConfigError naming every tensor that is missing, unexpected or of another shape. Returns the file or
-    step dir read."""
+    Raises ConfigError naming every tensor that is missing, unexpected or of another shape, except a floor head
+    missing from weights trained without one (``model.heads.floor``): it starts fresh. Returns the file or step dir
+    read."""
     path = Path(source)
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
@@ -381,7 +382,10 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
                               f"{e}") from e
         state = checkpoint_state_dict(where)
     want = model.state_dict()
-    missing = sorted(want.keys() - state.keys())
+    fresh = sorted(k for k in want.keys() - state.keys() if k.startswith("floor_head."))
+    if fresh:
+        log.info("trainer.init_from=%s has no floor head: %s start from their initialisation", source, fresh)
+    missing = sorted(want.keys() - state.keys() - set(fresh))
     unexpected = sorted(state.keys() - want.keys())
     differ = [f"{k} {list(state[k].shape)} there vs {list(v.shape)} here" for k, v in want.items()
               if k in state and state[k].shape != v.shape]
@@ -393,5 +397,5 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
                           f"{'; '.join(p for p in parts if p)}. Use the model config they were trained with (the "
                           f"export's config.json / the run's config.resolved.json) and a tokenizer of the same "
                           f"vocabulary size (model.vocab_size follows data's tokenizer.json)")
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()}, strict=not fresh)
     return where

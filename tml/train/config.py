@@ -55,6 +55,7 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
+    floor_loss_weight: float = 1.0  # the floor head's speak / stay-silent cross-entropy (model.heads.floor)
     log_every: int = 1
     save_every: int = 50  # a checkpoint every N steps, and always at the last step
     val_every: int = 0  # held-out loss on data.val_path every N steps and at the last step (0 = never)
@@ -184,6 +185,15 @@ def config_from_dict(d: dict) -> PretrainConfig:
     """A PretrainConfig from a plain dict (a run's config.resolved.json, tests, tools outside Hydra), with type
     checking."""
     return OmegaConf.to_object(OmegaConf.merge(config_schema(), d))
+
+
+def config_from_saved(d: dict) -> PretrainConfig:
+    """A saved run's config (``config.resolved.json``, an export's ``run_config.json``) -> PretrainConfig. Runs saved
+    before ``model.heads.floor`` existed have no floor head, so they load with ``floor: false``."""
+    heads = d.get("model", {}).get("heads", {})
+    if "floor" not in heads:
+        d = {**d, "model": {**d.get("model", {}), "heads": {**heads, "floor": False}}}
+    return config_from_dict(d)
 
 
 def register_hydra_schema() -> None:

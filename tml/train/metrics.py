@@ -125,7 +125,8 @@ class MetricsLogger:
             done = step / max(self.max_steps, 1)
             elapsed = time.time() - self.t0
             print(f"step {step:>6}/{self.max_steps} ({100 * done:5.1f}%) loss {record['loss']:.4f} "
-                  f"text {record['loss/text']:.4f} (words {record['loss/text_words']:.3f}) audio {record['loss/audio']:.4f} lr {record['lr']:.2e} "
+                  f"text {record['loss/text']:.4f} (words {record['loss/text_words']:.3f}) audio {record['loss/audio']:.4f} "
+                  + (f"floor {record['loss/floor']:.3f} " if "loss/floor" in record else "") + f"lr {record['lr']:.2e} "
                   f"gnorm {record['grad_norm']:.3f} {record['tokens_per_s']:.0f} tok/s elapsed {elapsed:.0f}s",
                   flush=True)
 

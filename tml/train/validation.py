@@ -24,7 +24,7 @@ from tml.text.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 # Logged as val/<name>: the losses of tml.model.losses.compute_losses, each averaged over its own targets.
-VAL_LOSSES = ("loss/text", "loss/audio", "loss/text_words")
+VAL_LOSSES = ("loss/text", "loss/audio", "loss/text_words", "loss/floor")  # loss/floor: models with a floor head
 
 
 def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layout: MicroTurnLayout,
@@ -56,8 +56,8 @@ def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layo
 def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) -> dict[str, float]:
     """Teacher-forced losses of ``engine`` (a DeepSpeed engine or the model itself) over ``batches`` (this rank's)
     summed over ranks: ``val/loss/text``,
-    ``val/loss/audio``, ``val/loss/text_words`` (each a mean over its targets: text slots, audio channel bins,
-    non-pad text slots), ``val/loss`` (their text + audio sum) and ``val/positions``."""
+    ``val/loss/audio``, ``val/loss/text_words``, ``val/loss/floor`` with a floor head (each a mean over its targets:
+    text slots, audio channel bins, non-pad text slots, micro-turns), ``val/loss`` (their text + audio sum) and ``val/positions``."""
     names = VAL_LOSSES
     sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (loss * count, count) per name, positions
     module = getattr(engine, "module", engine)
@@ -66,10 +66,12 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
     try:
         for batch in batches:
             batch = batch.to(device)
-            losses = compute_losses(engine(batch), batch, text_pad_id=text_pad_id)
+            out = engine(batch)
+            losses = compute_losses(out, batch, text_pad_id=text_pad_id)
             text = batch.target_text[batch.target_kind == Kind.TEXT]
             counts = {"loss/text": text.numel(), "loss/text_words": int((text != text_pad_id).sum()),
-                      "loss/audio": int((batch.target_kind == Kind.AUDIO).sum())}
+                      "loss/audio": int((batch.target_kind == Kind.AUDIO).sum()),
+                      "loss/floor": 0 if out.floor_targets is None else out.floor_targets.numel()}
             for i, k in enumerate(names):
                 if counts[k]:
                     sums[2 * i] += float(losses[k]) * counts[k]
@@ -80,7 +82,7 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     out = {f"val/{k}": float(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else math.nan
-           for i, k in enumerate(names)}
+           for i, k in enumerate(names) if sums[2 * i + 1] or k != "loss/floor"}
     out["val/loss"] = out["val/loss/text"] + out["val/loss/audio"]
     out["val/positions"] = int(sums[-1])
     return out

@@ -19,10 +19,14 @@ let userSq = 0, userN = 0;       // running sum of squares of the micro-turn bei
 function log(line) {
   tml.log.push(line);
   if (tml.log.length > 14) tml.log.shift();
-  const s = $('status');
-  s.textContent = tml.log.join('\n');
-  Object.assign(s.dataset, {state: tml.state, turns: tml.turns, audioSamples: tml.audioSamples,
-                            sentSamples: tml.sentSamples, textChars: tml.text.length});
+  $('status').textContent = tml.log.join('\n');
+  publish();
+}
+
+// The page's counters as data attributes of #status, refreshed every micro-turn (not only when a line is logged).
+function publish() {
+  Object.assign($('status').dataset, {state: tml.state, turns: tml.turns, audioSamples: tml.audioSamples,
+                                      sentSamples: tml.sentSamples, textChars: tml.text.length});
 }
 
 function dbfs(sq, n) { return n ? 10 * Math.log10(sq / n + 1e-12) : -120; }
@@ -124,6 +128,7 @@ function onAudio(buffer) {
   if (msg.text.trim()) $('said').textContent = tml.text;
   $('said').scrollTop = $('said').scrollHeight;
   metrics(msg, rtt);
+  publish();
   if (msg.turn % 5 === 0 || msg.text.trim())
     log(`micro-turn ${msg.turn}: compute ${msg.compute_ms.toFixed(0)} ms, round trip ${rtt.toFixed(0)} ms` +
         (msg.text.trim() ? `, wrote ${JSON.stringify(msg.text)}` : ''));
