@@ -9,7 +9,8 @@ from tml.audio.dmel import DMelTokenizer
 from tml.errors import ConfigError
 from tml.streams import BackgroundEvent, Batch, BatchError, Episode, Kind, LayoutConfig, MicroTurnLayout
 from tml.streams import SlotConfig, Stream, Word
-from tml.streams.interleave import interleave, place_text
+from tml.streams.interleave import interleave
+from tml.streams.modality import place_text
 from tml.streams.pack import collate, pack_rows
 from tml.text.tokenizer import train_bpe
 

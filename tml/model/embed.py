@@ -14,6 +14,7 @@ from tml.errors import ConfigError
 from tml.model.config import ModelConfig
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, Stream
+from tml.streams.modality import MODALITIES
 
 
 class TextEmbedding(nn.Module):
@@ -95,27 +96,36 @@ class HMLPPatchEmbedding(nn.Module):
         return x + self.row(patch_rc[:, 0]) + self.col(patch_rc[:, 1])
 
 
+# One input embedder per modality spec (tml.streams.modality), built from the model config; its module name is the
+# spec's name (so checkpoints keep the keys embed.text.*, embed.audio.*, embed.patch.*).
+EMBEDDERS = {
+    "text": lambda cfg: TextEmbedding(cfg.vocab_size, cfg.dim),
+    "audio": lambda cfg: DMelBagEmbedding(cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins, cfg.dim),
+    "patch": lambda cfg: HMLPPatchEmbedding(cfg.patch_size, cfg.dim, cfg.max_patch_grid),
+}
+
+
 class MultimodalEmbedding(nn.Module):
     """Batch -> [B, L, dim]: each modality embedded and scattered into its positions, plus the stream embedding."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.text = TextEmbedding(cfg.vocab_size, cfg.dim)
-        self.audio = DMelBagEmbedding(cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins, cfg.dim)
-        self.patch = HMLPPatchEmbedding(cfg.patch_size, cfg.dim, cfg.max_patch_grid)
+        for m in MODALITIES:
+            if m.name not in EMBEDDERS:
+                raise ConfigError(f"modality {m.name!r} (tml.streams.modality) has no embedder in "
+                                  f"tml.model.embed.EMBEDDERS; add one")
+            self.add_module(m.name, EMBEDDERS[m.name](cfg))
         self.pad = nn.Parameter(torch.zeros(cfg.dim))  # empty slots inside documents (and packing padding)
         self.stream = nn.Embedding(len(Stream), cfg.dim)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Compact payloads (audio_bins, patches) are in row-major order of their positions, which is the order
-        ``masked_scatter`` fills the masked positions in."""
+        """Each spec's payload (``spec.payload``: its positions' values in row-major order, which is the order
+        ``masked_scatter`` fills the masked positions in) goes through the spec's embedder."""
         self._check_payload_shapes(batch)
         kind = batch.kind
-        is_text = (kind == Kind.TEXT).unsqueeze(-1)
-        # text_ids is 0 off TEXT positions: embedding every position is one cheap gather, then masked.
-        x = torch.where(is_text, self.text(batch.text_ids), 0.0)
-        x = x.masked_scatter((kind == Kind.AUDIO).unsqueeze(-1), self.audio(batch.audio_bins))
-        x = x.masked_scatter((kind == Kind.PATCH).unsqueeze(-1), self.patch(batch.patches, batch.patch_rc))
+        x = torch.zeros(*kind.shape, self.pad.shape[0], dtype=self.pad.dtype, device=self.pad.device)
+        for m in MODALITIES:
+            x = x.masked_scatter((kind == m.kind).unsqueeze(-1), getattr(self, m.name)(*m.payload(batch)))
         x = x + (kind == Kind.PAD).unsqueeze(-1).to(x.dtype) * self.pad
         return x + self.stream(batch.stream)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from tml.streams.layout import Kind, Stream
+from tml.streams.modality import MODALITIES
 
 IGNORE_INDEX = -100
 
@@ -104,40 +105,34 @@ class Batch:
     def validate(self) -> "Batch":
         """Check shapes, dtypes and the internal consistency of the contract; raise BatchError naming the field."""
         B, L = self.kind.shape
-        for name in ("stream", "micro_turn", "position_ids", "doc_ids", "text_ids", "target_kind", "target_text"):
+        dense = [f for m in MODALITIES if m.dense for f in (*m.fields, *filter(None, [m.target]))]
+        for name in ("stream", "micro_turn", "position_ids", "doc_ids", "target_kind", *dense):
             t = getattr(self, name)
             if t.shape != (B, L):
                 raise BatchError(f"Batch.{name} has shape {tuple(t.shape)}, expected {(B, L)}")
-        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "text_ids", "audio_bins",
-                     "patch_rc", "target_kind", "target_text", "target_audio"):
+        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind"):
             if getattr(self, name).dtype != torch.int64:
                 raise BatchError(f"Batch.{name} has dtype {getattr(self, name).dtype}, expected torch.int64")
-        if self.patches.dtype != torch.uint8:
-            raise BatchError(f"Batch.patches has dtype {self.patches.dtype}, expected torch.uint8")
         if not ((self.kind >= 0) & (self.kind <= max(Kind))).all():
             raise BatchError("Batch.kind holds a value outside Kind")
         if not ((self.stream >= 0) & (self.stream <= max(Stream))).all():
             raise BatchError("Batch.stream holds a value outside Stream")
-        n_audio = int((self.kind == Kind.AUDIO).sum())
-        if self.audio_bins.ndim != 3 or self.audio_bins.shape[0] != n_audio:
-            raise BatchError(f"Batch.audio_bins has shape {tuple(self.audio_bins.shape)}, expected "
-                             f"[{n_audio} AUDIO positions, S, C]")
-        n_patch = int((self.kind == Kind.PATCH).sum())
-        if self.patches.ndim != 4 or self.patches.shape[0] != n_patch or self.patches.shape[-1] != 3:
-            raise BatchError(f"Batch.patches has shape {tuple(self.patches.shape)}, expected "
-                             f"[{n_patch} PATCH positions, P, P, 3]")
-        if self.patch_rc.shape != (n_patch, 2):
-            raise BatchError(f"Batch.patch_rc has shape {tuple(self.patch_rc.shape)}, expected ({n_patch}, 2)")
-        n_ta = int((self.target_kind == Kind.AUDIO).sum())
-        if self.target_audio.shape != (n_ta, *self.audio_bins.shape[1:]):
-            raise BatchError(f"Batch.target_audio has shape {tuple(self.target_audio.shape)}, expected "
-                             f"({n_ta}, {', '.join(map(str, self.audio_bins.shape[1:]))})")
+        for m in MODALITIES:  # each modality checks its payload and targets (tml.streams.modality)
+            for name, (dtype, shape) in m.shapes(self).items():
+                t = getattr(self, name)
+                if t.dtype != dtype:
+                    raise BatchError(f"Batch.{name} has dtype {t.dtype}, expected {dtype}")
+                if t.ndim != len(shape) or any(want is not None and have != want for have, want in zip(t.shape, shape)):
+                    want = ", ".join("*" if w is None else str(w) for w in shape)
+                    rows = "" if m.dense else f" (one row per {m.kind.name} position)"
+                    raise BatchError(f"Batch.{name} has shape {tuple(t.shape)}, expected [{want}]{rows}")
+            if m.target is not None and m.dense:
+                is_t = self.target_kind == m.kind
+                if ((getattr(self, m.target) != IGNORE_INDEX) != is_t).any():
+                    raise BatchError(f"Batch.{m.target} must be set exactly where target_kind == {m.kind.name}")
         pad = self.doc_ids < 0
         if (self.kind[pad] != Kind.PAD).any():
             raise BatchError("Batch.kind: padding positions (doc_ids == -1) must have kind PAD")
-        text_t = self.target_kind == Kind.TEXT
-        if ((self.target_text != IGNORE_INDEX) != text_t).any():
-            raise BatchError("Batch.target_text must be set exactly where target_kind == TEXT")
         if (self.target_kind[:, -1] != Kind.PAD).any():
             raise BatchError("Batch.target_kind: the last position of a row has nothing to predict")
         has_t = self.target_kind[:, :-1] != Kind.PAD
@@ -146,6 +141,8 @@ class Batch:
         if (has_t & ~(nxt_model & same_doc)).any():
             raise BatchError("Batch.target_kind marks a target that is not the next MODEL position of the "
                              "same document")
-        if ((self.text_ids != 0) & (self.kind != Kind.TEXT)).any():
-            raise BatchError("Batch.text_ids must be 0 where kind != TEXT")
+        for m in MODALITIES:
+            for f in m.fields if m.dense else ():
+                if ((getattr(self, f) != 0) & (self.kind != m.kind)).any():
+                    raise BatchError(f"Batch.{f} must be 0 where kind != {m.kind.name}")
         return self

@@ -18,6 +18,9 @@ layout's slot order. Per stream:
   ``t`` is heard during ``t + 1`` (``tml.eval.clock``);
 * video: on micro-turns ``t % video_stride == 0`` the frame showing time ``t * 0.2`` is cut into patches; other
   micro-turns (and micro-turns past the end of the video) leave the patch slots empty (kind PAD).
+
+How each modality's stream becomes positions lives in its spec (``tml.streams.modality``); this module walks the
+micro-turns and the layout's slot runs and assembles what the specs return.
 """
 
 from __future__ import annotations
@@ -25,13 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torchaudio
 
 from tml.audio.dmel import DMelTokenizer
 from tml.streams.episode import Episode
-from tml.streams.layout import Kind, MicroTurnLayout, Stream
+from tml.streams.layout import MicroTurnLayout
+from tml.streams.modality import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC
 from tml.text.tokenizer import TextTokenizer
-from tml.vision.patches import frame_to_patches
 
 
 @dataclass
@@ -62,127 +64,45 @@ class EpisodeTokens:
         """Micro-turns ``[t0, t1)`` as their own sequence, micro-turn indices restarting at 0."""
         n = self.turn_length
         p0, p1 = t0 * n, t1 * n
-        a0, a1 = (int((self.kind[:p] == Kind.AUDIO).sum()) for p in (p0, p1))
-        v0, v1 = (int((self.kind[:p] == Kind.PATCH).sum()) for p in (p0, p1))
-        return EpisodeTokens(
-            key=self.key,
-            num_turns=t1 - t0,
-            kind=self.kind[p0:p1],
-            stream=self.stream[p0:p1],
-            micro_turn=self.micro_turn[p0:p1] - t0,
-            text_ids=self.text_ids[p0:p1],
-            audio_bins=self.audio_bins[a0:a1],
-            patches=self.patches[v0:v1],
-            patch_rc=self.patch_rc[v0:v1],
-        )
-
-
-def place_text(words: list[tuple[float, list[int]]], num_turns: int, slots: int, turn_s: float,
-               pad_id: int) -> tuple[torch.Tensor, int]:
-    """Fill ``slots`` text slots per micro-turn from timed token groups.
-
-    Args:
-        words: (start time in seconds, token ids) per word or event, any order.
-    Returns:
-        ids: int64 [num_turns, slots]; dropped: tokens still queued when the episode ended.
-    """
-    ids = torch.full((num_turns, slots), pad_id, dtype=torch.int64)
-    by_turn: dict[int, list[int]] = {}
-    for start, toks in sorted(words, key=lambda w: w[0]):
-        t = max(0, int(round(start * 1000, 6) // round(turn_s * 1000, 6)))
-        by_turn.setdefault(t, []).extend(toks)
-    queue: list[int] = []
-    for t in range(num_turns):
-        queue.extend(by_turn.pop(t, []))
-        take, queue = queue[:slots], queue[slots:]
-        ids[t, : len(take)] = torch.tensor(take, dtype=torch.int64)
-    dropped = len(queue) + sum(len(v) for v in by_turn.values())
-    return ids, dropped
-
-
-def delegate_span(query: str, text: TextTokenizer) -> list[int]:
-    """``<delegate> query </delegate>`` as token ids: what the model writes to hand ``query`` to the background
-    model (``tml.eval.background.DelegationBridge`` reads it back)."""
-    return [text.delegate_id, *(i for w in query.split() for i in text.word_ids(w)), text.end_delegate_id]
+        rows = {}
+        for m in MODALITIES:  # row payloads: the rows of this kind's positions before p0 and p1
+            if not m.dense:
+                r0, r1 = (int((self.kind[:p] == m.kind).sum()) for p in (p0, p1))
+                rows.update({f: getattr(self, f)[r0:r1] for f in m.fields})
+        return EpisodeTokens(key=self.key, num_turns=t1 - t0, kind=self.kind[p0:p1], stream=self.stream[p0:p1],
+                             micro_turn=self.micro_turn[p0:p1] - t0,
+                             **{f: getattr(self, f)[p0:p1] for f in DENSE_FIELDS}, **rows)
 
 
 def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, text: TextTokenizer) -> EpisodeTokens:
     """Episode -> EpisodeTokens in the layout's fixed slot order (see module docstring)."""
-    cfg = layout.cfg
     T = layout.num_turns(episode.duration)
-    S, C = cfg.frames_per_audio_position, cfg.n_mels
-    turn_s = cfg.micro_turn_ms / 1000.0
-    lead = cfg.model_lead_turns  # the model's streams are read this many micro-turns ahead (module docstring)
-
-    # Per (stream, kind) payload blocks, each [T, count, ...].
-    audio: dict[Stream, torch.Tensor] = {}
-    texts: dict[Stream, torch.Tensor] = {}
-    dropped = 0
+    # Each slot run's stream as positions, per micro-turn, from its modality's spec.
+    runs, dropped = [], 0
     for slot in layout.slots:
-        if slot.kind == Kind.AUDIO:
-            name = slot.stream.name.lower()
-            if name not in episode.audio:
-                raise KeyError(f"episode {episode.key} has no {name} audio but the layout has {name} audio slots")
-            wave = episode.audio[name]
-            if episode.sample_rate != cfg.sample_rate:  # recordings at any rate land on the layout's clock
-                wave = torchaudio.functional.resample(wave, episode.sample_rate, cfg.sample_rate)
-            bins = dmel.encode(wave)
-            if slot.stream == Stream.MODEL:
-                bins = bins[lead * layout.frames_per_turn:]
-            need = T * layout.frames_per_turn
-            if bins.shape[0] < need:
-                bins = torch.cat([bins, dmel.silence_bins(need - bins.shape[0])])
-            audio[slot.stream] = bins[:need].reshape(T, slot.count, S, C)
-        elif slot.kind == Kind.TEXT:
-            if slot.stream == Stream.BACKGROUND:
-                groups = [(e.time, [i for w in e.text.split() for i in text.word_ids(w)]) for e in episode.background]
-            else:
-                name = slot.stream.name.lower()
-                groups = [(w.start, text.word_ids(w.text)) for w in episode.words.get(name, [])]
-                groups += [(e["time"], delegate_span(e["query"], text)) for e in episode.meta.get("events", [])
-                           if e.get("type") == "delegate" and e.get("speaker") == name]
-                if slot.stream == Stream.MODEL:
-                    groups = [(start - lead * turn_s, ids) for start, ids in groups]
-            texts[slot.stream], d = place_text(groups, T, slot.count, turn_s, text.pad_id)
-            dropped += d
+        turns, d = SPEC[slot.kind].encode(episode, slot, layout, dmel, text, T)
+        runs.append(turns)
+        dropped += d
 
-    kind, stream, turn, text_ids = [], [], [], []
-    audio_out, patches_out, rc_out = [], [], []
-    n_frames = 0 if episode.video is None else episode.video.shape[0]
+    kind, stream, turn = [], [], []
+    dense = {f: [] for f in DENSE_FIELDS}
+    rows = {f: [] for f in ROW_FIELDS}
     for t in range(T):
-        for slot in layout.slots:
+        for slot, turns in zip(layout.slots, runs):
+            k, payload = turns[t]
             c = slot.count
-            k = slot.kind
-            ids = torch.zeros(c, dtype=torch.int64)
-            if k == Kind.AUDIO:
-                audio_out.append(audio[slot.stream][t])
-            elif k == Kind.TEXT:
-                ids = texts[slot.stream][t]
-            elif k == Kind.PATCH:
-                f = int(t * turn_s * episode.video_fps + 1e-6)
-                if t % cfg.video_stride == 0 and f < n_frames:
-                    p, rc = frame_to_patches(episode.video[f], cfg.patch_size, cfg.frame_height, cfg.frame_width,
-                                             cfg.frame_fit)
-                    patches_out.append(p)
-                    rc_out.append(rc)
-                else:
-                    k = Kind.PAD
             kind.append(torch.full((c,), int(k), dtype=torch.int64))
             stream.append(torch.full((c,), int(slot.stream), dtype=torch.int64))
             turn.append(torch.full((c,), t, dtype=torch.int64))
-            text_ids.append(ids)
+            for f in DENSE_FIELDS:  # 0 off the positions of the field's kind
+                dense[f].append(payload.get(f, torch.zeros(c, dtype=torch.int64)))
+            for f in ROW_FIELDS:
+                if f in payload:
+                    rows[f].append(payload[f])
 
-    P = cfg.patch_size
-    cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
-    return EpisodeTokens(
-        key=episode.key,
-        num_turns=T,
-        kind=cat(kind, torch.zeros(0, dtype=torch.int64)),
-        stream=cat(stream, torch.zeros(0, dtype=torch.int64)),
-        micro_turn=cat(turn, torch.zeros(0, dtype=torch.int64)),
-        text_ids=cat(text_ids, torch.zeros(0, dtype=torch.int64)),
-        audio_bins=cat(audio_out, torch.zeros(0, S, C, dtype=torch.int64)),
-        patches=cat(patches_out, torch.zeros(0, P, P, 3, dtype=torch.uint8)),
-        patch_rc=cat(rc_out, torch.zeros(0, 2, dtype=torch.int64)),
-        dropped_text=dropped,
-    )
+    long = torch.zeros(0, dtype=torch.int64)
+    empty = {f: e for m in MODALITIES for f, e in m.empty(layout.cfg).items()}
+    cat = lambda xs, e: torch.cat(xs) if xs else e  # noqa: E731
+    return EpisodeTokens(key=episode.key, num_turns=T, kind=cat(kind, long), stream=cat(stream, long),
+                         micro_turn=cat(turn, long), **{f: cat(v, long) for f, v in dense.items()},
+                         **{f: cat(v, empty[f]) for f, v in rows.items()}, dropped_text=dropped)

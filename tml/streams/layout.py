@@ -131,36 +131,25 @@ class MicroTurnLayout:
                               f"playback clock, 0 is the old same-micro-turn alignment)")
         if cfg.video_stride < 1:
             raise ConfigError(f"layout.video_stride={cfg.video_stride}: must be >= 1")
-        audio_per_turn = cfg.micro_turn_ms // pos_ms
-        patches_per_frame = (cfg.frame_height // cfg.patch_size) * (cfg.frame_width // cfg.patch_size)
+        from tml.streams.modality import MODALITIES  # here, not at the top: the specs import Kind from this module
+
+        by_name = {m.name: m for m in MODALITIES}
         seen_output = False
         seen = set()
         for i, s in enumerate(cfg.slots):
             where = f"layout.slots[{i}]"
             if s.stream.upper() not in Stream.__members__:
                 raise ConfigError(f"{where}.stream={s.stream!r}: choose one of user, model, background, video")
-            if s.kind.upper() not in ("TEXT", "AUDIO", "PATCH"):
-                raise ConfigError(f"{where}.kind={s.kind!r}: choose one of text, audio, patch")
+            if s.kind.lower() not in by_name:
+                raise ConfigError(f"{where}.kind={s.kind!r}: choose one of {', '.join(by_name)}")
             if s.count <= 0:
                 raise ConfigError(f"{where}.count={s.count}: must be positive")
             key = (s.stream, s.kind)
             if key in seen:
                 raise ConfigError(f"{where}: stream {s.stream!r} has two runs of kind {s.kind!r}; merge them")
             seen.add(key)
-            if s.kind == "audio" and s.count != audio_per_turn:
-                raise ConfigError(
-                    f"{where}.count={s.count}: an audio stream needs micro_turn_ms / (mel_hop_ms * "
-                    f"frames_per_audio_position) = {audio_per_turn} slots per micro-turn"
-                )
-            if s.kind == "patch" and s.count != patches_per_frame:
-                raise ConfigError(
-                    f"{where}.count={s.count}: a {cfg.frame_height}x{cfg.frame_width} frame cut into "
-                    f"{cfg.patch_size}x{cfg.patch_size} patches needs {patches_per_frame} slots"
-                )
-            if s.kind == "patch" and s.stream != "video":
-                raise ConfigError(f"{where}: patch slots belong to the video stream, not {s.stream!r}")
-            if s.stream == "video" and s.kind != "patch":
-                raise ConfigError(f"{where}: the video stream only has patch slots")
+            for m in by_name.values():  # each modality's own rule for a slot run (count, which streams)
+                m.check_slot(cfg, s, where)
             if s.stream == "model":
                 seen_output = True
             elif seen_output:

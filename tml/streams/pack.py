@@ -15,7 +15,12 @@ import torch
 
 from tml.streams.batch import IGNORE_INDEX, Batch
 from tml.streams.interleave import EpisodeTokens
-from tml.streams.layout import Kind, Stream
+from tml.streams.layout import Stream
+from tml.streams.modality import DENSE_FIELDS, MODALITIES, ROW_FIELDS
+
+# The modalities the model writes (they have targets), and their kinds.
+OUTPUTS = tuple(m for m in MODALITIES if m.target is not None)
+OUTPUT_KINDS = torch.tensor([int(m.kind) for m in OUTPUTS])
 
 
 @dataclass
@@ -69,17 +74,19 @@ def pack_rows(episodes: Iterator[tuple[tuple, EpisodeTokens]], seq_len: int, tur
 
 
 def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
-    """Rows of pieces -> a validated Batch of shape [len(rows), seq_len] (targets per the prediction convention)."""
+    """Rows of pieces -> a validated Batch of shape [len(rows), seq_len] (targets per the prediction convention).
+    Payload fields come from the modality specs (``tml.streams.modality``): dense ones are copied position by
+    position, row ones concatenated; a modality the model writes gets its targets in ``spec.target``."""
     B = len(rows)
     kind = torch.zeros(B, seq_len, dtype=torch.int64)
     stream = torch.zeros_like(kind)
     micro_turn = torch.zeros_like(kind)
     position_ids = torch.zeros_like(kind)
     doc_ids = torch.full_like(kind, -1)
-    text_ids = torch.zeros_like(kind)
     target_kind = torch.zeros_like(kind)
-    target_text = torch.full_like(kind, IGNORE_INDEX)
-    audio, patches, rcs, t_audio = [], [], [], []
+    dense = {f: torch.zeros_like(kind) for f in DENSE_FIELDS}
+    rows_of = {f: [] for f in ROW_FIELDS}
+    targets = {m.target: (torch.full_like(kind, IGNORE_INDEX) if m.dense else []) for m in OUTPUTS}
     for b, pieces in enumerate(rows):
         p = 0
         for d, piece in enumerate(pieces):
@@ -92,26 +99,32 @@ def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
             micro_turn[b, sl] = piece.micro_turn
             position_ids[b, sl] = torch.arange(n)
             doc_ids[b, sl] = d
-            text_ids[b, sl] = piece.text_ids
-            # Position i predicts position i+1 when i+1 is model-stream text or audio of the same piece.
+            for f in DENSE_FIELDS:
+                dense[f][b, sl] = getattr(piece, f)
+            # Position i predicts position i+1 when i+1 is a model-stream position of an output modality, same piece.
             nxt_kind, nxt_stream = piece.kind[1:], piece.stream[1:]
-            is_t = (nxt_stream == Stream.MODEL) & ((nxt_kind == Kind.TEXT) | (nxt_kind == Kind.AUDIO))
+            is_t = (nxt_stream == Stream.MODEL) & torch.isin(nxt_kind, OUTPUT_KINDS)
             tk = torch.where(is_t, nxt_kind, torch.zeros_like(nxt_kind))
             target_kind[b, p : p + n - 1] = tk
-            target_text[b, p : p + n - 1] = torch.where(tk == Kind.TEXT, piece.text_ids[1:], IGNORE_INDEX)
-            audio_index = torch.cumsum(piece.kind == Kind.AUDIO, 0) - 1  # payload row of each audio position
-            t_audio.append(piece.audio_bins[audio_index[1:][tk == Kind.AUDIO]])
-            audio.append(piece.audio_bins)
-            patches.append(piece.patches)
-            rcs.append(piece.patch_rc)
+            for m in OUTPUTS:
+                (field,) = m.fields  # an output modality has one payload field: what its head predicts
+                if m.dense:
+                    targets[m.target][b, p : p + n - 1] = torch.where(tk == m.kind, getattr(piece, field)[1:],
+                                                                      IGNORE_INDEX)
+                else:
+                    row_index = torch.cumsum(piece.kind == m.kind, 0) - 1  # payload row of each position
+                    targets[m.target].append(getattr(piece, field)[row_index[1:][tk == m.kind]])
+            for f in ROW_FIELDS:
+                rows_of[f].append(getattr(piece, f))
             p += n
-    S, C = rows[0][0].audio_bins.shape[1:] if rows and rows[0] else (4, 80)
+    empty = {f: e for m in MODALITIES for f, e in m.empty().items()}
+    first = rows[0][0] if rows and rows[0] else None  # trailing payload shapes come from the data when it has any
+    if first is not None:
+        empty = {f: getattr(first, f)[:0] for f in ROW_FIELDS}
+    cat = lambda xs, f: torch.cat(xs) if xs else empty[f]  # noqa: E731
+    target_rows = {m.target: cat(targets[m.target], m.fields[0]) for m in OUTPUTS if not m.dense}
     return Batch(
         kind=kind, stream=stream, micro_turn=micro_turn, position_ids=position_ids, doc_ids=doc_ids,
-        text_ids=text_ids,
-        audio_bins=torch.cat(audio) if audio else torch.zeros(0, S, C, dtype=torch.int64),
-        patches=torch.cat(patches) if patches else torch.zeros(0, 40, 40, 3, dtype=torch.uint8),
-        patch_rc=torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.int64),
-        target_kind=target_kind, target_text=target_text,
-        target_audio=torch.cat(t_audio) if t_audio else torch.zeros(0, S, C, dtype=torch.int64),
+        target_kind=target_kind, **dense, **{f: cat(v, f) for f, v in rows_of.items()},
+        **{m.target: targets[m.target] for m in OUTPUTS if m.dense}, **target_rows,
     ).validate()
