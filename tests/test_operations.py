@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ENV, ROOT, TINY, assert_same_params, metrics, module_state, run_recipe, start, wait_for_step
 from tml.audio.wav import read_wav
@@ -238,6 +239,40 @@ def test_zero2_checkpoint_resumes_on_one_rank_like_zero0(synth_data, tmp_path_fa
         assert b["lr"] == a["lr"]
         for k in ("loss", "loss/text", "loss/audio", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
+
+
+@pytest.mark.parametrize("zero, nproc", [(1, 1), (3, 4)])
+def test_zero_state_resumed_on_another_world_size_is_the_state_that_was_saved(synth_data, tmp_path_factory, zero,
+                                                                               nproc):
+    """A 2-rank ZeRO checkpoint loaded on ``nproc`` ranks (converted to the universal format) and on the 2 ranks that
+    wrote it (no conversion): fp32 weights, both Adam moments and step, every param group's hyperparameters and the
+    lr schedule are bitwise equal (tests/resume_state_worker.py gathers them). At ZeRO 3 this caught DeepSpeed
+    giving every param group group 0's weight decay. The data loader restarts as documented."""
+    src = tmp_path_factory.getbasetemp() / f"two_ranks_8_steps_zero{zero}"
+    if not (src / "checkpoints" / tag_for(8) / "complete.json").exists():
+        run_recipe(src, f"data.path={synth_data}", "trainer.save_every=8", "logger=none", f"parallel.zero_stage={zero}",
+                   "trainer.max_steps=8", nproc=2)
+    run = tmp_path_factory.mktemp(f"zero{zero}_state") / "run"
+    shutil.copytree(src, run)
+    states = {}
+    for n in (2, nproc):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                        "tests/resume_state_worker.py", str(run), str(run / f"state_{n}.pt")], cwd=ROOT, env=ENV,
+                       check=True, capture_output=True, timeout=600)
+        states[n] = torch.load(run / f"state_{n}.pt", weights_only=False)
+    saved, resumed = states[2], states[nproc]
+    assert resumed["world_size"] == nproc and (run / "checkpoints" / (tag_for(8) + "_universal")).is_dir()
+    assert saved["params"].keys() == resumed["params"].keys() and len(saved["params"]) > 30
+    for name, st in saved["params"].items():
+        for key, value in st.items():
+            assert torch.equal(value, resumed["params"][name][key]), (name, key)
+    assert saved["adam_steps"] == resumed["adam_steps"] == [8.0]
+    assert [g["weight_decay"] for g in resumed["groups"]] == [0.1, 0.0] and resumed["groups"] == saved["groups"]
+    assert resumed["scheduler"] == saved["scheduler"] and resumed["scheduler"]["last_epoch"] == 8
+    assert resumed["trainer"]["step"] == 8
+    written = [torch.load(run / "checkpoints" / tag_for(8) / f"trainer_state_rank{r}.pt", weights_only=False)["loader"]
+               for r in range(2)]
+    assert resumed["trainer"]["loader"] == {"restart_epoch": max(w[0] for s in written for w in s["workers"]) + 1}
 
 
 # ------------------------------------------------------------------------------------ launch and sweeps
