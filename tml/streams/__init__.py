@@ -1,6 +1,7 @@
 """Streams on one clock: micro-turn layout, the Episode record, interleaving, packing, and the Batch contract.
 
-Read ``batch.py`` for the contract and the prediction convention, ``layout.py`` for the clock and slot layout.
+Read ``batch.py`` for the contract and the prediction convention, ``layout.py`` for the clock and slot layout,
+``modality.py`` for what each modality (text, dMel audio, video patches) contributes to both.
 """
 
 from tml.streams.batch import IGNORE_INDEX, Batch, BatchError
