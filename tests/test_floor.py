@@ -241,6 +241,7 @@ def test_floor_loss_is_the_binary_cross_entropy_of_the_decision():
 
 
 def test_a_floor_hazard_of_0_3_per_micro_turn_starts_after_a_geometric_wait():
+    """P(speak) 0.3 per micro-turn: the first speaking micro-turn is Geometric(0.3) when sampled, never when greedy."""
     from tml.model.heads import FloorHead
 
     head = FloorHead(4)
@@ -255,6 +256,10 @@ def test_a_floor_hazard_of_0_3_per_micro_turn_starts_after_a_geometric_wait():
 
     waits = [wait(SamplingConfig(), s, 200) for s in range(runs)]
     assert abs(sum(waits) / runs - 1 / 0.3) <= 4 * math.sqrt(0.7) / 0.3 / math.sqrt(runs)
+    # floor_temperature 0.5 squares the odds: 0.3^2 / (0.3^2 + 0.7^2) = 0.155 per micro-turn
+    q = 0.09 / 0.58
+    waits = [wait(SamplingConfig(floor_temperature=0.5), s, 400) for s in range(runs)]
+    assert abs(sum(waits) / runs - 1 / q) <= 4 * math.sqrt(1 - q) / q / math.sqrt(runs)
     assert all(wait(SamplingConfig(floor="greedy"), s, 50) is None for s in range(20))
 
 

@@ -61,3 +61,29 @@ def test_validation_loss_is_the_mean_over_all_held_out_targets(tmp_path):
     for k in ("loss/text", "loss/audio", "loss/text_words"):
         assert got[f"val/{k}"] == pytest.approx(float(ref[k]), rel=1e-5), k
     assert got["val/positions"] == whole.num_tokens()
+
+
+def test_own_audio_flip_by_hand():
+    """Every own-voice micro-turn flipped (prob 1): speech becomes silence, silence takes speech from the batch, inputs
+    of other streams and every target stay; prob 0 changes nothing; the same generator seed flips the same."""
+    from conftest import make_batch
+    from tml.model.heads import SILENT_BIN
+    from tml.streams.layout import Kind, Stream
+    from tml.train.exposure import flip_own_audio
+
+    batch = make_batch([[3, 2], [4]], L=100, vocab=50)
+    own = ((batch.kind == Kind.AUDIO) & (batch.stream == Stream.MODEL))[batch.kind == Kind.AUDIO]
+    batch.audio_bins[own.nonzero().flatten()[::3]] = SILENT_BIN  # a third of the own positions silent
+    speaking = (batch.audio_bins != SILENT_BIN).flatten(1).any(1)
+    flipped, n = flip_own_audio(batch, 1.0, torch.Generator().manual_seed(0))
+    assert n == 9  # every micro-turn of the 3 documents (3 + 2 + 4)
+    now = (flipped.audio_bins != SILENT_BIN).flatten(1).any(1)
+    assert (now[own] == ~speaking[own]).all()
+    donors = {tuple(x.flatten().tolist()) for x in batch.audio_bins[own & speaking]}
+    assert all(tuple(x.flatten().tolist()) in donors for x in flipped.audio_bins[own & ~speaking])
+    assert torch.equal(flipped.audio_bins[~own], batch.audio_bins[~own])
+    assert flipped.target_audio is batch.target_audio and torch.equal(flipped.kind, batch.kind)
+    assert flip_own_audio(batch, 0.0, torch.Generator())[0] is batch
+    a, na = flip_own_audio(batch, 0.3, torch.Generator().manual_seed(5))
+    b, nb = flip_own_audio(batch, 0.3, torch.Generator().manual_seed(5))
+    assert na == nb and 0 < na < 9 and torch.equal(a.audio_bins, b.audio_bins)

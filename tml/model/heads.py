@@ -142,11 +142,15 @@ class FloorHead(nn.Module):
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-turn's decision for hidden states h [N, dim] -> (speak bool [N], P(speak) float [N]).
-        ``cfg.floor="none"`` has no micro-turn decision: speak is all True (every slot decides for itself)."""
-        p = torch.sigmoid(self(h).float())
+
+        Drawn from sigmoid(logit / ``cfg.floor_temperature``) (``cfg.floor``: sample, or greedy = P > 0.5); the
+        returned P(speak) is the model's own (temperature 1). ``cfg.floor="none"`` has no micro-turn decision:
+        speak is all True (every slot decides for itself)."""
+        logit = self(h).float()
+        p = torch.sigmoid(logit)
         if cfg.floor == "none":
             return torch.ones_like(p, dtype=torch.bool), p
-        return decide_floor(p, cfg.floor, generator), p
+        return decide_floor(torch.sigmoid(logit / cfg.floor_temperature), cfg.floor, generator), p
 
 
 def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,9 @@ FLOOR_RULES = ("sample", "greedy", "none")
 @dataclass
 class SamplingConfig:
     floor: str = "sample"  # speak/silent decision: sample | greedy (P(speak) > 0.5) | none (no separate decision)
+    # floor head only: the decision is drawn from sigmoid(logit(P(speak)) / floor_temperature); 1 = the model's own
+    # probability, < 1 sharpens it towards its more likely side (0.5: P 0.1 -> 0.012, 0.9 -> 0.988)
+    floor_temperature: float = 1.0
     text_temperature: float = 0.0  # the word given speech (floor="none": the token); 0 = argmax
     text_top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     audio_temperature: float = 0.0  # dmel head, the bins given speech, per channel; 0 = argmax
@@ -52,6 +55,9 @@ class SamplingConfig:
         if self.flow_steps < 1 or self.flow_solver not in ("euler", "midpoint"):
             raise ValueError(f"sampling.flow_steps={self.flow_steps} must be >= 1 and sampling.flow_solver="
                              f"{self.flow_solver!r} one of euler, midpoint")
+        if self.floor_temperature <= 0:
+            raise ValueError(f"sampling.floor_temperature={self.floor_temperature}: must be > 0 (1 = the model's own "
+                             f"probability; greedy is sampling.floor=greedy)")
         if self.flow_temperature < 0:
             raise ValueError(f"sampling.flow_temperature={self.flow_temperature}: must be >= 0")
         if self.guidance < 0:

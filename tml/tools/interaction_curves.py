@@ -112,7 +112,8 @@ def _replay(make, episodes, run, vad, out: Path) -> list[dict]:
 
 
 def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int], vad_method: str,
-                      steps: list[int] | None = None, baseline: bool = True, floor: str = "sample") -> dict:
+                      steps: list[int] | None = None, baseline: bool = True, floor: str = "sample",
+                      floor_temperature: float = 1.0) -> dict:
     """{"steps": [...], "model": [metrics per step], "raw": [per step: [per seed: [per episode measurements]]],
     "baseline": metrics, "baseline_raw": [per episode], "val": [(step, val/loss/text, ...)]}."""
     from data_prep.espeak import canned_reply
@@ -129,14 +130,16 @@ def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int],
     if not dirs:
         raise FileNotFoundError(f"no checkpoints step_* in {run_dir / 'checkpoints'} (steps {steps})")
     out = {"run": str(run_dir), "data": data, "episodes": len(eps), "seeds": seeds, "vad": vad_method,
-           "playback": "realtime", "floor": floor, "steps": [], "model": [], "raw": []}
+           "playback": "realtime", "floor": floor, "floor_temperature": floor_temperature, "steps": [], "model": [],
+           "raw": []}
     tmp = Path(tempfile.mkdtemp(prefix="curves_"))
     for d in dirs:
         run = load_run(d)
         per_seed = []
         for seed in seeds:
             cfg = SessionConfig()
-            cfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed, floor=floor))
+            cfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed, floor=floor,
+                                                floor_temperature=floor_temperature))
             per_seed.append(_replay(lambda: StreamingSession(run.model, run.layout, run.dmel, cfg, run.text.pad_id),
                                     eps, run, vad, tmp / f"{d.name}_{seed}"))
         step = int(d.name.removeprefix("step_"))
@@ -233,11 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compare", action="append", default=[], help="LABEL=JSON of another run's curves to overlay")
     p.add_argument("--no-baseline", action="store_true", help="skip the silence-rule baseline")
     p.add_argument("--floor", default="sample", help="speak/silent decision: sample (default) | greedy | none")
+    p.add_argument("--floor-temperature", type=float, default=1.0,
+                   help="floor head: draw from sigmoid(logit / T) (sampling.floor_temperature; 1 = as trained)")
     p.add_argument("--out", required=True, help="PNG; the JSON goes beside it")
     a = p.parse_args(argv)
     curves = checkpoint_curves(Path(a.run), a.data, a.episodes, [int(s) for s in a.seeds.split(",")], a.vad,
                                [int(s) for s in a.steps.split(",") if s], baseline=not a.no_baseline,
-                               floor=a.floor)
+                               floor=a.floor, floor_temperature=a.floor_temperature)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(curves, indent=1))

@@ -56,6 +56,9 @@ class TrainerConfig:
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
     floor_loss_weight: float = 1.0  # the floor head's speak / stay-silent cross-entropy (model.heads.floor)
+    # share of micro-turns whose own-voice audio inputs are flipped, speech <-> silence, targets kept
+    # (tml.train.exposure: teaches the floor decision not to just continue what it hears itself doing)
+    own_audio_flip: float = 0.0
     log_every: int = 1
     save_every: int = 50  # a checkpoint every N steps, and always at the last step
     val_every: int = 0  # held-out loss on data.val_path every N steps and at the last step (0 = never)

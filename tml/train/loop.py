@@ -45,6 +45,7 @@ from tml.train.metrics import MetricsLogger
 from tml.train.mfu import peak_flops_per_device
 from tml.train.signals import SignalFlag, StopRequested
 from tml.train.optim import param_groups, warmup_cosine
+from tml.train.exposure import flip_own_audio
 from tml.train.run import build_run
 from tml.train.validation import validation_batches, validation_losses
 
@@ -254,9 +255,14 @@ def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
     expert_counts = router_terms = grad_norm = None
     nonfinite = False
     busy = 0.0  # this rank's own work (data, forward, loss) before it can wait on others: finds stragglers
-    for _ in range(t.grad_accum_steps):
+    flipped = 0
+    for micro in range(t.grad_accum_steps):
         b0 = time.perf_counter()
         batch = next(tr.loader).to(dist.device)
+        if t.own_audio_flip > 0:  # seeded by (seed, step, micro-batch, rank): a resumed step flips the same
+            gen = torch.Generator().manual_seed(hash((t.seed, tr.step, micro, dist.rank)) % 2**63)
+            batch, n = flip_own_audio(batch, t.own_audio_flip, gen)
+            flipped += n
         if t.fault.slow_rank_s > 0 and t.fault.slow_rank == dist.rank:
             time.sleep(t.fault.slow_rank_s)
         data_s = time.perf_counter() - b0
@@ -292,6 +298,8 @@ def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
               "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
               "mfu": tr.flops_per_step / elapsed / (tr.peak * dist.world_size), "nonfinite_skipped": tr.skipped,
               "rank_busy_s": rank_busy.tolist(), "slowest_rank": int(rank_busy.argmax())}
+    if t.own_audio_flip > 0:
+        record["own_audio_flipped"] = flipped  # micro-turns of this rank's micro-batches (tml.train.exposure)
     record.update(expert_load_metrics(expert_counts))
     record.update(router_metrics(router_terms.cpu() / n_micro, cfg.model.moe, engine.module.moe_layers()))
     record.update(tr.loader.stats())
