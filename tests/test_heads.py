@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import TURN, make_batch, tiny_cfg
@@ -72,6 +73,30 @@ def test_dmel_loss_is_mean_negative_log_likelihood_per_channel():
     logp = model.audio_head.log_prob(out.hidden[batch.target_kind == Kind.AUDIO], batch.target_audio)
     want = -logp.sum() / batch.target_audio.numel()
     assert compute_losses(out, batch)["loss/audio"].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_head_losses_are_the_fused_reference_losses_bitwise():
+    """Each head's per-target loss, averaged by compute_losses, equals the fused mean it replaced (cross-entropy over
+    the logits, BCE over the floor logits), and the text and dMel gradients are bitwise those of the fused call."""
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg())
+    batch = make_batch([[3, 2], [4]], L=5 * TURN, vocab=128, seed=5)
+    out = model(batch)
+    is_text = batch.target_kind == Kind.TEXT
+    text_t = batch.target_text[is_text]
+    words = text_t != 0
+    got = compute_losses(out, batch, text_pad_id=0)
+    fused = {"loss/text": F.cross_entropy(out.text_logits.float(), text_t),
+             "loss/text_words": F.cross_entropy(out.text_logits[words].float(), text_t[words]),
+             "loss/audio": F.cross_entropy(out.audio_logits.float().reshape(-1, NB), batch.target_audio.reshape(-1))}
+    for k, want in fused.items():
+        assert torch.equal(got[k], want), k
+    torch.testing.assert_close(got["loss/floor"], F.binary_cross_entropy_with_logits(out.floor_logits.float(),
+                                                                                       out.floor_targets))
+    for k in ("loss/text", "loss/audio"):
+        g_got = torch.autograd.grad(got[k], out.hidden, retain_graph=True)[0]
+        g_want = torch.autograd.grad(fused[k], out.hidden, retain_graph=True)[0]
+        assert torch.equal(g_got, g_want), k
 
 
 def test_temperature_zero_is_argmax():

@@ -2,7 +2,8 @@
 token: ``tml.model.flops``.)
 
 ``tests/test_model_ladder.py`` checks these against models built on the meta device, so the formulas below are
-the model's own structure written out: if a module changes, that test fails until this file follows.
+the model's own structure written out: if a module changes, that test fails until this file follows. The heads
+count their own parameters (``num_params`` in ``tml.model.heads``), next to the layers they build.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tml.model.config import ModelConfig
+from tml.model.heads import AUDIO_HEADS, FloorHead, TextHead
 from tml.streams.layout import Stream
 
 
@@ -48,21 +50,9 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     shared = n_moe * 3 * d * m.num_shared_experts * m.hidden_dim
     per_expert = 3 * d * m.hidden_dim
     routed = n_moe * m.num_experts * per_expert
-    heads = ((0 if cfg.heads.text == "tied" else cfg.vocab_size * d) + audio_head_params(cfg)
-             + (d + 1 if cfg.heads.floor else 0))  # floor head: one linear unit
+    heads = (TextHead.num_params(cfg) + AUDIO_HEADS[cfg.heads.audio].num_params(cfg)
+             + (FloorHead.num_params(cfg) if cfg.heads.floor else 0))
     total = embed + attention + norms + dense_ffn + router + shared + routed + heads
     active = total - n_moe * (m.num_experts - m.top_k) * per_expert
     return ParamCounts(embed, attention, norms, dense_ffn, router, shared, routed, heads, total, active)
 
-
-def audio_head_params(cfg: ModelConfig) -> int:
-    """The dMel head (one linear layer to frames x n_mels x bins logits) or the flow head (AdaLN residual MLP over
-    the frames x n_mels values, conditioned on the hidden state and the flow time; tml.model.heads.FlowHead)."""
-    d, out = cfg.dim, cfg.frames_per_audio_position * cfg.n_mels
-    if cfg.heads.audio == "dmel":
-        return d * out * cfg.dmel_bins
-    f = cfg.heads.flow
-    w = f.hidden_dim
-    block = 2 * (w * w + w) + (w * 3 * w + 3 * w)  # mlp (2 linears) + AdaLN modulation
-    return ((out * w + w) + 2 * (w * w + w) + (d * w + w) + f.n_layers * block + (w * 2 * w + 2 * w)
-            + (w * out + out) + (d if f.cond_dropout > 0 else 0))

@@ -5,8 +5,20 @@ Audio values shared by both audio heads: a *unit coordinate* ``y`` in [-1, 1] th
 log-mel (``log_min + (y + 1) / 2 * (log_max - log_min)``), bin ``k``'s centre is ``u = 0.5``, and quantising ``y``
 gives back the bin the dMel bag reads. The model needs no knowledge of the log-mel range.
 
-Every head draws its output with ``sample(h, cfg, generator)`` (``tml.model.sampling.SamplingConfig``): first the
-floor decision (speak or stay silent), then the content given speech. See each head's ``sample``.
+Every head has the same three methods, so the model, the losses, the parameter counts and the streaming step
+never ask which head they hold:
+
+- ``forward(h)``: what the training forward keeps for inspection (logits; ``None`` for the flow head, which has
+  none), ``ModelOutput.text_logits`` / ``audio_logits`` / ``floor_logits``;
+- ``loss(h, target, logits=None)``: the loss of each target position, fp32 ``[N, ...]`` (``compute_losses``
+  averages it over all its entries); ``logits``: ``forward(h)`` if the caller has it already;
+- ``sample(h, cfg, generator, ...)`` (``tml.model.sampling.SamplingConfig``): first the floor decision (speak or
+  stay silent), then the content given speech. Audio heads return unit coordinates and take the micro-turn's
+  decision ``speak`` (from ``FloorHead``) when there is one;
+- ``num_params(cfg)``: the parameter count from a ``ModelConfig`` alone (``tml.model.counts``);
+- ``init_weights()``: the head's own start, after the model's normal(init_std) init of every linear layer.
+
+The model builds its audio head from ``AUDIO_HEADS[cfg.heads.audio]`` (``from_config``).
 
 The floor decision has its own head, ``FloorHead``: once per micro-turn, before its first output slot, it gives
 P(the model speaks in this micro-turn's audio). Deciding once per micro-turn instead of once per 40 ms audio
@@ -23,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tml.model.config import FlowHeadConfig
+from tml.model.config import FlowHeadConfig, ModelConfig
 from tml.model.sampling import SamplingConfig, decide_floor, sample_logits
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, Stream
@@ -52,27 +64,44 @@ class TextHead(nn.Module):
         if tied_weight is not None:
             self.proj.weight = tied_weight
 
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        return 0 if cfg.heads.text == "tied" else cfg.vocab_size * cfg.dim  # tied: the embedding's weight
+
+    def init_weights(self) -> None:
+        """Called after the model's normal(init_std) init of every linear layer: that init is this head's."""
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h)
 
+    def loss(self, h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy (nats) of each target token: hidden [N, dim], target long [N] -> fp32 [N]."""
+        logits = self(h) if logits is None else logits
+        return F.cross_entropy(logits.float(), target, reduction="none")
+
     @torch.no_grad()
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-               pad_id: int = 0, logits: torch.Tensor | None = None) -> torch.Tensor:
+               pad_id: int = 0, logits: torch.Tensor | None = None, speak: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """Next token for hidden states h [N, dim] -> long [N] (``pad_id`` = this slot stays empty).
 
         Floor: write with probability P(not pad) = 1 - softmax(logits)[pad] (``cfg.floor``; the model's probability
         as trained, no temperature), then the word among the non-pad tokens with ``text_temperature`` /
         ``text_top_p`` (0 = greedy). ``floor="none"``: one draw over all tokens, pad included. ``logits`` [N, vocab]:
-        ``self(h)`` if the caller has it already.
+        ``self(h)`` if the caller has it already. ``speak`` bool [N]: the micro-turn's decision (``FloorHead``):
+        ``pad_id`` where False; where True the slot still decides for itself whether it holds a word (a speaking
+        micro-turn has empty text slots too). Every row draws either way, so the generator advances the same.
         """
         logits = self(h) if logits is None else logits
         if cfg.floor == "none":
-            return sample_logits(logits, cfg.text_temperature, cfg.text_top_p, generator)
-        p_speak = 1.0 - logits.float().softmax(-1)[:, pad_id]
-        speak = decide_floor(p_speak, cfg.floor, generator)
-        words = logits.float().index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
-        word = sample_logits(words, cfg.text_temperature, cfg.text_top_p, generator)
-        return torch.where(speak, word, torch.full_like(word, pad_id))
+            token = sample_logits(logits, cfg.text_temperature, cfg.text_top_p, generator)
+        else:
+            p_speak = 1.0 - logits.float().softmax(-1)[:, pad_id]
+            writes = decide_floor(p_speak, cfg.floor, generator)
+            words = logits.float().index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
+            word = sample_logits(words, cfg.text_temperature, cfg.text_top_p, generator)
+            token = torch.where(writes, word, torch.full_like(word, pad_id))
+        return token if speak is None else torch.where(speak, token, torch.full_like(token, pad_id))
 
 
 class DMelHead(nn.Module):
@@ -84,8 +113,26 @@ class DMelHead(nn.Module):
         self.frames, self.n_mels, self.bins = frames, n_mels, bins
         self.proj = nn.Linear(dim, frames * n_mels * bins, bias=False)
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> DMelHead:
+        return cls(cfg.dim, cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins)
+
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        return cfg.dim * cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins  # one linear layer
+
+    def init_weights(self) -> None:
+        """Called after the model's normal(init_std) init of every linear layer: that init is this head's."""
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h).view(h.shape[0], self.frames, self.n_mels, self.bins)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy (nats) of each (frame, mel channel) bin of each target position: hidden [N, dim], target
+        bins long [N, frames, n_mels] -> fp32 [N, frames, n_mels]."""
+        logits = self(h) if logits is None else logits
+        return F.cross_entropy(logits.float().reshape(-1, self.bins), target.reshape(-1),
+                               reduction="none").view(target.shape)
 
     def log_prob(self, h: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
         """Exact log-likelihood (nats) of bin ids [N, frames, n_mels] given hidden [N, dim] -> [N]: channels are
@@ -135,8 +182,23 @@ class FloorHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, 1)
 
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        return cfg.dim + 1  # one linear unit
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """After the model's normal(init_std) init: bias 0, so P(speak) starts at 1/2 up to the weights' small term."""
+        nn.init.zeros_(self.proj.bias)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj(h).squeeze(-1)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Binary cross-entropy (nats) of each micro-turn's decision: hidden [Q, dim] at the queries of
+        ``floor_targets``, target float [Q] (1 = the reference speaks) -> fp32 [Q]."""
+        logits = self(h) if logits is None else logits
+        return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
@@ -228,6 +290,23 @@ class FlowHead(nn.Module):
         self.null = nn.Parameter(torch.zeros(dim)) if cfg.cond_dropout > 0 else None
         self.reset_parameters()
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> FlowHead:
+        return cls(cfg.dim, cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins, cfg.heads.flow)
+
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        """The AdaLN residual MLP over the frames x n_mels values, conditioned on the hidden state and flow time."""
+        d, out, f = cfg.dim, cfg.frames_per_audio_position * cfg.n_mels, cfg.heads.flow
+        w = f.hidden_dim
+        block = 2 * (w * w + w) + (w * 3 * w + 3 * w)  # mlp (2 linears) + AdaLN modulation
+        return ((out * w + w) + 2 * (w * w + w) + (d * w + w) + f.n_layers * block + (w * 2 * w + 2 * w)
+                + (w * out + out) + (d if f.cond_dropout > 0 else 0))
+
+    def init_weights(self) -> None:
+        """Called after the model's normal(init_std) init of every linear layer: this head starts adaLN-zero."""
+        self.reset_parameters()
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """PyTorch's fan-in init for the MLP, zeros for every modulation and the output layer (adaLN-zero): the
@@ -241,6 +320,10 @@ class FlowHead(nn.Module):
         if self.null is not None:
             nn.init.normal_(self.null, std=1.0)  # hidden states are RMS-normalised: ~unit scale per channel
 
+    def forward(self, h: torch.Tensor) -> None:
+        """The flow head has no logits to keep (its distribution is the flow): ``ModelOutput.audio_logits`` is None."""
+        return None
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x [N, frames * n_mels] at flow time t [N], condition c [N, dim] -> velocity [N, frames * n_mels]."""
         cond = self.cond(c) + self.time(_time_features(t, self.cfg.hidden_dim).to(x.dtype))
@@ -250,12 +333,14 @@ class FlowHead(nn.Module):
         shift, scale = self.out_mod(F.silu(cond)).chunk(2, dim=-1)
         return self.out(self.out_norm(h) * (1 + scale) + shift)
 
-    def loss(self, c: torch.Tensor, target_bins: torch.Tensor) -> torch.Tensor:
-        """Velocity regression error per target position [N] (mean over values and ``train_repeats`` noise draws).
+    def loss(self, c: torch.Tensor, target_bins: torch.Tensor, logits: None = None) -> torch.Tensor:
+        """Velocity regression error per target position, fp32 [N] (mean over values and ``train_repeats`` noise
+        draws; fresh noise every call).
 
         Args:
             c: [N, dim] hidden states; target_bins: long [N, frames, n_mels] dMel bins of the next position,
             dequantised uniformly inside their bins (the continuous log-mel they came from is not in the batch).
+            logits: unused (the interface's; this head has none).
         """
         n, r = c.shape[0], self.cfg.train_repeats
         c = c.repeat(r, 1)
@@ -271,7 +356,8 @@ class FlowHead(nn.Module):
         return err.view(r, n).mean(0)
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+               logits: None = None, speak: torch.Tensor | None = None) -> torch.Tensor:
         """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels]: the flow
         integrated with ``flow_steps`` / ``flow_solver`` / ``guidance`` from noise scaled by ``flow_temperature``.
 
@@ -279,8 +365,14 @@ class FlowHead(nn.Module):
         from the learned distribution, silence being one of its modes, so at ``flow_temperature`` 1 the decision is
         sampled with the model's own probability whatever ``cfg.floor`` says; ``flow_temperature`` towards 0 is the
         deterministic decoder (the path from the noise's mean), which misses low-probability onsets as argmax does.
+        ``speak`` bool [N]: the micro-turn's decision (``FloorHead``): silence (every bin SILENT_BIN, at its centre)
+        where False. The flow is integrated for every row either way, so the generator advances the same.
+        ``logits``: unused (the interface's).
         """
-        return self.integrate(h, cfg.flow_steps, cfg.flow_solver, cfg.guidance, generator, cfg.flow_temperature)
+        unit = self.integrate(h, cfg.flow_steps, cfg.flow_solver, cfg.guidance, generator, cfg.flow_temperature)
+        if speak is None:
+            return unit
+        return torch.where(speak[:, None, None], unit, bins_to_unit(torch.full_like(unit, SILENT_BIN), self.bins))
 
     @torch.no_grad()
     def integrate(self, c: torch.Tensor, steps: int = 16, solver: str = "midpoint", guidance: float = 1.0,
@@ -316,3 +408,7 @@ class FlowHead(nn.Module):
             else:
                 x = x + dt * v(x + 0.5 * dt * v(x, t), t + 0.5 * dt)
         return x.view(n, self.frames, self.n_mels)
+
+
+# The audio head of ``model.heads.audio`` (names: ``tml.model.config.AUDIO_HEADS``).
+AUDIO_HEADS: dict[str, type[DMelHead] | type[FlowHead]] = {"dmel": DMelHead, "flow": FlowHead}

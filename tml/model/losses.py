@@ -1,5 +1,6 @@
-"""Training losses from a ModelOutput and its Batch: text CE, audio (dMel per-channel CE or flow-matching velocity
-regression), router auxiliary loss. Only model-output positions carry targets (see ``tml.streams.batch``)."""
+"""Training losses from a ModelOutput and its Batch: the mean of each head's per-target loss (``ModelOutput.*_loss``,
+computed by the heads: ``tml.model.heads``), weighted, plus the router auxiliary loss. Only model-output positions
+carry targets (see ``tml.streams.batch``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from tml.streams.batch import Batch
 from tml.streams.layout import Kind
 
 
-def _mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [N, C] against targets [N], in fp32. With N == 0 it returns a zero that is
-    still attached to the graph (cross_entropy's mean over nothing would be NaN)."""
-    if logits.shape[0] == 0:
-        return logits.float().sum()
-    return F.cross_entropy(logits.float(), targets)
+def _mean(per_target: torch.Tensor) -> torch.Tensor:
+    """Mean over every entry of a head's per-target loss (any shape), fp32. Summed in the order of
+    ``F.cross_entropy``'s own mean (``nll_loss``'s cascade over an [M, 1] input; the negations are exact), so text and
+    dMel losses and their gradients are bitwise those of the fused call earlier runs logged. With no targets it
+    returns a zero that is still attached to the graph (a mean over nothing would be NaN)."""
+    x = per_target.float().reshape(-1, 1)
+    if x.shape[0] == 0:
+        return x.sum()
+    return F.nll_loss(-x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
 
 
 def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, audio_weight: float = 1.0,
@@ -36,25 +40,19 @@ def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, aud
                   targets that are not the empty-slot token: most model text slots are ``<pad>``, which is easy
                   to predict, so loss/text alone overstates how well the model writes words
     """
-    text_targets = batch.target_text[batch.target_kind == Kind.TEXT]
-    text = _mean_ce(out.text_logits, text_targets)
-    if out.audio_flow_mse is not None:
-        audio = out.audio_flow_mse.float().mean() if out.audio_flow_mse.numel() else out.audio_flow_mse.float().sum()
-    else:
-        bins = out.audio_logits.shape[-1]
-        audio = _mean_ce(out.audio_logits.reshape(-1, bins), batch.target_audio.reshape(-1))
+    text = _mean(out.text_loss)
+    audio = _mean(out.audio_loss)
     aux = out.aux_loss.float()
     losses = {"loss": text_weight * text + audio_weight * audio + aux, "loss/text": text, "loss/audio": audio,
               "loss/aux": aux}
-    if out.floor_logits is not None:
-        floor = (F.binary_cross_entropy_with_logits(out.floor_logits.float(), out.floor_targets)
-                 if out.floor_logits.numel() else out.floor_logits.float().sum())
+    if out.floor_loss is not None:
+        floor = _mean(out.floor_loss)
         losses["loss"] = losses["loss"] + floor_weight * floor
         losses["loss/floor"] = floor
     if out.audio_flow_mse is not None:
         losses["loss/audio_flow"] = audio.detach()
     if text_pad_id is not None:
-        words = text_targets != text_pad_id
+        words = batch.target_text[batch.target_kind == Kind.TEXT] != text_pad_id
         with torch.no_grad():
-            losses["loss/text_words"] = _mean_ce(out.text_logits[words], text_targets[words])
+            losses["loss/text_words"] = _mean(out.text_loss[words])
     return losses

@@ -14,7 +14,7 @@ from tml.errors import ConfigError
 from tml.model.attention import Attention, KVCache, RMSNorm, RopeTable, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
-from tml.model.heads import DMelHead, FloorHead, FlowHead, TextHead, floor_targets
+from tml.model.heads import AUDIO_HEADS, FloorHead, TextHead, floor_targets
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
 from tml.streams.batch import Batch
@@ -24,7 +24,8 @@ from tml.streams.layout import Kind
 @dataclass
 class ModelOutput:
     """What one forward returns. ``N_text`` / ``N_audio`` count positions whose target_kind is TEXT / AUDIO,
-    in row-major order (the order of ``Batch.target_audio`` and of ``target_text[target_kind == TEXT]``)."""
+    in row-major order (the order of ``Batch.target_audio`` and of ``target_text[target_kind == TEXT]``).
+    ``*_loss``: each head's ``loss`` per target (``tml.model.heads``), which ``compute_losses`` averages."""
 
     hidden: torch.Tensor  # [B, L, dim] final-norm hidden states
     text_logits: torch.Tensor  # [N_text, vocab]
@@ -32,11 +33,19 @@ class ModelOutput:
     aux_loss: torch.Tensor  # scalar: router losses summed over MoE layers (already times their coefficients)
     expert_counts: torch.Tensor  # long [n_moe_layers, E]: tokens routed to each expert in this forward
     router_terms: torch.Tensor  # fp32 [n_moe_layers, 3]: balancing terms before coefficients (MoE.ROUTER_TERMS)
-    # flow head: [N_audio] velocity regression error per audio target (fresh noise every forward); else None
-    audio_flow_mse: Optional[torch.Tensor] = None
-    # floor head: logits [Q] at each micro-turn's last input position and the reference's decision there [Q]
+    text_loss: torch.Tensor  # fp32 [N_text]: cross-entropy per text target
+    # fp32 [N_audio, ...]: dmel head [N_audio, frames, n_mels] CE per bin; flow head [N_audio] velocity error
+    audio_loss: torch.Tensor
+    # floor head: logits [Q] at each micro-turn's last input position, the reference's decision there [Q] and the
+    # BCE per decision [Q]; None without one
     floor_logits: Optional[torch.Tensor] = None
     floor_targets: Optional[torch.Tensor] = None
+    floor_loss: Optional[torch.Tensor] = None
+
+    @property
+    def audio_flow_mse(self) -> Optional[torch.Tensor]:
+        """A head without logits (the flow head): its loss, the velocity regression error [N_audio]; else None."""
+        return self.audio_loss if self.audio_logits is None else None
 
 
 class Block(nn.Module):
@@ -89,9 +98,7 @@ class InteractionModel(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.text_head = TextHead(cfg.dim, cfg.vocab_size,
                                   self.embed.text.weight if cfg.heads.text == "tied" else None)
-        S, C, NB = cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins
-        self.audio_head: DMelHead | FlowHead = (FlowHead(cfg.dim, S, C, NB, cfg.heads.flow) if cfg.heads.audio == "flow"
-                                                else DMelHead(cfg.dim, S, C, NB))
+        self.audio_head = AUDIO_HEADS[cfg.heads.audio].from_config(cfg)
         self.floor_head = FloorHead(cfg.dim) if cfg.heads.floor else None
         self.init_weights()
 
@@ -115,11 +122,10 @@ class InteractionModel(nn.Module):
         for m in self.modules():
             if isinstance(m, DMelBagEmbedding):
                 m.reset_parameters(std)
-            elif isinstance(m, FlowHead):
-                m.reset_parameters()  # adaLN-zero: its modulations and output start at zero
+        for head in (self.text_head, self.audio_head, self.floor_head):
+            if head is not None:
+                head.init_weights()  # a head's own start (e.g. the flow head's adaLN-zero)
         nn.init.normal_(self.embed.pad, std=std)
-        if self.floor_head is not None:
-            nn.init.zeros_(self.floor_head.proj.bias)  # P(speak) starts at 1/2 up to the weights' small term
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe[0] for layer in self.layers if layer.moe]
@@ -168,21 +174,22 @@ class InteractionModel(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, real)
         h = self.norm(x)
-        text_logits = self.text_head(h[batch.target_kind == Kind.TEXT])
-        h_audio = h[batch.target_kind == Kind.AUDIO]
-        audio_logits = flow_mse = None
-        if isinstance(self.audio_head, FlowHead):
-            # The flow head's training signal needs noise and the targets, so its loss is computed here.
-            flow_mse = self.audio_head.loss(h_audio, batch.target_audio)
-        else:
-            audio_logits = self.audio_head(h_audio)
-        floor_logits = floor_target = None
+        # Each head's logits (kept for inspection) and its loss per target (some heads' losses need noise, so
+        # every loss is computed here, where the head is; ``compute_losses`` averages them).
+        is_text = batch.target_kind == Kind.TEXT
+        h_text, h_audio = h[is_text], h[batch.target_kind == Kind.AUDIO]
+        text_logits = self.text_head(h_text)
+        text_loss = self.text_head.loss(h_text, batch.target_text[is_text], text_logits)
+        audio_logits = self.audio_head(h_audio)
+        audio_loss = self.audio_head.loss(h_audio, batch.target_audio, audio_logits)
+        floor_logits = floor_target = floor_loss = None
         if self.floor_head is not None:
             query, floor_target = floor_targets(batch)
             floor_logits = self.floor_head(h[query])
+            floor_loss = self.floor_head.loss(h[query], floor_target, floor_logits)
         aux_loss, expert_counts, router_terms = self._router_stats(h)
-        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, flow_mse,
-                           floor_logits, floor_target)
+        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, text_loss,
+                           audio_loss, floor_logits, floor_target, floor_loss)
 
     def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(aux loss summed over MoE layers, expert counts [n_moe_layers, E], router terms [n_moe_layers, 3])."""

@@ -68,10 +68,11 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
             batch = batch.to(device)
             out = engine(batch)
             losses = compute_losses(out, batch, text_pad_id=text_pad_id)
+            # Each loss is a mean over its head's targets (the first dim of its per-target loss): weight it by them.
             text = batch.target_text[batch.target_kind == Kind.TEXT]
-            counts = {"loss/text": text.numel(), "loss/text_words": int((text != text_pad_id).sum()),
-                      "loss/audio": int((batch.target_kind == Kind.AUDIO).sum()),
-                      "loss/floor": 0 if out.floor_targets is None else out.floor_targets.numel()}
+            counts = {"loss/text": out.text_loss.shape[0], "loss/text_words": int((text != text_pad_id).sum()),
+                      "loss/audio": out.audio_loss.shape[0],
+                      "loss/floor": 0 if out.floor_loss is None else out.floor_loss.shape[0]}
             for i, k in enumerate(names):
                 if counts[k]:
                     sums[2 * i] += float(losses[k]) * counts[k]
