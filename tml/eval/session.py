@@ -25,7 +25,7 @@ from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
 from tml.model.attention import ContextFullError, KVCache, RopeTable
-from tml.model.heads import SILENT_BIN, DMelHead, bins_to_unit, unit_to_bins
+from tml.model.heads import bins_to_unit, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
@@ -76,6 +76,19 @@ class MicroTurnOutputs:
     # the floor head's decision for this micro-turn and P(speak) it was drawn from (None: model without one)
     speaks: bool | None = None
     p_speak: float | None = None
+
+
+def listening_mel(dmel: DMelTokenizer, unit: torch.Tensor) -> torch.Tensor:
+    """An audio head's sample, unit coordinates [..., n_mels] -> the log-mel a listener hears [..., n_mels]: a value
+    at its bin's centre is that bin (``dmel.decode``, per-channel ranges included: the dMel head's samples and
+    silence), any other value the continuous log-mel it stands for (``dmel.unit_to_log_mel``: the flow head's)."""
+    bins = unit_to_bins(unit, dmel.cfg.n_bins)
+    return torch.where(unit == bins_to_unit(bins, dmel.cfg.n_bins), dmel.decode(bins), dmel.unit_to_log_mel(unit))
+
+
+def _row(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Row b of x as a batch of one (None stays None)."""
+    return None if x is None else x[b : b + 1]
 
 
 class LiveLogMel:
@@ -312,39 +325,34 @@ class StreamingSession:
 
         # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
-        sc, head, pad = self.cfg.sampling, self.model.audio_head, self.pad_id
+        sc, text_head, audio_head, pad = self.cfg.sampling, self.model.text_head, self.model.audio_head, self.pad_id
         speak = p_speak = None
         if self.model.floor_head is not None and sc.floor != "none":
             decided = [self.model.floor_head.sample(h[b : b + 1], sc, r.generator) for b, r in enumerate(self.rows)]
             speak, p_speak = torch.cat([d[0] for d in decided]), torch.cat([d[1] for d in decided])
 
         # Output slots, one position at a time: predict from h [B, dim], feed the payload back, get the next h.
-        # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator.
+        # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator, given
+        # the micro-turn's decision ``speak`` when there is one.
         forced_audio = [f["audio"].view(-1, S, C) if f else None for f in (force or [None] * B)]
         texts, audios, mels, text_logits, audio_logits = [], [], [], [], []
         for i, (k, st) in enumerate(self.outputs):
             if k == Kind.TEXT:
-                logits = self.model.text_head(h)  # [B, vocab]
-                tid = self._rows(lambda b, g: self.model.text_head.sample(h[b : b + 1], sc, g, pad, logits[b : b + 1]))
-                if speak is not None:
-                    tid = torch.where(speak, tid, pad)
+                logits = text_head(h)  # [B, vocab]
+                tid = self._rows(lambda b, g: text_head.sample(h[b : b + 1], sc, g, pad, logits[b : b + 1],
+                                                               _row(speak, b)))
                 if force is not None:
                     tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
                 text_logits.append(logits)
                 texts.append(tid)
                 payload = (tid, None)
             else:
-                if isinstance(head, DMelHead):
-                    logits = head(h)  # [B, S, C, bins]
-                    bins = unit_to_bins(self._rows(lambda b, g: head.sample(
-                        h[b : b + 1], sc, g, logits[b : b + 1], None if speak is None else speak[b : b + 1])), head.bins)
-                    mel = [self.dmel.decode(x) for x in bins]  # bin centres (also with per-channel ranges)
+                logits = audio_head(h)  # [B, S, C, bins]; None for a head without logits (flow)
+                unit = self._rows(lambda b, g: audio_head.sample(h[b : b + 1], sc, g, _row(logits, b), _row(speak, b)))
+                # It feeds back quantised, like real audio; the listener hears the sample itself.
+                bins, mel = unit_to_bins(unit, audio_head.bins), [listening_mel(self.dmel, u) for u in unit]
+                if logits is not None:
                     audio_logits.append(logits)
-                else:  # flow: a continuous log-mel sample; it feeds back quantised, like real audio
-                    unit = self._rows(lambda b, g: head.sample(h[b : b + 1], sc, g))
-                    if speak is not None:  # the flow head has no floor of its own: a silent micro-turn is silence
-                        unit = torch.where(speak[:, None, None], unit, bins_to_unit(torch.full_like(unit, SILENT_BIN), head.bins))
-                    bins, mel = unit_to_bins(unit, head.bins), [self.dmel.unit_to_log_mel(u) for u in unit]
                 for b, fa in enumerate(forced_audio):
                     if fa is not None:
                         bins[b] = fa[len(audios)]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tml.model.attention import KVCache
-from tml.model.heads import SILENT_BIN, DMelHead, bins_to_unit, unit_to_bins
+from tml.model.heads import unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.model.transformer import InteractionModel
 from tml.streams.batch import IGNORE_INDEX, Batch
@@ -81,16 +81,11 @@ def generate_model_side(model: InteractionModel, tok: EpisodeTokens, cfg: Sampli
         fed = q
         if floor and tok.stream[q - 1] != Stream.MODEL:  # first output slot of a micro-turn: the floor decision
             speak = model.floor_head.sample(h, cfg, gen)[0]
+        # The content given the micro-turn's decision (None: each slot decides for itself).
         if tok.kind[q] == Kind.TEXT:
-            token = model.text_head.sample(h, cfg, gen, text_pad_id).cpu()[0]
-            text_ids[q] = token if speak is None or bool(speak[0]) else text_pad_id
-        elif isinstance(model.audio_head, DMelHead):  # the content given the decision
-            unit = model.audio_head.sample(h, cfg, gen, speak=speak).float().cpu()
+            text_ids[q] = model.text_head.sample(h, cfg, gen, text_pad_id, speak=speak).cpu()[0]
         else:
-            unit = model.audio_head.sample(h, cfg, gen).float().cpu()
-            if speak is not None and not bool(speak[0]):
-                unit = bins_to_unit(torch.full_like(unit, SILENT_BIN), model.cfg.dmel_bins)
-        if tok.kind[q] != Kind.TEXT:
+            unit = model.audio_head.sample(h, cfg, gen, speak=speak).float().cpu()
             audio_bins[audio_row[q]] = unit_to_bins(unit[0], model.cfg.dmel_bins)
             units.append(unit[0])
     S, C = tok.audio_bins.shape[1:]
