@@ -20,7 +20,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tml.eval.loading import load_run, read_episodes  # noqa: E402
-from tml.model.losses import _mean_ce  # noqa: E402
 from tml.streams import Batch, Kind  # noqa: E402
 from tml.streams.interleave import interleave  # noqa: E402
 from tml.streams.pack import collate  # noqa: E402
@@ -67,16 +66,15 @@ def main() -> None:
                 out = run.model(Masked(**batch.__dict__))
             tt = batch.target_text[batch.target_kind == Kind.TEXT]
             words = tt != run.text.pad_id
-            bins = out.audio_logits.shape[-1]
             for part, sel_t, sel_a in (("all", torch.ones_like(t_text, dtype=torch.bool), torch.ones_like(t_audio, dtype=torch.bool)),
                                         ("late", t_text >= windows[-1], t_audio >= windows[-1])):
-                vals = {"text": (out.text_logits[sel_t], tt[sel_t]),
-                        "words": (out.text_logits[sel_t & words], tt[sel_t & words]),
-                        "audio": (out.audio_logits[sel_a].reshape(-1, bins), batch.target_audio[sel_a].reshape(-1))}
-                for key, (lg, tg) in vals.items():
+                # the heads' per-target losses (dMel: per mel-channel bin; flow: per position)
+                vals = {"text": out.text_loss[sel_t], "words": out.text_loss[sel_t & words],
+                        "audio": out.audio_loss[sel_a]}
+                for key, per_target in vals.items():
                     s = sums[name].setdefault(f"{part}/{key}", [0.0, 0])
-                    s[0] += float(_mean_ce(lg, tg)) * tg.numel()
-                    s[1] += tg.numel()
+                    s[0] += float(per_target.double().sum())
+                    s[1] += per_target.numel()
     print(f"{len(lengths)} sessions of {min(lengths)}-{max(lengths)} positions ({n} held-out episodes each), "
           f"checkpoint {run.step_dir}")
     keys = [f"{p}/{k}" for p in ("all", "late") for k in ("text", "words", "audio")]
@@ -84,7 +82,7 @@ def main() -> None:
     for name, _, _ in contexts:
         print(f"{name:24} " + " ".join(f"{sums[name][k][0] / max(sums[name][k][1], 1):>12.4f}" for k in keys))
     print(f"(late = targets at positions >= {windows[-1]}; losses in nats: text per token, words per non-pad token, "
-          f"audio per mel-channel bin)")
+          f"audio per mel-channel bin, or per position for the flow head)")
 
 
 if __name__ == "__main__":
