@@ -14,7 +14,7 @@ from torch import nn
 from conftest import TURN, make_batch, tiny_cfg
 from tml.model import (FlowHead, FlowHeadConfig, HeadsConfig, InteractionModel, ModelConfig, compute_losses,
                        bins_to_unit, unit_to_bins)
-from tml.model.heads import DMelHead
+from tml.model.heads import SILENT_BIN, DMelHead, TextHead
 from tml.model.sampling import SamplingConfig, sample_logits
 from tml.errors import ConfigError
 from tml.streams.layout import Kind, Stream
@@ -97,6 +97,28 @@ def test_head_losses_are_the_fused_reference_losses_bitwise():
         g_got = torch.autograd.grad(got[k], out.hidden, retain_graph=True)[0]
         g_want = torch.autograd.grad(fused[k], out.hidden, retain_graph=True)[0]
         assert torch.equal(g_got, g_want), k
+
+
+def test_every_content_head_samples_silence_where_the_floor_says_so_and_draws_the_same():
+    """Given the micro-turn's decision ``speak``, each content head writes silence (pad text, the silent bin's centre)
+    where it is False, the same draws as an all-speaking call where it is True, and advances the generator the same
+    (so one session's later draws do not depend on what the floor decided)."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 16)
+    speak = torch.tensor([True, False, True, False, True, False])
+    cfg = SamplingConfig(text_temperature=1.0, audio_temperature=1.0)
+    heads = [(TextHead(16, 10), {"pad_id": 3}, torch.tensor(3)),
+             (DMelHead(16, 2, 3, NB), {}, bins_to_unit(torch.tensor(SILENT_BIN), NB)),
+             (FlowHead(16, 2, 3, NB, FlowHeadConfig(hidden_dim=8, n_layers=1, cond_dropout=0.0)), {},
+              bins_to_unit(torch.tensor(SILENT_BIN), NB))]
+    for head, kw, silent in heads:
+        g_all, g_given = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        everyone = head.sample(h, cfg, g_all, speak=torch.ones(6, dtype=torch.bool), **kw)
+        given = head.sample(h, cfg, g_given, speak=speak, **kw)
+        name = type(head).__name__
+        assert torch.equal(given[speak], everyone[speak]), name
+        assert (given[~speak] == silent).all() and not (everyone[~speak] == silent).all(), name
+        assert torch.equal(g_all.get_state(), g_given.get_state()), name
 
 
 def test_temperature_zero_is_argmax():
