@@ -1,12 +1,12 @@
-"""Output heads on the final hidden state: text logits, dMel logits, and the flow-matching audio head.
+"""Output heads on the final hidden state: text logits, dMel logits, the flow-matching audio head, the floor head.
 
 Audio values shared by both audio heads: a *unit coordinate* ``y`` in [-1, 1] that spans the dMel range linearly,
 ``y = 2 * (bin + u) / bins - 1`` with ``u`` in [0, 1) the position inside the bin. So ``y`` is a normalised clipped
 log-mel (``log_min + (y + 1) / 2 * (log_max - log_min)``), bin ``k``'s centre is ``u = 0.5``, and quantising ``y``
 gives back the bin the dMel bag reads. The model needs no knowledge of the log-mel range.
 
-Every head has the same three methods, so the model, the losses, the parameter counts and the streaming step
-never ask which head they hold:
+Every head has the same methods, so the model, the losses, the parameter counts, the streaming step and free
+generation never ask which head they hold:
 
 - ``forward(h)``: what the training forward keeps for inspection (logits; ``None`` for the flow head, which has
   none), ``ModelOutput.text_logits`` / ``audio_logits`` / ``floor_logits``;
