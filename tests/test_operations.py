@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -62,6 +63,15 @@ def test_universal_resume_only_for_zero_partitions_from_another_world_size(tmp_p
     assert universal_resume_tag(tmp_path, world_size=1, zero_stage=0, expert_parallel_size=1) is None  # whole state
     with pytest.raises(CheckpointError, match="parallel.expert_parallel_size=2"):
         universal_resume_tag(tmp_path, world_size=4, zero_stage=1, expert_parallel_size=2)
+    # Written with AutoEP at EP 2: experts move only to AutoEP at ZeRO 3, also at the same world size.
+    (tmp_path / tag_for(8) / "complete.json").write_text(json.dumps(
+        {"step": 8, "world_size": 2, "files": {}, "expert_parallel": {"size": 2, "backend": "deepspeed"}}))
+    assert universal_resume_tag(tmp_path, 4, 3, expert_parallel_size=4, moe_backend="deepspeed") == tag_for(8)
+    assert universal_resume_tag(tmp_path, 2, 3, expert_parallel_size=2, moe_backend="deepspeed") is None
+    assert universal_resume_tag(tmp_path, 4, 3, expert_parallel_size=2, moe_backend="deepspeed") == tag_for(8)
+    for world, zero, ep, backend in ((1, 3, 1, "native"), (4, 2, 4, "deepspeed"), (4, 3, 4, "native")):
+        with pytest.raises(CheckpointError, match="moe_backend=deepspeed at parallel.zero_stage=3"):
+            universal_resume_tag(tmp_path, world, zero, expert_parallel_size=ep, moe_backend=backend)
 
 
 def test_resharded_loader_state_starts_the_next_epoch():
@@ -241,36 +251,52 @@ def test_zero2_checkpoint_resumes_on_one_rank_like_zero0(synth_data, tmp_path_fa
             assert b[k] == pytest.approx(a[k], rel=1e-4), (a["step"], k)
 
 
-@pytest.mark.parametrize("zero, nproc", [(1, 1), (3, 4)])
-def test_zero_state_resumed_on_another_world_size_is_the_state_that_was_saved(synth_data, tmp_path_factory, zero,
-                                                                               nproc):
-    """A 2-rank ZeRO checkpoint loaded on ``nproc`` ranks (converted to the universal format) and on the 2 ranks that
-    wrote it (no conversion): fp32 weights, both Adam moments and step, every param group's hyperparameters and the
-    lr schedule are bitwise equal (tests/resume_state_worker.py resumes with the recipe's setup and gathers them). At ZeRO 3 this caught DeepSpeed
-    giving every param group group 0's weight decay. The data loader restarts as documented."""
-    src = tmp_path_factory.getbasetemp() / f"two_ranks_8_steps_zero{zero}"
-    if not (src / "checkpoints" / tag_for(8) / "complete.json").exists():
-        run_recipe(src, f"data.path={synth_data}", "trainer.save_every=8", "logger=none", f"parallel.zero_stage={zero}",
-                   "trainer.max_steps=8", nproc=2)
-    run = tmp_path_factory.mktemp(f"zero{zero}_state") / "run"
+AUTOEP3 = ["parallel.zero_stage=3", "parallel.expert_parallel_size=2", "parallel.moe_backend=deepspeed"]
+
+
+@pytest.mark.parametrize("name, parallel, nproc, ep, resumed_with", [
+    ("zero1", ["parallel.zero_stage=1"], 1, 1, []),
+    ("autoep_zero3", AUTOEP3, 4, 4, ["parallel.expert_parallel_size=4"]),  # experts 2 per rank -> 1 per rank
+])
+def test_state_resumed_on_another_world_size_is_the_state_that_was_saved(synth_data, tmp_path_factory, name,
+                                                                         parallel, nproc, ep, resumed_with):
+    """A 2-rank checkpoint loaded on ``nproc`` ranks (converted to the universal format) and on the 2 ranks that wrote
+    it (no conversion): fp32 weights, both Adam moments and step, every param group's hyperparameters and the lr
+    schedule are bitwise equal (tests/resume_state_worker.py resumes with the recipe's setup and gathers them). ZeRO 1
+    2 -> 1 ranks; ZeRO 3 with AutoEP 2 -> 4 ranks and expert-parallel size 2 -> 4, each expert compared where it now
+    lives. At ZeRO 3 this caught DeepSpeed giving every param group group 0's weight decay. The data loader restarts
+    as documented."""
+    src = tmp_path_factory.getbasetemp() / f"two_ranks_4_steps_{name}"
+    if not (src / "checkpoints" / tag_for(4) / "complete.json").exists():
+        run_recipe(src, f"data.path={synth_data}", "trainer.save_every=4", "logger=none", *parallel,
+                   "trainer.max_steps=4", nproc=2)
+    run = tmp_path_factory.mktemp(f"{name}_state") / "run"
     shutil.copytree(src, run)
-    states = {}
-    for n in (2, nproc):
+    dumps = {}
+    for n, overrides in ((2, []), (nproc, resumed_with)):
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                        "tests/resume_state_worker.py", str(run), str(run / f"state_{n}.pt")], cwd=ROOT, env=ENV,
-                       check=True, capture_output=True, timeout=600)
-        states[n] = torch.load(run / f"state_{n}.pt", weights_only=False)
-    saved, resumed = states[2], states[nproc]
-    assert resumed["world_size"] == nproc and (run / "checkpoints" / (tag_for(8) + "_universal")).is_dir()
+                        "tests/resume_state_worker.py", str(run), str(run / f"state_{n}"), *overrides], cwd=ROOT,
+                       env=ENV, check=True, capture_output=True, timeout=600)
+        dumps[n] = [torch.load(run / f"state_{n}.rank{r}.pt", weights_only=False) for r in range(n)]
+    assert (run / "checkpoints" / (tag_for(4) + "_universal")).is_dir()
+    saved, resumed = dumps[2][0], dumps[nproc][0]
+
+    def full(dump: list[dict], ep_size: int, param: str, key: str) -> torch.Tensor:
+        """A parameter's whole tensor: sharded experts concatenated over the expert-parallel group of rank 0."""
+        if re.search(r"\.experts\.w[123]$", param):
+            return torch.cat([dump[r]["params"][param][key] for r in range(ep_size)])
+        return dump[0]["params"][param][key]
+
     assert saved["params"].keys() == resumed["params"].keys() and len(saved["params"]) > 30
-    for name, st in saved["params"].items():
-        for key, value in st.items():
-            assert torch.equal(value, resumed["params"][name][key]), (name, key)
-    assert saved["adam_steps"] == resumed["adam_steps"] == [8.0]
-    assert [g["weight_decay"] for g in resumed["groups"]] == [0.1, 0.0] and resumed["groups"] == saved["groups"]
-    assert resumed["scheduler"] == saved["scheduler"] and resumed["scheduler"]["last_epoch"] == 8
-    assert resumed["step"] == 8
-    written = [torch.load(run / "checkpoints" / tag_for(8) / f"trainer_state_rank{r}.pt", weights_only=False)["loader"]
+    for param, st in saved["params"].items():
+        for key in st:
+            assert torch.equal(full(dumps[2], 2 if ep > 1 else 1, param, key), full(dumps[nproc], ep, param, key)), \
+                (param, key)
+    assert saved["adam_steps"] == resumed["adam_steps"] == [4.0]
+    assert resumed["groups"] == saved["groups"] and [g["weight_decay"] for g in resumed["groups"]][:2] == [0.1, 0.0]
+    assert resumed["scheduler"] == saved["scheduler"] and resumed["scheduler"]["last_epoch"] == 4
+    assert resumed["step"] == 4
+    written = [torch.load(run / "checkpoints" / tag_for(4) / f"trainer_state_rank{r}.pt", weights_only=False)["loader"]
                for r in range(2)]
     epoch = max(w[0] for s in written for w in s["workers"]) + 1  # the epoch after the furthest, from its start
     assert resumed["loader"]["workers"] == [[epoch, 0, 0]] and resumed["loader"]["world_size"] == nproc

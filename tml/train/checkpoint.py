@@ -89,9 +89,12 @@ def _fsync_tree(root: Path) -> None:
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank: int, world_size: int,
                     nonfinite_skipped: int = 0, keep_last: int = 0, keep_every: int = 0,
-                    crash_after_files: bool = False) -> Path:
+                    crash_after_files: bool = False, expert_parallel_size: int = 1,
+                    moe_backend: str = "native") -> Path:
     """Save a complete, resumable checkpoint of ``step`` (collective: all ranks call it). Returns its directory.
     ``nonfinite_skipped``: the run's count of skipped non-finite steps so far, restored on resume.
+    ``expert_parallel_size``, ``moe_backend``: recorded in ``complete.json`` with the world size (how experts are
+    sharded decides whether another number of ranks can load it: ``universal_resume_tag``).
 
     ``crash_after_files`` kills this process after the files are written but before the checkpoint is published
     (fault injection for tests: ``trainer.fault.kill_in_save_at_step``)."""
@@ -134,7 +137,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, loader_state: dict, rank:
         _fsync_tree(tmp_root / tag)
         files = {str(p.relative_to(tmp_root / tag)): p.stat().st_size
                  for p in sorted((tmp_root / tag).rglob("*")) if p.is_file()}
-        _write_atomic(tmp_root / tag / MARKER, json.dumps({"step": step, "world_size": world_size, "files": files}))
+        _write_atomic(tmp_root / tag / MARKER, json.dumps({"step": step, "world_size": world_size, "files": files,
+                                                            "expert_parallel": {"size": expert_parallel_size,
+                                                                                "backend": moe_backend}}))
         if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
             shutil.rmtree(final)
         os.replace(tmp_root / tag, final)
@@ -214,23 +219,35 @@ def resharded_loader_state(states: list[dict]) -> dict:
     return {"restart_epoch": max(w[0] for s in states for w in s["workers"]) + 1}
 
 
-def universal_resume_tag(ckpt_dir: Path, world_size: int, zero_stage: int, expert_parallel_size: int) -> str | None:
+def universal_resume_tag(ckpt_dir: Path, world_size: int, zero_stage: int, expert_parallel_size: int,
+                         moe_backend: str = "native") -> str | None:
     """The checkpoint a resume will load when it has to go through DeepSpeed's universal format: at ZeRO >= 1 one
-    written by another number of ranks (its optimizer partitions do not fit the new ranks). None when the newest
-    complete checkpoint loads as it is. Decide this before building the engine: ``checkpoint.load_universal`` is
-    part of its config."""
+    written by another number of ranks or expert-parallel size (its partitions do not fit the new ranks). None when
+    the newest complete checkpoint loads as it is. Decide this before building the engine: ``checkpoint.load_universal``
+    is part of its config.
+
+    Sharded experts move to other ranks only with DeepSpeed AutoEP at ZeRO 3 on both sides (its universal format
+    records where each expert lives); the native backend keeps its shards in ZeRO 1/2 partitions that the conversion
+    cannot place, so such a checkpoint resumes on the ranks and expert-parallel size that wrote it."""
     if zero_stage == 0:
         return None
     for tag in resume_candidates(ckpt_dir):
         if damage(ckpt_dir / tag) is None:
-            written_by = json.loads((ckpt_dir / tag / MARKER).read_text())["world_size"]
-            if written_by == world_size:
+            meta = json.loads((ckpt_dir / tag / MARKER).read_text())
+            written_by = meta["world_size"]
+            written_ep = meta.get("expert_parallel", {"size": 1, "backend": "native"})  # older checkpoints: none
+            if written_by == world_size and written_ep["size"] == expert_parallel_size:
                 return None
-            if expert_parallel_size > 1:
+            autoep3 = zero_stage == 3 and moe_backend == written_ep["backend"] == "deepspeed"
+            if (expert_parallel_size > 1 or written_ep["size"] > 1) and not (
+                    autoep3 and expert_parallel_size > 1 and written_ep["size"] > 1):
                 raise CheckpointError(
-                    f"{ckpt_dir / tag} was written by {written_by} ranks; resuming on {world_size} with "
-                    f"parallel.expert_parallel_size={expert_parallel_size} would move experts between ranks, which "
-                    f"the universal conversion does not do for sharded experts: resume on {written_by} ranks")
+                    f"{ckpt_dir / tag} was written by {written_by} ranks with parallel.expert_parallel_size="
+                    f"{written_ep['size']} (moe_backend={written_ep['backend']}); resuming on {world_size} with "
+                    f"parallel.expert_parallel_size={expert_parallel_size} (moe_backend={moe_backend}) would move "
+                    f"experts between ranks, which the universal conversion does only for parallel.moe_backend="
+                    f"deepspeed at parallel.zero_stage=3 with expert parallelism on both sides: resume on "
+                    f"{written_by} ranks with parallel.expert_parallel_size={written_ep['size']}")
             return tag
     return None
 

@@ -148,7 +148,7 @@ def setup(cfg: PretrainConfig, run_dir: str | Path) -> Trainer:
     # A ZeRO >= 1 checkpoint written by another number of ranks is converted to DeepSpeed's universal format first.
     universal = None
     if resume and (source := universal_resume_tag(ckpt_dir, dist.world_size, cfg.parallel.zero_stage,
-                                                  cfg.parallel.expert_parallel_size)):
+                                                  cfg.parallel.expert_parallel_size, cfg.parallel.moe_backend)):
         universal = convert_to_universal(ckpt_dir, source, dist.rank)
     ds_config = deepspeed_config(micro_batch_size=cfg.data.loader.micro_batch_size, grad_accum_steps=t.grad_accum_steps,
                                  world_size=dist.world_size, grad_clip=t.grad_clip, precision=t.precision,
@@ -311,7 +311,8 @@ def save(tr: Trainer) -> None:
     t = tr.cfg.trainer
     save_checkpoint(tr.engine, tr.ckpt_dir, tr.step, tr.loader.state_dict(), tr.dist.rank, tr.dist.world_size,
                     nonfinite_skipped=tr.skipped, keep_last=t.keep_last, keep_every=t.keep_every,
-                    crash_after_files=t.fault.kill_in_save_at_step == tr.step)
+                    crash_after_files=t.fault.kill_in_save_at_step == tr.step,
+                    expert_parallel_size=tr.cfg.parallel.expert_parallel_size, moe_backend=tr.cfg.parallel.moe_backend)
 
 
 def close(tr: Trainer) -> None:
