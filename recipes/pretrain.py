@@ -4,9 +4,7 @@ Same command under `torchrun --nproc_per_node 2 recipes/pretrain.py ...` for dat
 Hydra run dir (outputs/pretrain/DATE/TIME unless `hydra.run.dir=...`).
 """
 
-import os
 import signal
-import sys
 
 # launch/slurm_node.sh starts torchrun with SIGUSR1 ignored (Slurm signals every process of a step, and torchrun has
 # no handler for it); the trainer takes the default back, so a SIGUSR1 before its own handler is installed (during
@@ -19,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from tml.cli import check_overrides, recipe_run  # noqa: E402
-from tml.parallel.engine import RankFailure, unresponsive_ranks  # noqa: E402
+from tml.parallel.engine import RankFailure, exit_without_teardown, unresponsive_ranks  # noqa: E402
 from tml.train.config import PretrainConfig, register_hydra_schema  # noqa: E402
 from tml.train.loop import pretrain  # noqa: E402
 from tml.train.signals import StopRequested, requeue_submitit_job  # noqa: E402
@@ -50,10 +48,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     check_overrides(PretrainConfig)
     main()
-    # A finished multi-rank run has saved, logged and flushed everything. Interpreter teardown of gloo / DeepSpeed's
-    # C++ state intermittently aborted one rank ("terminate called without an active exception", SIGABRT) after
-    # its last step, failing a complete run; skip that teardown (not root-caused yet: see the issue notes).
+    # A finished multi-rank run has saved, logged and closed everything; interpreter finalization can race gloo's
+    # worker threads and abort the rank (see exit_without_teardown).
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_without_teardown()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from tml.parallel.engine import exit_without_teardown
 from tml.train.config import config_from_dict
 from tml.train.loop import close, setup
 
@@ -42,6 +43,7 @@ def main(run_dir: Path, out: str, overrides: list[str]) -> None:
                 "scheduler": tr.engine.lr_scheduler.state_dict(), "step": tr.step,
                 "loader": tr.loader.state_dict()}, f"{out}.rank{tr.dist.rank}.pt")
     close(tr)
+    exit_without_teardown()  # as recipes/pretrain.py ends a multi-rank run
 
 
 if __name__ == "__main__":
