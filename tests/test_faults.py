@@ -35,6 +35,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+def resumes_from_step_8_as_if_uninterrupted(run, synth_data, two_rank_run) -> None:
+    """The failed run's newest checkpoint is step 8's, intact; resumed, it ends with the uninterrupted run's parameters
+    and losses."""
+    ckpts = run / "checkpoints"
+    assert latest_tag(ckpts) == tag_for(8) and damage(ckpts / tag_for(8)) is None
+    resumed = run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, "trainer.auto_resume=true", nproc=2)
+    assert f"resumed from {ckpts / tag_for(8)} at step 8" in resumed.stdout
+    assert_same_params(module_state(run, CLUSTER_STEPS), module_state(two_rank_run, CLUSTER_STEPS))
+    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(two_rank_run)]
+
+
 def test_killed_rank_stops_the_others_at_once_and_the_run_resumes(synth_data, two_rank_run, tmp_path):
     """Rank 1 is SIGKILLed after step 10 (checkpoint of step 8 complete): rank 0, blocked in the step's collective,
     fails as soon as the dead rank's connections close, torchrun names rank 1 and its signal, and the resumed run
@@ -51,12 +62,7 @@ def test_killed_rank_stops_the_others_at_once_and_the_run_resumes(synth_data, tw
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", out), out[-3000:]  # torchrun's report
     assert detect_s < 40, detect_s  # torchrun: a dead worker is seen at once; the survivor fails on its socket
     print(f"rank 1 SIGKILLed: torchrun exited {detect_s:.1f} s later")
-    ckpts = run / "checkpoints"
-    assert latest_tag(ckpts) == tag_for(8) and damage(ckpts / tag_for(8)) is None
-    resumed = run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, "trainer.auto_resume=true", nproc=2)
-    assert f"resumed from {ckpts / tag_for(8)} at step 8" in resumed.stdout
-    assert_same_params(module_state(run, CLUSTER_STEPS), module_state(two_rank_run, CLUSTER_STEPS))
-    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(two_rank_run)]
+    resumes_from_step_8_as_if_uninterrupted(run, synth_data, two_rank_run)
 
 
 def test_hung_rank_is_bounded_by_the_collective_timeout_and_the_run_resumes(synth_data, two_rank_run, tmp_path):
@@ -80,12 +86,7 @@ def test_hung_rank_is_bounded_by_the_collective_timeout_and_the_run_resumes(synt
     assert "Timed out waiting 10000ms" in out and "ranks that did not answer within 5 s: [1]" in out, out[-3000:]
     assert re.search(r"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: -9", out), out[-3000:]
     assert 10 <= rank0_s < 10 + 5 + 20, rank0_s  # the timeout, the 5 s roll call, start-up slack on a busy machine
-    ckpts = run / "checkpoints"
-    assert latest_tag(ckpts) == tag_for(8) and damage(ckpts / tag_for(8)) is None
-    resumed = run_recipe(run, f"data.path={synth_data}", *CLUSTER_RUN, "trainer.auto_resume=true", nproc=2)
-    assert f"resumed from {ckpts / tag_for(8)} at step 8" in resumed.stdout
-    assert_same_params(module_state(run, CLUSTER_STEPS), module_state(two_rank_run, CLUSTER_STEPS))
-    assert [r["loss"] for r in metrics(run)] == [r["loss"] for r in metrics(two_rank_run)]
+    resumes_from_step_8_as_if_uninterrupted(run, synth_data, two_rank_run)
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ def test_flops_per_token_by_hand():
     cfg.moe.hidden_dim, cfg.moe.num_experts, cfg.moe.top_k = 64, 4, 2
     per_layer = (2 * 64 * 64 + 2 * 32 * 64) + 2 * 64 + 4 * 64 + 2 * 3 * 64 * 64  # attn, 2 norms, router, top-2 experts
     stem = 16 * 3 * 10 * 10 + 16 * 16 * 2 * 2 + 64 * 16 * 2 * 2  # hMLP conv weights (10 -> 2 -> 2)
-    heads = 64 * 300 + 64 * 4 * 80 * 16
+    heads = 64 * 300 + 64 * 4 * 80 * 16 + (64 + 1)  # text, dMel, floor (counted per token, as the others)
     want = 2 * per_layer + 64 + stem + heads  # + final norm; embedding tables are lookups, not matmuls
     assert active_matmul_params(cfg) == want
     assert flops_per_token(cfg, 200) == 6 * want + 12 * 2 * 64 * 200

@@ -73,7 +73,8 @@ class MicroTurnOutputs:
     audio_logits: torch.Tensor | None  # [audio slots, S, C, bins] for the dMel head; None for the flow head
     background_ids: list[int]  # what the background slots read in this micro-turn (pad id where empty)
     compute_s: float  # wall time of the step that computed it (shared by the sessions stepped together)
-    # the floor head's decision for this micro-turn and P(speak) it was drawn from (None: model without one)
+    # the floor head's decision for this micro-turn and the model's P(speak) (before sampling.floor_temperature;
+    # None: a model without a floor head)
     speaks: bool | None = None
     p_speak: float | None = None
 
