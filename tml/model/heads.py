@@ -236,11 +236,9 @@ def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     ok = is_audio & (seg >= torch.arange(B, device=query.device)[:, None] * L)
     n_audio = torch.zeros(B * L, device=spoken.device).index_add_(0, seg[ok], torch.ones_like(spoken[ok]))
     n_spoken = torch.zeros(B * L, device=spoken.device).index_add_(0, seg[ok], spoken[ok])
+    query = query & (n_audio[seg.clamp_min(0)] > 0)  # a query's own segment starts at it, so its seg is >= 0
     q_seg = seg[query]
-    keep = n_audio[q_seg] > 0
-    query = query.clone()
-    query[query.clone()] = keep
-    return query, (2 * n_spoken[q_seg[keep]] >= n_audio[q_seg[keep]]).float()
+    return query, (2 * n_spoken[q_seg] >= n_audio[q_seg]).float()
 
 
 def _time_features(t: torch.Tensor, width: int) -> torch.Tensor:
