@@ -341,27 +341,49 @@ class MoE(nn.Module):
                                logits.view(*shape[:-1], E), valid)
         return out.view(shape)
 
-    # Assignments (tokens x top_k) up to which decode gathers each one's expert weights and runs matvecs; above it
-    # the grouped GEMMs of the training path (which read each expert once) are cheaper.
-    DECODE_GATHER_MAX = 8
+    # Tokens up to which decode on CPU runs each chosen expert as plain matvecs/matmuls on its weight slices (a loop
+    # over the experts present); above it the grouped GEMMs of the training dispatch. Measured on CPU (bench/
+    # streaming.py): the loop wins for a micro-turn's output positions of up to 16 sessions.
+    DECODE_LOOP_MAX = 16
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Inference forward [B, T, dim] -> [B, T, dim] for streaming: the same routing and experts as ``forward``
-        (equal up to float rounding), no router statistics. A few tokens (a micro-turn's output positions) gather
-        their experts' weights and run batched matvecs instead of sorting and dispatching."""
+        (equal up to float rounding), without router statistics. On CPU a few tokens (a micro-turn's output
+        positions) run each chosen expert's SwiGLU as ``F.linear`` on views of its weights, one expert after another:
+        no weight copies, no sort-and-dispatch machinery; more tokens take the training dispatch."""
         shape = x.shape
         x = x.reshape(-1, self.dim)
-        few = x.shape[0] * self.top_k <= self.DECODE_GATHER_MAX
-        if self.dispatcher is not local_experts or self.capacity_factor or not few:  # the training path
+        if self.dispatcher is not local_experts or self.capacity_factor:  # the training path, statistics and all
             return self.forward(x.view(shape))
         weights, experts, _, _ = self.route(x)  # [N, top_k]
-        e = experts.reshape(-1)
-        xs = x.repeat_interleave(self.top_k, 0).unsqueeze(-1)  # [M, dim, 1], assignment (token, k) order
-        w = self.experts
-        h = F.silu(torch.bmm(w.w1[e], xs)) * torch.bmm(w.w3[e], xs)  # [M, hidden, 1]
-        h = h * weights.reshape(-1, 1, 1).to(h.dtype)
-        out = torch.bmm(w.w2[e], h).view(-1, self.top_k, self.dim).sum(1)
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)  # assignments (token * top_k + k) in expert order, as in forward
+        if x.device.type == "cpu" and x.shape[0] <= self.DECODE_LOOP_MAX:
+            out = self._decode_loop(x, weights, flat, order)
+        else:
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+            dispatch = self._dispatch_gather if x.device.type == "cpu" else self._dispatch_permute
+            out = dispatch(x, weights, order, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+    def _decode_loop(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
+                     order: torch.Tensor) -> torch.Tensor:
+        """``_dispatch_gather`` with one expert at a time instead of grouped GEMMs: x [N, dim]; weights fp32
+        [N, top_k]; flat long [N * top_k] expert of each assignment; order: the assignments sorted by expert.
+        Returns [N, dim]: each token's routing-weighted sum of its experts' outputs."""
+        token = order // self.top_k
+        xs = x.index_select(0, token)
+        scale = weights.reshape(-1).index_select(0, order).to(x.dtype)[:, None]
+        w = self.experts
+        ids, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        ys, start = [], 0
+        for e, n in zip(ids.tolist(), counts.tolist()):
+            xe = xs[start : start + n]
+            h = F.silu(F.linear(xe, w.w1[e])) * F.linear(xe, w.w3[e]) * scale[start : start + n]
+            ys.append(F.linear(h, w.w2[e]))
+            start += n
+        return x.new_zeros(x.shape[0], self.dim).index_add(0, token, torch.cat(ys))
