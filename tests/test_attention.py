@@ -86,3 +86,25 @@ def test_rope_preserves_norm():
     x = torch.randn(2, 3, 5, 8)
     cos, sin = rope_cos_sin(torch.arange(5).expand(2, 5), 8, 10000.0)
     torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_decode_attention_equals_sdpa_with_grouped_heads_and_a_mask():
+    """The one-query path of the streaming step (``decode_attention``) computes what SDPA computes: query head h
+    reads kv head h // group, masked keys get no weight (checked against softmax over the visible keys by hand)."""
+    from tml.model.attention import decode_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 3, 8, 2, 17, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    mask = torch.rand(B, 1, 1, S) > 0.3
+    mask[..., 0] = True
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    got = decode_attention(q, k, v, bias)
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                      enable_gqa=True))
+    b, h = 2, 5
+    keys = mask[b, 0, 0].nonzero().squeeze(1)
+    w = (k[b, h // (H // Hkv), keys] @ q[b, h, 0] / D**0.5).softmax(0)
+    torch.testing.assert_close(got[b, h, 0], w @ v[b, h // (H // Hkv), keys])
+    torch.testing.assert_close(decode_attention(q, k, v, None),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
