@@ -115,3 +115,27 @@ def test_bad_ranges_file_names_the_key(tmp_path):
 
     with pytest.raises(DMelError, match="dmel.ranges_file"):
         DMelTokenizer(DMelConfig(ranges_file=str(tmp_path / "missing.json")))
+
+
+def test_unit_coordinates_decode_through_per_channel_ranges(tmp_path):
+    """log-mel -> dMel bins -> unit coordinates (what the audio heads emit) -> log-mel with a ranges file, by hand:
+    16 bins per channel; channel 0 keeps [-4, 0] (bin width 0.25), channel 1 [-2, 2], the rest [-5, 3] (0.5)."""
+    import json
+
+    from tml.model.heads import bins_to_unit
+
+    path = tmp_path / "dmel_ranges.json"
+    path.write_text(json.dumps({"log_min": [-4.0, -2.0] + [-5.0] * 78, "log_max": [0.0, 2.0] + [3.0] * 78}))
+    d = DMelTokenizer(DMelConfig(ranges_file=str(path)))
+    x = torch.tensor([[-1.1, 1.9] + [0.1] * 78])
+    bins = d.quantize(x)
+    # floor((-1.1 + 4) / 0.25) = 11, floor((1.9 + 2) / 0.25) = 15, floor((0.1 + 5) / 0.5) = 10
+    assert bins[0, :3].tolist() == [11, 15, 10]
+    back = d.unit_to_log_mel(bins_to_unit(bins, 16))
+    # the bins' centres: -4 + 11.5 * 0.25, -2 + 15.5 * 0.25, -5 + 10.5 * 0.5
+    torch.testing.assert_close(back[0, :3], torch.tensor([-1.125, 1.875, 0.25]))
+    torch.testing.assert_close(back, d.decode(bins))
+    # continuous values: -1, 0 and 1 are each channel's lower end, middle and upper end
+    ends = d.unit_to_log_mel(torch.tensor([[-1.0] * 80, [0.0] * 80, [1.0] * 80]))
+    assert ends[:, 0].tolist() == [-4.0, -2.0, 0.0] and ends[:, 1].tolist() == [-2.0, 0.0, 2.0]
+    assert ends[:, 2].tolist() == [-5.0, -1.0, 3.0]

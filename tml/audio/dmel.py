@@ -168,10 +168,14 @@ class DMelTokenizer:
         return self.quantize(floor)
 
     def unit_to_log_mel(self, unit: torch.Tensor) -> torch.Tensor:
-        """Unit coordinates in [-1, 1] (the flow head's output space, ``tml.model.heads``) -> log10 mel, the same
-        affine map that takes bin ids to bin centres (``decode``), clipped to the kept range."""
-        c = self.cfg
-        return c.log_min + (unit.float().clamp(-1, 1) + 1) / 2 * (c.log_max - c.log_min)
+        """Unit coordinates FloatTensor[..., n_mels] in [-1, 1] (the audio heads' output space, ``tml.model.heads``)
+        -> log10 mel FloatTensor[..., n_mels]: per channel the affine map that takes bin ids to bin centres
+        (``decode``, per-channel ranges included: -1 and 1 are the channel's range ends), clipped to that range."""
+        u = (unit.float().clamp(-1, 1) + 1) / 2
+        if not self.cfg.ranges_file:
+            return self.cfg.log_min + u * (self.cfg.log_max - self.cfg.log_min)
+        lo, hi = self.log_lo.to(unit.device), self.log_hi.to(unit.device)
+        return lo + u * (hi - lo)
 
     def to_wave(self, bins_or_mel: torch.Tensor, vocoder=None) -> torch.Tensor:
         """dMel bin ids LongTensor[frames, n_mels] or log10 mel FloatTensor[frames, n_mels] -> wave
