@@ -204,8 +204,13 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     """Generate at temperature 0 (dmel) / fixed noise (flow), then run ONE forward over the generated sequence: the
     hidden state before every model position must predict exactly what was generated there (the incremental path
     through the KV cache equals the full causal forward), and the input positions must be the recording's."""
-    from tml.model.generate import generate_model_side
+    from dataclasses import replace
+
+    from tml.audio.dmel import DMelTokenizer
+    from tml.eval.generate import generate_model_side
     from tml.streams.interleave import EpisodeTokens
+    from tml.streams.layout import LayoutConfig, MicroTurnLayout
+    from tml.streams.pack import collate
 
     torch.manual_seed(0)
     model = InteractionModel(tiny_cfg(heads=HeadsConfig(audio=audio)))
@@ -213,7 +218,7 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     tok = EpisodeTokens("ep", 3, b.kind[0], b.stream[0], b.micro_turn[0], b.text_ids[0], b.audio_bins, b.patches,
                         b.patch_rc)
     cfg = SamplingConfig(floor="none", text_temperature=0.0, audio_temperature=0.0, flow_steps=4, seed=7)
-    g = generate_model_side(model, tok, cfg)
+    g = generate_model_side(model, tok, MicroTurnLayout(LayoutConfig()), DMelTokenizer(), cfg)
     model_pos = b.stream[0] == Stream.MODEL
     inputs = ~model_pos
     assert torch.equal(g.text_ids[inputs], tok.text_ids[inputs])
@@ -222,8 +227,7 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     assert g.model_text.shape == (3, 4) and g.model_audio_unit.shape == (15, 4, 80)
     torch.testing.assert_close(unit_to_bins(g.model_audio_unit, NB), g.audio_bins[model_pos[is_audio]])
 
-    from tml.model.generate import span_batch
-    out = model(span_batch(tok, 0, tok.kind.numel(), g.text_ids, g.audio_bins))
+    out = model(collate([[replace(tok, text_ids=g.text_ids, audio_bins=g.audio_bins)]], tok.kind.numel()))
     text_q = torch.nonzero(model_pos & (tok.kind == Kind.TEXT)).flatten()
     assert torch.equal(model.text_head(out.hidden[0, text_q - 1]).argmax(-1), g.text_ids[text_q])
     audio_q = torch.nonzero(model_pos & is_audio).flatten()

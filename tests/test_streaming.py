@@ -98,12 +98,14 @@ def test_greedy_session_writes_the_argmax_and_feeds_it_back(setup):
 def test_wave_input_matches_offline_dmel_away_from_turn_edges(setup):
     # Streaming encode of a wave equals offline encode except the last frame of each micro-turn, whose window
     # reaches 2.5 ms into the next one (zero-padded live).
+    from tml.streams.modality import LiveAudio
+
     model, layout, dmel, text, episode, tok = setup
-    session = StreamingSession(model, layout, dmel)
+    user = LiveAudio(layout.slots[0], layout, dmel)  # what the session's user audio slots read
     wave = episode.audio["user"]
     offline = dmel.encode(wave)
     for t in range(4):
-        live = session._encode_audio(wave[t * 3200 : (t + 1) * 3200])
+        live = user.bins(wave[t * 3200 : (t + 1) * 3200])
         assert torch.equal(live[:-1], offline[t * 20 : t * 20 + 19])
 
 

@@ -13,9 +13,9 @@ Teacher-forced on the user side, the model writes its own side (text and audio).
                     against the recording of the generated and the one-step predicted speech, and of two anchors:
                     the dMel-quantised recording (the best a dMel path can do) and silence
 
-Free generation (``tml.model.generate``) feeds every position once through a KV cache: the whole recipe takes ~18 s
-for 5 s of tiny-model dialogue on CPU (40 s when it re-ran the prefix per position); ``generate=false`` gives only
-the teacher-forced numbers (one forward).
+Free generation (``tml.eval.generate``: the streaming session driven by the episode's inputs) feeds every position
+once through a KV cache: the whole recipe takes ~18 s for 5 s of tiny-model dialogue on CPU (40 s when it re-ran the
+prefix per position); ``generate=false`` gives only the teacher-forced numbers (one forward).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from tml.audio import write_wav
 from tml.audio.compare import log_mel_correlation, mel_l1, spectral_convergence
 from tml.audio.plot import plot_mels
 from tml.eval.clock import place_on_playback_clock, playback_starts
+from tml.eval.generate import generate_model_side
 from tml.eval.loading import load_run, read_episodes
 from tml.model import compute_losses
-from tml.model.generate import generate_model_side
 from tml.model.sampling import SamplingConfig
 from tml.streams import Kind, Stream
 from tml.streams.interleave import interleave
@@ -103,8 +103,8 @@ def listen(cfg: "ListenConfig", out: Path) -> dict:
 
     # 2. Free-running on the model side.
     if cfg.generate:
-        g = generate_model_side(model, tok, cfg.sampling, text.pad_id)
-        gen_mel = dmel.unit_to_log_mel(g.model_audio_unit).flatten(0, 1)
+        g = generate_model_side(model, tok, layout, dmel, cfg.sampling, text.pad_id)
+        gen_mel = g.model_mel  # what a listener of the session hears
         metrics["generated_vs_reference"] = gm = compare(gen_mel)
         panels.append(("generated model", gen_mel))
         sc = gm["spectral_convergence"]

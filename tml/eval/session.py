@@ -8,9 +8,13 @@ payload is fed back as the next position's input. Nothing of the past is recompu
 ``SessionConfig.cache_window`` the cache keeps only that many positions, so cost per micro-turn stays flat in
 arbitrarily long sessions.
 
-Audio front end: frames of micro-turn ``t`` are computed from the last 200 ms of history plus this micro-turn's
-samples. The final frame's 25 ms window reaches 2.5 ms into the next micro-turn, which a live stream does not have
-yet: it is zero-padded (as the end of a recording is in training), the only difference from offline encoding.
+Inputs: each input slot run's stream, as it arrives in a micro-turn, becomes that micro-turn's positions through
+its modality's live encoder (``tml.streams.modality``: ``Modality.live``): audio frames are computed from the last
+200 ms of history plus this micro-turn's samples (``LiveLogMel``; the final frame's window reaches 2.5 ms into the
+next micro-turn, which a live stream does not have yet, and is zero-padded, the only difference from offline
+encoding), text queues into its slots, a video frame is cut into patches. Or the positions come ready made
+(``MicroTurnInputs.positions``, e.g. taken from an episode's training tokens): free generation
+(``tml.eval.generate``) is this session driven by a recorded episode's inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from tml.model.heads import bins_to_unit, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
-from tml.vision.patches import frame_to_patches
+from tml.streams.modality import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC, LiveLogMel, TurnPositions
+
+__all__ = ["LiveLogMel", "MicroTurnInputs", "MicroTurnOutputs", "SessionConfig", "StreamingSession", "converse",
+           "listening_mel"]
 
 
 @dataclass
@@ -53,13 +60,26 @@ class SessionConfig:
 
 @dataclass
 class MicroTurnInputs:
-    """One micro-turn of input. ``user_audio``: float wave [samples_per_turn] at the layout's rate, or long dMel
-    bins [frames_per_turn, n_mels] already encoded. ``background_text``: token ids arriving in this micro-turn
-    (they queue into the background slots, spilling into later micro-turns as in training)."""
+    """One micro-turn of input, per input stream as it arrives; each slot run's modality turns it into positions
+    (``Modality.live``). ``user_audio``: float wave [samples_per_turn] at the layout's rate, or long dMel bins
+    [frames_per_turn, n_mels] already encoded. ``background_text``: token ids arriving in this micro-turn (they queue
+    into the background slots, spilling into later micro-turns as in training). ``streams``: any other input
+    stream's value, by stream name (e.g. ``{"user2": wave}``).
 
-    user_audio: torch.Tensor
+    ``positions``: instead of the above, every input slot run's positions of this micro-turn already made, in layout
+    order, as ``Modality.encode`` returns them (``(kind, {field: payload})``; ``tml.eval.generate.turn_positions``
+    takes them from an episode's training tokens)."""
+
+    user_audio: torch.Tensor | None = None
     video_frame: torch.Tensor | None = None  # uint8 [H, W, 3]
     background_text: list[int] = field(default_factory=list)
+    streams: dict = field(default_factory=dict)
+    positions: list[TurnPositions] | None = None
+
+    def of(self, stream: Stream):
+        """What arrived on ``stream`` in this micro-turn (None: nothing)."""
+        named = {Stream.USER: self.user_audio, Stream.VIDEO: self.video_frame, Stream.BACKGROUND: self.background_text}
+        return named[stream] if stream in named else self.streams.get(stream.name.lower())
 
 
 @dataclass
@@ -77,6 +97,7 @@ class MicroTurnOutputs:
     # None: a model without a floor head)
     speaks: bool | None = None
     p_speak: float | None = None
+    audio_unit: torch.Tensor | None = None  # float [frames_per_turn, n_mels]: the audio head's samples, unit coordinates
 
 
 def listening_mel(dmel: DMelTokenizer, unit: torch.Tensor) -> torch.Tensor:
@@ -92,32 +113,42 @@ def _row(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return None if x is None else x[b : b + 1]
 
 
-class LiveLogMel:
-    """Log-mel of a live audio stream, one micro-turn at a time: the micro-turn's frames computed from the previous
-    micro-turn's samples plus this one's (see the module docstring). [samples_per_turn] -> [frames_per_turn, n_mels]."""
-
-    def __init__(self, layout: MicroTurnLayout, dmel: DMelTokenizer):
-        self.layout, self.dmel = layout, dmel
-        self.history = torch.zeros(0)
-
-    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
-        segment = torch.cat([self.history, chunk.float()])
-        first = self.history.numel() // self.layout.hop_samples
-        self.history = chunk.float()
-        return self.dmel.log_mel(segment)[first : first + self.layout.frames_per_turn]
-
-
 class _Row:
-    """The per-session state of one row of a batched session."""
+    """The per-session state of one row of a batched session: its generator, one live encoder per input slot run
+    (audio history, text queue), its background bridge, and the held-back output position."""
 
-    def __init__(self, layout: MicroTurnLayout, dmel: DMelTokenizer, seed: int, background):
+    def __init__(self, input_slots: list, layout: MicroTurnLayout, dmel: DMelTokenizer, pad_id: int, seed: int,
+                 background):
         self.generator = torch.Generator().manual_seed(seed)
-        self.live_mel = LiveLogMel(layout, dmel)
+        self.live = [SPEC[s.kind].live(s, layout, dmel, pad_id) for s in input_slots]
         self.background = background
-        self.queue: list[int] = []  # background text waiting for a slot
         self.turn = 0
         self.position = 0  # positions in the caches
-        self.pending: tuple[int, int, torch.Tensor] | None = None  # (kind, text id, audio bins) not yet fed
+        self.pending: TurnPositions | None = None  # the last output position, not yet fed: (kind, its payload)
+
+
+@dataclass
+class _Chunk:
+    """One session's positions for one forward, assembled as ``interleave`` assembles an episode: kind and stream
+    per position, dense payload fields per position (0 off their kind), row payload fields as tensors of rows; plus
+    what its background slots read and the session time at the start of its micro-turn."""
+
+    now: float
+    kind: list[int] = field(default_factory=list)
+    stream: list[int] = field(default_factory=list)
+    dense: dict = field(default_factory=lambda: {f: [] for f in DENSE_FIELDS})
+    rows: dict = field(default_factory=lambda: {f: [] for f in ROW_FIELDS})
+    background_ids: list[int] = field(default_factory=list)
+
+    def add(self, kind: Kind, stream: Stream, count: int, payload: dict) -> None:
+        """``count`` positions of one kind and stream with their payload (``TurnPositions``'s dict)."""
+        self.kind += [int(kind)] * count
+        self.stream += [int(stream)] * count
+        for f in DENSE_FIELDS:
+            self.dense[f] += payload[f].tolist() if f in payload else [0] * count
+        for f in ROW_FIELDS:
+            if f in payload:
+                self.rows[f].append(payload[f])
 
 
 class StreamingSession:
@@ -150,9 +181,8 @@ class StreamingSession:
                              self.cfg.attention_sinks + self.cfg.cache_window + chunk if self.cfg.cache_window
                              else min(self.cfg.max_context, 64 * layout.length))
         self.rope = RopeTable(mcfg.head_dim, mcfg.rope_theta, next(model.parameters()).dtype)
-        self.inputs_end = next(i for i, s in enumerate(layout.streams) if s == Stream.MODEL)
+        self.input_slots = [s for s in layout.slots if s.stream != Stream.MODEL]  # inputs come first (layout)
         self.outputs = [(s.kind, s.stream) for s in layout.slots if s.stream == Stream.MODEL for _ in range(s.count)]
-        # Stream embedding of the output positions, added once per position instead of embedding a whole Batch.
         self.rows: list[_Row] = []
         self.add_sessions(seeds if seeds is not None else [self.cfg.sampling.seed] * sessions,
                           background if isinstance(background, list) else [background] * sessions)
@@ -162,7 +192,8 @@ class StreamingSession:
         """Start ``len(seeds)`` new sessions (rows appended after the running ones), at position 0."""
         backgrounds = backgrounds or [None] * len(seeds)
         self.cache.add_rows(len(seeds))
-        self.rows += [_Row(self.layout, self.dmel, s, bg) for s, bg in zip(seeds, backgrounds)]
+        self.rows += [_Row(self.input_slots, self.layout, self.dmel, self.pad_id, s, bg)
+                      for s, bg in zip(seeds, backgrounds)]
 
     def keep(self, rows: list[int]) -> None:
         """End every session not in ``rows``; the kept ones become rows 0.. in this order."""
@@ -188,18 +219,20 @@ class StreamingSession:
         return self.rows[0].generator
 
     # -- model plumbing ----------------------------------------------------------------------------------------
-    def _forward(self, kind: list[list[int]], stream: list[list[int]], text_ids: list[list[int]],
-                 audio_bins: torch.Tensor, patches: torch.Tensor, patch_rc: torch.Tensor,
-                 rows: list[int] | None = None) -> torch.Tensor:
-        """Embed and run T new positions of sessions ``rows`` (default all; lists [rows][T]; payloads compact,
-        row-major) against the caches. Returns hidden [len(rows), T, dim]."""
+    def _forward(self, chunks: list[_Chunk], rows: list[int] | None = None) -> torch.Tensor:
+        """Embed and run the chunks (T positions each) of sessions ``rows`` (default all) against the caches, as one
+        Batch without targets whose fields each modality spec names. Returns hidden [len(rows), T, dim]."""
         long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        kind_t = long(kind)
-        empty = torch.zeros_like(kind_t)
-        chunk = Batch(kind=kind_t, stream=long(stream), micro_turn=empty, position_ids=empty, doc_ids=empty,
-                      text_ids=long(text_ids), audio_bins=audio_bins.to(self.device), patches=patches.to(self.device),
-                      patch_rc=patch_rc.to(self.device), target_kind=empty, target_text=empty,
-                      target_audio=audio_bins[:0].to(self.device))
+        kind = long([c.kind for c in chunks])
+        empty = torch.zeros_like(kind)
+        none = {f: e.to(self.device) for m in MODALITIES for f, e in m.empty(self.layout.cfg).items()}  # zero rows
+        payload = {f: long([c.dense[f] for c in chunks]) for f in DENSE_FIELDS}
+        for f in ROW_FIELDS:
+            xs = [x for c in chunks for x in c.rows[f]]
+            payload[f] = torch.cat(xs).to(self.device) if xs else none[f]
+        targets = {m.target: empty if m.dense else none[m.fields[0]] for m in MODALITIES if m.target}
+        chunk = Batch(kind=kind, stream=long([c.stream for c in chunks]), micro_turn=empty, position_ids=empty,
+                      doc_ids=empty, target_kind=empty, **payload, **targets)
         return self._run(self.model.embed(chunk), rows)
 
     def _run(self, x: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
@@ -223,66 +256,40 @@ class StreamingSession:
             r.position += T
         return h
 
-    def _embed_output(self, kind: Kind, text_ids: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    def _embed_output(self, kind: Kind, payload: dict) -> torch.Tensor:
         """One MODEL-stream output position per session -> embeddings [B, 1, dim]: what ``MultimodalEmbedding``
-        computes for it (bitwise), without building a Batch. text_ids long [B]; bins long [B, S, C]."""
-        emb = self.model.embed
-        x = emb.text(text_ids.to(self.device)) if kind == Kind.TEXT else emb.audio(bins.to(self.device))
+        computes for it (bitwise), without building a Batch. ``payload``: the kind's fields, one row per session
+        (text_ids long [B]; audio_bins long [B, S, C])."""
+        emb, spec = self.model.embed, SPEC[kind]
+        x = getattr(emb, spec.name)(*(payload[f].to(self.device) for f in spec.fields))
         return (x + emb.stream.weight[int(Stream.MODEL)])[:, None]
 
-    def _encode_audio(self, audio: torch.Tensor, row: int = 0) -> torch.Tensor:
-        """This micro-turn's user audio -> dMel bins [frames_per_turn, n_mels] (see module docstring)."""
-        F = self.layout.frames_per_turn
-        if audio.dtype == torch.long:
-            if audio.shape != (F, self.layout.cfg.n_mels):
-                raise ValueError(f"user_audio bins must be [{F}, {self.layout.cfg.n_mels}], got {tuple(audio.shape)}")
-            return audio
-        n = self.layout.samples_per_turn
-        if audio.ndim != 1 or audio.numel() != n:
-            raise ValueError(f"user_audio must be {n} samples ({self.layout.cfg.micro_turn_ms} ms at "
-                             f"{self.layout.cfg.sample_rate} Hz) per micro-turn, got shape {tuple(audio.shape)}")
-        return self.dmel.quantize(self.rows[row].live_mel(audio))
-
-    def _input_chunk(self, b: int, inputs: MicroTurnInputs):
-        """Session b's positions for this step: its held-back output position, then the micro-turn's input slots in
-        layout order. Returns (kind, stream, text_ids, audio list, patches list, rc list, background_ids, now)."""
-        row, lay, cfg = self.rows[b], self.layout, self.layout.cfg
-        S, C = cfg.frames_per_audio_position, cfg.n_mels
-        user_bins = self._encode_audio(inputs.user_audio, b).view(-1, S, C)
-        now = row.turn * cfg.micro_turn_ms / 1000  # session time at the start of this micro-turn
-        row.queue.extend(inputs.background_text)
-        if row.background is not None:  # results that arrived by now; never waits for one
-            row.queue.extend(row.background.arrivals(now))
-        show_frame = inputs.video_frame is not None and row.turn % cfg.video_stride == 0
-        kind, stream, text_ids, audio, patches, rcs, background_ids = [], [], [], [], [], [], []
+    def _input_chunk(self, b: int, inputs: MicroTurnInputs) -> _Chunk:
+        """Session b's positions for this step: its held-back output position, then the micro-turn's input slot
+        runs in layout order, each from its modality's live encoder (or ``inputs.positions``)."""
+        row, cfg = self.rows[b], self.layout.cfg
+        chunk = _Chunk(now=row.turn * cfg.micro_turn_ms / 1000)  # session time at the start of this micro-turn
         if row.pending is not None:
-            k, tid, bins = row.pending
-            kind.append(k)
-            stream.append(int(Stream.MODEL))
-            text_ids.append(tid)
-            if k == Kind.AUDIO:
-                audio.append(bins)
+            chunk.add(row.pending[0], Stream.MODEL, 1, row.pending[1])
             row.pending = None
-        for slot in lay.slots:
-            if slot.stream == Stream.MODEL:
-                break
-            for j in range(slot.count):
-                k, tid = slot.kind, 0
-                if slot.kind == Kind.AUDIO:
-                    audio.append(user_bins[j])
-                elif slot.kind == Kind.TEXT:
-                    tid = row.queue.pop(0) if row.queue else self.pad_id
-                    background_ids.append(tid)
-                elif slot.kind == Kind.PATCH and not show_frame:
-                    k = Kind.PAD
-                kind.append(int(k))
-                stream.append(int(slot.stream))
-                text_ids.append(tid)
-            if slot.kind == Kind.PATCH and show_frame:
-                p, rc = frame_to_patches(inputs.video_frame, cfg.patch_size, cfg.frame_height, cfg.frame_width)
-                patches.append(p)
-                rcs.append(rc)
-        return kind, stream, text_ids, audio, patches, rcs, background_ids, now
+        # Background results that arrived by now (never waits for one) queue behind this micro-turn's own text.
+        arrived = row.background.arrivals(chunk.now) if row.background is not None else []
+        ready = inputs.positions
+        if ready is not None and len(ready) != len(self.input_slots):
+            raise ValueError(f"MicroTurnInputs.positions has {len(ready)} slot runs; the layout has "
+                             f"{len(self.input_slots)} input slot runs ({self.layout.describe()})")
+        for i, (slot, live) in enumerate(zip(self.input_slots, row.live)):
+            if ready is not None:
+                kind, payload = ready[i]
+            else:
+                value = inputs.of(slot.stream)
+                if slot.stream == Stream.BACKGROUND:
+                    value = [*(value or []), *arrived]
+                kind, payload = live(value, row.turn)
+            chunk.add(kind, slot.stream, slot.count, payload)
+            if slot.stream == Stream.BACKGROUND:
+                chunk.background_ids += payload["text_ids"].tolist()
+        return chunk
 
     def _rows(self, fn) -> torch.Tensor:
         """``fn(b, generator)`` for every session b with its own generator, stacked: each session's draws are exactly
@@ -317,12 +324,12 @@ class StreamingSession:
             raise ValueError(f"step_many: {B} sessions, got {len(inputs)} inputs"
                              + ("" if force is None else f" and {len(force)} forced outputs"))
         cfg = self.layout.cfg
-        S, C, P = cfg.frames_per_audio_position, cfg.n_mels, cfg.patch_size
+        S, C = cfg.frames_per_audio_position, cfg.n_mels
         chunks = [self._input_chunk(b, x) for b, x in enumerate(inputs)]
         h = torch.empty(B, self.model.cfg.dim, device=self.device)
-        for n in sorted({len(c[0]) for c in chunks}):  # one group unless sessions just started beside running ones
-            rows = [b for b in range(B) if len(chunks[b][0]) == n]
-            h[rows] = self._forward_rows(rows, [chunks[b] for b in rows])
+        for n in sorted({len(c.kind) for c in chunks}):  # one group unless sessions just started beside running ones
+            rows = [b for b in range(B) if len(chunks[b].kind) == n]
+            h[rows] = self._forward([chunks[b] for b in rows], rows)[:, -1]
 
         # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
@@ -336,7 +343,7 @@ class StreamingSession:
         # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator, given
         # the micro-turn's decision ``speak`` when there is one.
         forced_audio = [f["audio"].view(-1, S, C) if f else None for f in (force or [None] * B)]
-        texts, audios, mels, text_logits, audio_logits = [], [], [], [], []
+        texts, audios, units, mels, text_logits, audio_logits = [], [], [], [], [], []
         for i, (k, st) in enumerate(self.outputs):
             if k == Kind.TEXT:
                 logits = text_head(h)  # [B, vocab]
@@ -346,7 +353,7 @@ class StreamingSession:
                     tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
                 text_logits.append(logits)
                 texts.append(tid)
-                payload = (tid, None)
+                payload = {"text_ids": tid}
             else:
                 logits = audio_head(h)  # [B, S, C, bins]; None for a head without logits (flow)
                 unit = self._rows(lambda b, g: audio_head.sample(h[b : b + 1], sc, g, _row(logits, b), _row(speak, b)))
@@ -358,45 +365,36 @@ class StreamingSession:
                     if fa is not None:
                         bins[b] = fa[len(audios)]
                         mel[b] = self.dmel.decode(bins[b])
+                        unit[b] = bins_to_unit(bins[b], audio_head.bins)
                 audios.append(bins)
+                units.append(unit)
                 mels.append(mel)
-                payload = (None, bins)
+                payload = {"audio_bins": bins}
             if i + 1 < len(self.outputs):
-                h = self._run(self._embed_output(k, *payload))[:, -1]
-            else:
+                h = self._run(self._embed_output(k, payload))[:, -1]
+            else:  # held back: fed with the next micro-turn's inputs
                 for b, r in enumerate(self.rows):
-                    r.pending = (int(k), int(payload[0][b]) if k == Kind.TEXT else 0,
-                                 payload[1][b] if k != Kind.TEXT else None)
+                    r.pending = (k, {f: v[b : b + 1] for f, v in payload.items()})
 
         compute_s = time.perf_counter() - t0
         results = []
         for b, r in enumerate(self.rows):
             out_text = [int(t[b]) for t in texts]
             if r.background is not None:
-                r.background.observe(out_text, chunks[b][7] + cfg.micro_turn_ms / 1000)
+                r.background.observe(out_text, chunks[b].now + cfg.micro_turn_ms / 1000)
             bins = torch.stack([a[b] for a in audios]).reshape(-1, C) if audios else torch.zeros(0, C, dtype=torch.long)
             mel = torch.stack([m[b] for m in mels]).reshape(-1, C) if mels else torch.zeros(0, C)
+            unit = torch.stack([u[b] for u in units]).reshape(-1, C).float() if units else torch.zeros(0, C)
             results.append(MicroTurnOutputs(
                 turn=r.turn, text_ids=out_text, audio_bins=bins, mel=mel,
                 wave=self.vocoder(mel) if self.vocoder is not None else None,
                 text_logits=torch.stack([t[b] for t in text_logits]) if text_logits else torch.zeros(0),
                 audio_logits=torch.stack([a[b] for a in audio_logits]) if audio_logits else None,
-                background_ids=chunks[b][6], compute_s=compute_s,
-                speaks=None if speak is None else bool(speak[b]), p_speak=None if p_speak is None else float(p_speak[b])))
+                background_ids=chunks[b].background_ids, compute_s=compute_s,
+                speaks=None if speak is None else bool(speak[b]), p_speak=None if p_speak is None else float(p_speak[b]),
+                audio_unit=unit))
             r.turn += 1
         return results
-
-    def _forward_rows(self, rows: list[int], chunks: list) -> torch.Tensor:
-        """Run the input chunks (equal lengths) of sessions ``rows`` -> hidden of each one's last position [n, dim]."""
-        cfg = self.layout.cfg
-        S, C, P = cfg.frames_per_audio_position, cfg.n_mels, cfg.patch_size
-        audio = [a for c in chunks for a in c[3]]
-        patches = [p for c in chunks for p in c[4]]
-        rcs = [p for c in chunks for p in c[5]]
-        return self._forward([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
-                             torch.stack(audio) if audio else torch.zeros(0, S, C, dtype=torch.long),
-                             torch.cat(patches) if patches else torch.zeros(0, P, P, 3, dtype=torch.uint8),
-                             torch.cat(rcs) if rcs else torch.zeros(0, 2, dtype=torch.long), rows)[:, -1]
 
 
 def converse(session: StreamingSession, user: torch.Tensor, sample_rate: int, text, out_dir,

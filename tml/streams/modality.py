@@ -2,9 +2,10 @@
 
 A spec owns its ``Kind``, the fields that carry its payload (in ``EpisodeTokens`` and ``Batch``), how one stream
 of an episode becomes that stream's positions micro-turn by micro-turn (``encode``), and, for a modality the model
-writes, the ``Batch`` field of its targets. ``interleave``, ``pack.collate``, ``Batch.validate`` and
-``EpisodeTokens.slice_turns`` loop over ``MODALITIES`` instead of branching on ``Kind``; the model's
-``MultimodalEmbedding`` has one embedder per spec, named ``spec.name``.
+writes, the ``Batch`` field of its targets, and how a live stream's input of one micro-turn becomes positions
+(``live``, for the streaming session). ``interleave``, ``pack.collate``, ``Batch.validate``,
+``EpisodeTokens.slice_turns`` and ``tml.eval.session.StreamingSession`` loop over ``MODALITIES`` / ``SPEC`` instead
+of branching on ``Kind``; the model's ``MultimodalEmbedding`` has one embedder per spec, named ``spec.name``.
 
 Payload fields come in two shapes:
 
@@ -63,6 +64,12 @@ class Modality:
         how many payload items did not fit before the episode ended (counted, never silently dropped)."""
         raise NotImplementedError
 
+    def live(self, slot: Slot, layout: MicroTurnLayout, dmel: "DMelTokenizer", pad_id: int) -> "LiveInput":
+        """A per-session encoder of ``slot``'s run in a live stream: called once per micro-turn with what arrived
+        on ``slot.stream`` in it (``None``: nothing), it returns that micro-turn's positions as ``encode`` makes them
+        from a recording."""
+        raise NotImplementedError(f"modality {self.name!r} has no live input (tml.streams.modality); add live()")
+
     def empty(self, cfg: LayoutConfig | None = None) -> dict[str, torch.Tensor]:
         """Payload of zero positions (row fields only), with the trailing shape ``cfg`` (default: the tiny layout)
         gives them."""
@@ -105,6 +112,9 @@ class TextModality(Modality):
         ids, dropped = place_text(groups, num_turns, slot.count, turn_s, text.pad_id)
         return [(Kind.TEXT, {"text_ids": ids[t]}) for t in range(num_turns)], dropped
 
+    def live(self, slot, layout, dmel, pad_id):
+        return LiveText(slot.count, pad_id)
+
 
 class AudioModality(Modality):
     """Audio streams: dMel bins, one audio position per ``frames_per_audio_position`` mel frames. Audio slot ``k``
@@ -133,6 +143,9 @@ class AudioModality(Modality):
             bins = torch.cat([bins, dmel.silence_bins(need - bins.shape[0])])
         bins = bins[:need].reshape(num_turns, slot.count, cfg.frames_per_audio_position, cfg.n_mels)
         return [(Kind.AUDIO, {"audio_bins": bins[t]}) for t in range(num_turns)], 0
+
+    def live(self, slot, layout, dmel, pad_id):
+        return LiveAudio(slot, layout, dmel)
 
     def shapes(self, batch):
         S, C = batch.audio_bins.shape[1:] if batch.audio_bins.ndim == 3 else (None, None)
@@ -173,6 +186,9 @@ class PatchModality(Modality):
                 out.append((Kind.PAD, {}))
         return out, 0
 
+    def live(self, slot, layout, dmel, pad_id):
+        return LivePatches(layout.cfg)
+
     def shapes(self, batch):
         n = int((batch.kind == self.kind).sum())
         return {"patches": (torch.uint8, (n, None, None, 3)), "patch_rc": (torch.int64, (n, 2))}
@@ -191,6 +207,91 @@ MODALITIES: tuple[Modality, ...] = (TEXT, AUDIO, PATCH)
 SPEC: dict[Kind, Modality] = {m.kind: m for m in MODALITIES}
 DENSE_FIELDS = tuple(f for m in MODALITIES if m.dense for f in m.fields)
 ROW_FIELDS = tuple(f for m in MODALITIES if not m.dense for f in m.fields)
+
+
+# -- live input: one micro-turn of a stream as it arrives -> its positions (per session, so they keep state) --------
+
+class LiveInput:
+    """What ``Modality.live`` returns: ``(value, turn) -> TurnPositions`` for one slot run of one session."""
+
+    def __call__(self, value, turn: int) -> TurnPositions:
+        raise NotImplementedError
+
+
+class LiveText(LiveInput):
+    """Token ids arriving in a micro-turn (a list, or None) queue up and fill the run's ``count`` slots, spilling
+    into later micro-turns, ``<pad>`` where the queue is empty: ``place_text`` one micro-turn at a time."""
+
+    def __init__(self, count: int, pad_id: int):
+        self.count, self.pad_id = count, pad_id
+        self.queue: list[int] = []
+
+    def __call__(self, value, turn):
+        self.queue.extend(value or [])
+        take, self.queue = self.queue[: self.count], self.queue[self.count:]
+        return Kind.TEXT, {"text_ids": torch.tensor(take + [self.pad_id] * (self.count - len(take)), dtype=torch.long)}
+
+
+class LiveLogMel:
+    """Log-mel of a live audio stream, one micro-turn at a time: the micro-turn's frames computed from the previous
+    micro-turn's samples plus this one's. [samples_per_turn] -> [frames_per_turn, n_mels].
+
+    The final frame's 25 ms window reaches 2.5 ms into the next micro-turn, which a live stream does not have yet: it
+    is zero-padded (as the end of a recording is in training), the only difference from offline encoding."""
+
+    def __init__(self, layout: MicroTurnLayout, dmel: "DMelTokenizer"):
+        self.layout, self.dmel = layout, dmel
+        self.history = torch.zeros(0)
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        segment = torch.cat([self.history, chunk.float()])
+        first = self.history.numel() // self.layout.hop_samples
+        self.history = chunk.float()
+        return self.dmel.log_mel(segment)[first : first + self.layout.frames_per_turn]
+
+
+class LiveAudio(LiveInput):
+    """A micro-turn of a stream's audio: a float wave [samples_per_turn] at the layout's rate (encoded with
+    ``LiveLogMel``), or long dMel bins [frames_per_turn, n_mels] already encoded -> the run's positions."""
+
+    def __init__(self, slot: Slot, layout: MicroTurnLayout, dmel: "DMelTokenizer"):
+        self.name, self.layout, self.dmel = slot.stream.name.lower(), layout, dmel
+        self.live_mel = LiveLogMel(layout, dmel)
+
+    def bins(self, audio: torch.Tensor | None) -> torch.Tensor:
+        """This micro-turn's audio -> dMel bins [frames_per_turn, n_mels]."""
+        lay, F = self.layout, self.layout.frames_per_turn
+        if audio is None:
+            raise ValueError(f"no {self.name} audio in this micro-turn's inputs, but the layout has {self.name} audio "
+                             f"slots: pass {lay.samples_per_turn} samples (or [{F}, {lay.cfg.n_mels}] dMel bins)")
+        if audio.dtype == torch.long:
+            if audio.shape != (F, lay.cfg.n_mels):
+                raise ValueError(f"{self.name} audio bins must be [{F}, {lay.cfg.n_mels}], got {tuple(audio.shape)}")
+            return audio
+        n = lay.samples_per_turn
+        if audio.ndim != 1 or audio.numel() != n:
+            raise ValueError(f"{self.name} audio must be {n} samples ({lay.cfg.micro_turn_ms} ms at "
+                             f"{lay.cfg.sample_rate} Hz) per micro-turn, got shape {tuple(audio.shape)}")
+        return self.dmel.quantize(self.live_mel(audio))
+
+    def __call__(self, value, turn):
+        return Kind.AUDIO, {"audio_bins": self.bins(value).view(-1, self.layout.cfg.frames_per_audio_position,
+                                                                 self.layout.cfg.n_mels)}
+
+
+class LivePatches(LiveInput):
+    """A video frame (uint8 [H, W, 3], or None) -> its patches on micro-turns ``turn % video_stride == 0``; other
+    micro-turns, and micro-turns without a frame, leave the slots empty (PAD), as ``PatchModality.encode`` does."""
+
+    def __init__(self, cfg: LayoutConfig):
+        self.cfg = cfg
+
+    def __call__(self, value, turn):
+        c = self.cfg
+        if value is None or turn % c.video_stride:
+            return Kind.PAD, {}
+        p, rc = frame_to_patches(value, c.patch_size, c.frame_height, c.frame_width, c.frame_fit)
+        return Kind.PATCH, {"patches": p, "patch_rc": rc}
 
 
 def place_text(words: list[tuple[float, list[int]]], num_turns: int, slots: int, turn_s: float,
