@@ -63,8 +63,8 @@ class MicroTurnInputs:
     """One micro-turn of input, per input stream as it arrives; each slot run's modality turns it into positions
     (``Modality.live``). ``user_audio``: float wave [samples_per_turn] at the layout's rate, or long dMel bins
     [frames_per_turn, n_mels] already encoded. ``background_text``: token ids arriving in this micro-turn (they queue
-    into the background slots, spilling into later micro-turns as in training). ``streams``: any other input
-    stream's value, by stream name (e.g. ``{"user2": wave}``).
+    into the background slots, spilling into later micro-turns as in training). ``streams``: any other input slot
+    run's value, by ``"<stream>.<kind>"`` (e.g. ``{"user2.audio": wave}``; nothing given: the run's encoder gets None).
 
     ``positions``: instead of the above, every input slot run's positions of this micro-turn already made, in layout
     order, as ``Modality.encode`` returns them (``(kind, {field: payload})``; ``tml.eval.generate.turn_positions``
@@ -76,10 +76,11 @@ class MicroTurnInputs:
     streams: dict = field(default_factory=dict)
     positions: list[TurnPositions] | None = None
 
-    def of(self, stream: Stream):
-        """What arrived on ``stream`` in this micro-turn (None: nothing)."""
-        named = {Stream.USER: self.user_audio, Stream.VIDEO: self.video_frame, Stream.BACKGROUND: self.background_text}
-        return named[stream] if stream in named else self.streams.get(stream.name.lower())
+    def of(self, stream: Stream, kind: Kind):
+        """What arrived for the ``stream``'s ``kind`` slots in this micro-turn (None: nothing)."""
+        key = f"{stream.name.lower()}.{kind.name.lower()}"
+        named = {"user.audio": self.user_audio, "video.patch": self.video_frame, "background.text": self.background_text}
+        return named[key] if key in named else self.streams.get(key)
 
 
 @dataclass
@@ -282,7 +283,7 @@ class StreamingSession:
             if ready is not None:
                 kind, payload = ready[i]
             else:
-                value = inputs.of(slot.stream)
+                value = inputs.of(slot.stream, slot.kind)
                 if slot.stream == Stream.BACKGROUND:
                     value = [*(value or []), *arrived]
                 kind, payload = live(value, row.turn)
