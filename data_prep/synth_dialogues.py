@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_prep.espeak import EspeakVoice
+from tml.data.espeak import EspeakVoice
 from data_prep.shards import ShardSetWriter, episode_seconds
 from data_prep.synth_content import (SCENARIO_TOPICS, SCENARIOS, TOPICS, Line, closer, opener, pick,
                                      topic_tool)
@@ -237,7 +237,7 @@ def _episode_pool(workers: int):
     ctx = mp.get_context("forkserver")
     # The server imports the heavy dependencies once, so forks of it start in milliseconds. Not this module
     # itself: under `python -m` the workers import it as __mp_main__, and a preloaded copy would make runpy warn.
-    ctx.set_forkserver_preload(["torch", "torchaudio", "tml.streams.episode", "data_prep.espeak"])
+    ctx.set_forkserver_preload(["torch", "torchaudio", "tml.streams.episode", "tml.data.espeak"])
     return ctx.Pool(workers, initializer=_worker_init, maxtasksperchild=1)
 
 

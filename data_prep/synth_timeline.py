@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data_prep.espeak import EspeakVoice
+from tml.data.espeak import EspeakVoice
 from data_prep.synth_content import Line
 from data_prep.synth_video import VideoSpec
 from tml.streams.episode import BackgroundEvent, Word

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from data_prep.espeak import canned_reply
+from tml.eval.evaluate import canned_reply
 from tml.cli import check_overrides, recipe_run
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.evaluate import SilenceRuleResponder

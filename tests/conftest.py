@@ -287,7 +287,7 @@ def voices():
     """Two utterances, 24 kHz (moshi's rate), with their espeak word times."""
     import torchaudio
 
-    from data_prep.espeak import speak
+    from tml.data.espeak import speak
 
     a, wa = speak("hello there, how are you?", "en-us", 170, 50)
     b, wb = speak("fine thanks", "en+f3", 170, 60)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from data_prep.espeak import speak
+from tml.data.espeak import speak
 from tml.audio.wav import write_wav
 from tml.eval.fdbench import (backchannels, js_distance, main, response_intervals, score, stop_intervals,
                               window_distribution, words_on_playback_clock, write_output, WordTime)

@@ -91,7 +91,7 @@ def test_recipe_silence_rule_scores_equal_the_hand_computation(fdb, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "fdbench.json").read_text())
-    from data_prep.espeak import canned_reply
+    from tml.eval.evaluate import canned_reply
     from tml.eval.fdbench import take_turn
     from tml.text.tokenizer import train_bpe
 

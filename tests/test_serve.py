@@ -320,7 +320,7 @@ def best_alignment(segment: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium); "
                                              "the browser test drives it headless")
 def test_the_page_talks_to_the_server_in_a_real_browser(server, tmp_path):
-    from data_prep.espeak import speak
+    from tml.data.espeak import speak
 
     url, out = server
     speech, _ = speak("hello there, can you hear me? this is a test of the live page.")

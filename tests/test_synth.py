@@ -9,7 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_prep.espeak import speak
+from tml.data.espeak import speak
 from data_prep.synth_content import Line
 from data_prep.synth_dialogues import SynthConfig, main, make_episode
 from data_prep.synth_timeline import sample_gap

@@ -4,7 +4,8 @@ fooled by the noise), and the silence-rule baseline's reply is heard where the p
 import pytest
 import torch
 
-from data_prep.espeak import canned_reply, speak
+from tml.data.espeak import speak
+from tml.eval.evaluate import canned_reply
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.evaluate import SilenceRuleResponder, evaluate, heard_model_side, run_episode
 from tml.eval.vad import VADConfig, activity, merge_segments, segments_to_frames, speech_segments

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from data_prep.espeak import speak
+from tml.data.espeak import speak
 from tml.audio import DMelTokenizer
 from tml.audio.compare import log_mel_correlation, mel_l1, spectral_convergence
 from tml.audio.vocoder import GriffinLimVocoder

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tml.audio.dmel import DMelTokenizer
+from tml.data.espeak import speak
 from tml.eval.duplex import DuplexLabels, MetricConfig, episode_metrics, speech_activity
 from tml.eval.clock import place_on_playback_clock, playback_starts
 from tml.eval.session import LiveLogMel, MicroTurnInputs, MicroTurnOutputs
@@ -74,6 +75,17 @@ class Reply:
 
     bins: torch.Tensor
     words: list[tuple[int, list[int]]] = field(default_factory=list)
+
+
+def canned_reply(text: str, dmel: DMelTokenizer, tokenizer: TextTokenizer, voice: str = "en+f3",
+                 rate: int = 175) -> Reply:
+    """``text`` spoken by espeak-ng (``tml.data.espeak``) as a ``Reply`` for the silence-rule baseline: its dMel bins
+    [frames, n_mels] (so a listener's VAD hears speech, not a hum) and each word's token ids at the mel frame where
+    the word starts."""
+    wave, words = speak(text, voice, rate, 50, dmel.cfg.sample_rate)
+    bins = dmel.encode(wave)
+    hop_s = dmel.cfg.hop_length / dmel.cfg.sample_rate
+    return Reply(bins, [(min(round(w.start / hop_s), bins.shape[0] - 1), tokenizer.word_ids(w.text)) for w in words])
 
 
 class SilenceRuleResponder:

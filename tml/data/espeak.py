@@ -1,4 +1,5 @@
-"""espeak-ng speech synthesis through ctypes, with word timings from espeak's own word events.
+"""espeak-ng speech synthesis through ctypes, with word timings from espeak's own word events: the real speech of
+the synthetic data sets (``data_prep``) and of the evaluation's canned replies (``tml.eval.evaluate.canned_reply``).
 
 The library and its voice data come from the pip package ``espeakng_loader`` (no root, no network). espeak-ng
 keeps global state, so the library is loaded and initialised once per process and every call holds a lock.
@@ -214,15 +215,3 @@ def speak(text: str, voice: str = "en-us", rate: int = 170, pitch: int = 50,
             s, e = max(s, on[0] / 100), min(e, (on[-1] + 1) / 100)
         words.append(Word(w, round(s, 4), round(max(e, s), 4)))
     return wave, words
-
-
-def canned_reply(text: str, dmel, tokenizer, voice: str = "en+f3", rate: int = 175):
-    """``text`` spoken by espeak-ng as a ``tml.eval.evaluate.Reply`` for the silence-rule baseline: its dMel bins
-    [frames, n_mels] (so a listener's VAD hears speech, not a hum) and each word's token ids at the mel frame where
-    the word starts. ``dmel``: ``DMelTokenizer``; ``tokenizer``: ``TextTokenizer``."""
-    from tml.eval.evaluate import Reply
-
-    wave, words = speak(text, voice, rate, 50, dmel.cfg.sample_rate)
-    bins = dmel.encode(wave)
-    hop_s = dmel.cfg.hop_length / dmel.cfg.sample_rate
-    return Reply(bins, [(min(round(w.start / hop_s), bins.shape[0] - 1), tokenizer.word_ids(w.text)) for w in words])
