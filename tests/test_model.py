@@ -187,3 +187,27 @@ def test_word_text_loss_skips_empty_slots_by_hand():
     got = compute_losses(out, batch, text_pad_id=pad)
     assert got["loss/text_words"].item() == pytest.approx(want.item(), rel=1e-6)
     assert "loss/text_words" not in compute_losses(out, batch)
+
+
+def test_decode_layout_changes_strides_not_values():
+    """``decode_layout`` stores the blocks' and heads' weights column-major (experts per expert), leaves a weight
+    tied to the text embedding and the embeddings alone, keeps every value, and the forward stays the same function
+    (equal up to float rounding; gradients flow as before)."""
+    model = InteractionModel(tiny_cfg(heads=HeadsConfig(text="tied")))
+    batch = make_batch([[2]], 2 * TURN, 128)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        ref = model(batch)
+    assert model.decode_layout() is model
+    model.decode_layout()  # idempotent
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        transposed = p.ndim >= 2 and n.startswith(("layers.", "audio_head.")) and min(p.shape[-2:]) > 1
+        assert p.is_contiguous() != transposed and (not transposed or p.mT.is_contiguous()), n
+    assert model.text_head.proj.weight is model.embed.text.weight and model.embed.text.weight.is_contiguous()
+    assert model.layers[1].mlp.experts.w1[0].mT.is_contiguous()  # each expert's matrix column-major
+    out = model(batch)
+    torch.testing.assert_close(out.text_logits, ref.text_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.audio_logits, ref.audio_logits, atol=1e-5, rtol=1e-5)
+    out.text_loss.mean().backward()
+    assert all(p.grad is not None for p in model.layers.parameters() if p.requires_grad and p.ndim > 1)

@@ -170,7 +170,7 @@ class StreamingSession:
         """``vocoder``: any ``log-mel [frames, n_mels] -> wave [samples]`` callable; ``background``: a bridge to a
         background model that turns the model's ``<delegate>`` spans into results on the background stream (one
         per session when ``sessions > 1``)."""
-        self.model, self.layout, self.dmel = model.eval(), layout, dmel
+        self.model, self.layout, self.dmel = model.eval().decode_layout(), layout, dmel  # see decode_layout
         self.cfg = cfg or SessionConfig()
         self.cfg.sampling.validate()
         self.pad_id, self.vocoder = text_pad_id, vocoder
