@@ -359,7 +359,7 @@ class StreamingSession:
                 logits = audio_head(h)  # [B, S, C, bins]; None for a head without logits (flow)
                 unit = self._rows(lambda b, g: audio_head.sample(h[b : b + 1], sc, g, _row(logits, b), _row(speak, b)))
                 # It feeds back quantised, like real audio; the listener hears the sample itself.
-                bins, mel = unit_to_bins(unit, audio_head.bins), [listening_mel(self.dmel, u) for u in unit]
+                bins, mel = unit_to_bins(unit, audio_head.bins), list(listening_mel(self.dmel, unit))  # elementwise
                 if logits is not None:
                     audio_logits.append(logits)
                 for b, fa in enumerate(forced_audio):

@@ -343,7 +343,7 @@ class MoE(nn.Module):
 
     # Tokens up to which decode on CPU runs each chosen expert as plain matvecs/matmuls on its weight slices (a loop
     # over the experts present); above it the grouped GEMMs of the training dispatch. Measured on CPU (bench/
-    # streaming.py): the loop wins for a micro-turn's output positions of up to 16 sessions.
+    # streaming.py): the loop is much cheaper for one session's position; at 16 the two cost about the same.
     DECODE_LOOP_MAX = 16
 
     @torch.no_grad()
