@@ -16,6 +16,12 @@ what the keys hold), then ``--turns`` micro-turns are timed (median, after one w
   ``2 x`` backbone matmul weights (experts: top_k of them) ``+ 4 x n_layers x attended keys x n_heads x head_dim``,
   plus each head only where it predicts (text head at 4, dMel head at 5 positions per micro-turn), times B.
 - ``x floor``: cpu ms over floor ms.
+- ``mem ms``: the step's memory floor: the bytes it must read at this run's read bandwidth (summing a 256 MiB
+  tensor, CPU time, best of 3). Each of its sequential forwards (the input chunk, then every output position but the
+  held-back last) reads the backbone's weights (the experts its tokens can reach: top_k per token, at most all) and
+  every layer's cached keys and values of all B sessions; the text and dMel heads are read where they predict. A
+  one-position step cannot reuse weights or cache between positions (they do not fit the caches), so this, not
+  the FLOP floor, bounds a decode step; ``x mem``: cpu ms over mem ms.
 - ``RTF``: cpu ms / 200 ms: the batch keeps all B sessions live while it is below 1 (aggregate real-time factor);
   ``wall RTF`` the same from wall time.
 - ``full-context`` rows (``--window 0``, B = 1) show what an unbounded cache costs at each length.
@@ -60,6 +66,13 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def read_gbps(mib: int = 256, reps: int = 3) -> float:
+    """Memory read bandwidth of one sum over a tensor far larger than the caches, GB/s by CPU time."""
+    a = torch.ones(mib * 2**20 // 4)
+    a.sum()
+    return a.numel() * 4 / min(_timed(a.sum) for _ in range(reps)) / 1e9
+
+
 def _timed(fn) -> float:
     t0 = time.process_time()
     fn()
@@ -76,6 +89,27 @@ def floor_flops(model: InteractionModel, layout: MicroTurnLayout, context: int) 
     n_audio = layout.count(Stream.MODEL, Kind.AUDIO)
     attention = 4 * cfg.n_layers * context * cfg.n_heads * cfg.head_dim
     return layout.length * (2 * backbone + attention) + 2 * n_text * text_head + 2 * n_audio * audio_head
+
+
+def floor_bytes(model: InteractionModel, layout: MicroTurnLayout, context: int, B: int) -> float:
+    """Bytes one step of ``B`` sessions must read (fp32): per sequential forward the backbone weights its tokens reach
+    plus every layer's cached keys and values, and each head where it predicts (see the module docstring)."""
+    cfg = model.cfg
+    S, C, NB = cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins
+    text_head, audio_head = cfg.vocab_size * cfg.dim, cfg.dim * S * C * NB
+    backbone = active_matmul_params(cfg) - text_head - audio_head  # with top_k experts per MoE layer
+    moe_layers = sum(1 for layer in model.layers if layer.moe)
+    expert = 3 * cfg.dim * cfg.moe.hidden_dim
+    outputs = layout.count(Stream.MODEL, Kind.TEXT) + layout.count(Stream.MODEL, Kind.AUDIO)
+    chunk_tokens = B * (layout.length - outputs + 1)
+    total = 0.0
+    for tokens in [chunk_tokens] + [B] * (outputs - 1):  # the input chunk, then the output positions one by one
+        experts = min(cfg.moe.num_experts, tokens * cfg.moe.top_k)
+        weights = backbone + moe_layers * (experts - cfg.moe.top_k) * expert
+        kv = 2 * cfg.n_layers * B * cfg.num_kv_heads * context * cfg.head_dim
+        total += 4 * (weights + kv)
+    return total + 4 * (layout.count(Stream.MODEL, Kind.TEXT) * text_head + layout.count(Stream.MODEL, Kind.AUDIO)
+                        * audio_head)
 
 
 def fill(session: StreamingSession, positions: int) -> None:
@@ -100,7 +134,8 @@ def fill(session: StreamingSession, positions: int) -> None:
         r.turn = positions // session.layout.length
 
 
-def measure(model: InteractionModel, name: str, seconds: int, B: int, window: int, turns: int, peak: float) -> dict:
+def measure(model: InteractionModel, name: str, seconds: int, B: int, window: int, turns: int, peak: float,
+            gbps: float) -> dict:
     layout = MicroTurnLayout(LayoutConfig())
     cfg = SessionConfig(cache_window=window, max_context=max(65536, (seconds * 5 + 10) * layout.length))
     session = StreamingSession(model, layout, DMelTokenizer(), cfg, sessions=B)
@@ -117,8 +152,10 @@ def measure(model: InteractionModel, name: str, seconds: int, B: int, window: in
     wall_ms, step_ms = 1000 * statistics.median(times), 1000 * statistics.median(cpu)
     context = min(past + layout.length, window) if window else past + layout.length
     floor_ms = 1000 * B * floor_flops(model, layout, context) / (peak * 1e9)
+    mem_ms = 1000 * floor_bytes(model, layout, context, B) / (gbps * 1e9)
     return {"config": name, "session_s": seconds, "sessions": B, "window": window, "wall_ms": wall_ms,
-            "cpu_ms": step_ms, "floor_ms": floor_ms, "x_floor": step_ms / floor_ms,
+            "cpu_ms": step_ms, "floor_ms": floor_ms, "x_floor": step_ms / floor_ms, "mem_ms": mem_ms,
+            "x_mem": step_ms / mem_ms,
             "rtf": step_ms / layout.cfg.micro_turn_ms, "wall_rtf": wall_ms / layout.cfg.micro_turn_ms}
 
 
@@ -135,24 +172,25 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops()
-    print(f"# fp32 matmul peak {peak:.1f} GFLOP/s ({args.threads} threads); load average {os.getloadavg()}",
-          flush=True)
+    peak, gbps = matmul_peak_gflops(), read_gbps()
+    print(f"# fp32 matmul peak {peak:.1f} GFLOP/s, read {gbps:.1f} GB/s ({args.threads} threads); load average "
+          f"{os.getloadavg()}", flush=True)
     if not args.json:
         print(f"{'config':6} {'session':>7} {'window':>6} {'B':>3} {'ms/turn':>8} {'cpu ms':>8} {'floor ms':>8} "
-              f"{'x floor':>7} {'RTF':>6} {'wall RTF':>8}")
+              f"{'x floor':>7} {'mem ms':>7} {'x mem':>6} {'RTF':>6} {'wall RTF':>8}")
     for name in args.configs:
         model = build(name)
         runs = [(s, B, args.window) for s in args.lengths for B in args.batches]
         if args.full_context:
             runs += [(s, 1, 0) for s in args.lengths]
         for seconds, B, window in runs:
-            r = measure(model, name, seconds, B, window, args.turns, peak)
+            r = measure(model, name, seconds, B, window, args.turns, peak, gbps)
             if args.json:
                 print(json.dumps(r), flush=True)
             else:
                 print(f"{name:6} {seconds:>6}s {window or 'full':>6} {B:>3} {r['wall_ms']:>8.1f} {r['cpu_ms']:>8.1f} "
-                      f"{r['floor_ms']:>8.2f} {r['x_floor']:>7.1f} {r['rtf']:>6.3f} {r['wall_rtf']:>8.3f}", flush=True)
+                      f"{r['floor_ms']:>8.2f} {r['x_floor']:>7.1f} {r['mem_ms']:>7.2f} {r['x_mem']:>6.1f} "
+                      f"{r['rtf']:>6.3f} {r['wall_rtf']:>8.3f}", flush=True)
     print(f"# load average after: {os.getloadavg()}")
 
 
