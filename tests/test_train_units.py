@@ -87,3 +87,51 @@ def test_own_audio_flip_by_hand():
     a, na = flip_own_audio(batch, 0.3, torch.Generator().manual_seed(5))
     b, nb = flip_own_audio(batch, 0.3, torch.Generator().manual_seed(5))
     assert na == nb and 0 < na < 9 and torch.equal(a.audio_bins, b.audio_bins)
+
+
+def test_decoded_own_audio_by_hand_and_as_the_floor_target():
+    """Own audio shaped like the floor decoder's output. By hand (micro-turn = [user audio][model audio x3]):
+    speech pattern 1 0 1 -> the silent middle takes the first position's bins; 0 0 1 -> all silent (less than half
+    speaks); 0 1 1 -> the leading silence takes the next position's bins. Then on random packed rows with silences:
+    each micro-turn's own audio is all speech exactly where ``floor_targets`` (computed on the untouched batch) says
+    the reference speaks, and nothing but own audio inputs changes."""
+    from conftest import make_batch
+    from tml.model.heads import SILENT_BIN, floor_targets
+    from tml.streams.layout import Kind, Stream
+    from tml.train.exposure import decoded_own_audio
+
+    slots = [(Stream.USER, Kind.AUDIO, 1), (Stream.MODEL, Kind.AUDIO, 3)]
+    batch = make_batch([[3]], L=12, vocab=10, slots=slots)
+    own = (batch.stream == Stream.MODEL)[batch.kind == Kind.AUDIO]
+    bins = batch.audio_bins.clamp_min(1)  # every position speaks ...
+    pattern = [1, 0, 1, 0, 0, 1, 0, 1, 1]
+    own_rows = own.nonzero().flatten()
+    for r, spk in zip(own_rows.tolist(), pattern):
+        if not spk:
+            bins[r] = SILENT_BIN  # ... but these
+    batch.audio_bins = bins
+    out, n = decoded_own_audio(batch)
+    got = out.audio_bins[own_rows]
+    assert n == 1 + 1 + 1  # one filled, one muted, one filled
+    assert torch.equal(got[1], bins[own_rows[0]]) and torch.equal(got[0], bins[own_rows[0]])
+    assert (got[3:6] == SILENT_BIN).all()
+    assert torch.equal(got[6], bins[own_rows[7]]) and torch.equal(got[7:], bins[own_rows[7:]])
+    assert torch.equal(out.audio_bins[~own], bins[~own]) and out.target_audio is batch.target_audio
+
+    even = [(Stream.USER, Kind.AUDIO, 2), (Stream.MODEL, Kind.TEXT, 1), (Stream.MODEL, Kind.AUDIO, 4)]  # ties
+    for slots in (None, even):
+        batch = make_batch([[3, 2], [4]], L=100, vocab=50, seed=1, **({"slots": slots} if slots else {}))
+        own = ((batch.kind == Kind.AUDIO) & (batch.stream == Stream.MODEL))[batch.kind == Kind.AUDIO]
+        g = torch.Generator().manual_seed(0)
+        silent = own & (torch.rand(own.shape, generator=g) < 0.5)
+        batch.audio_bins[silent] = SILENT_BIN
+        row_of = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(batch.shape)
+        batch.target_audio = batch.audio_bins[row_of[:, 1:][(batch.target_kind == Kind.AUDIO)[:, :-1]]]
+        query, target = floor_targets(batch)
+        out, _ = decoded_own_audio(batch)
+        speaks = (out.audio_bins != SILENT_BIN).flatten(1).any(1)
+        for (b, l), want in zip(query.nonzero().tolist(), target.tolist()):
+            turn = (batch.stream[b] == Stream.MODEL) & (batch.kind[b] == Kind.AUDIO) & (batch.doc_ids[b] == batch.doc_ids[b, l]) \
+                & (batch.micro_turn[b] == batch.micro_turn[b, l])
+            assert speaks[row_of[b][turn]].tolist() == [bool(want)] * int(turn.sum())
+        assert torch.equal(out.audio_bins[~own], batch.audio_bins[~own])

@@ -59,6 +59,9 @@ class TrainerConfig:
     # share of micro-turns whose own-voice audio inputs are flipped, speech <-> silence, targets kept
     # (tml.train.exposure: teaches the floor decision not to just continue what it hears itself doing)
     own_audio_flip: float = 0.0
+    # feed the model its own audio as the floor decoder writes it: whole speaking or silent micro-turns (the floor
+    # target), so the reference's trail-off inside a micro-turn cannot tell it when to stop (tml.train.exposure)
+    own_audio_decoded: bool = False
     log_every: int = 1
     save_every: int = 50  # a checkpoint every N steps, and always at the last step
     val_every: int = 0  # held-out loss on data.val_path every N steps and at the last step (0 = never)

@@ -6,6 +6,13 @@ hears itself doing. At inference it hears its own samples instead: one wrongly s
 through a wait request or a barge-in. ``flip_own_audio`` flips the model's own audio inputs of a random share of
 micro-turns (speech becomes silence, silence becomes speech taken from elsewhere in the batch) while every target
 stays the reference's, so the decision to continue or stop must also come from what the user is doing.
+
+``decoded_own_audio`` removes a subtler leak. The decoder speaks or stays silent for a whole micro-turn (the floor
+head's one decision), so at inference the model's own audio is always whole speaking or silent micro-turns. The
+reference trails off inside a micro-turn, so under teacher forcing its own audio already shows the stop one
+micro-turn before the floor target does: the floor head learns to stop when it hears itself trailing off, a cue
+its own decoder never produces, instead of from the user's barge-in. Shaped like the decoder's output, the own audio
+input holds no such cue.
 """
 
 from __future__ import annotations
@@ -50,3 +57,40 @@ def flip_own_audio(batch: Batch, prob: float, generator: torch.Generator) -> tup
         bins[quiet] = batch.audio_bins[donors[pick]]
     n_flipped = int(((rows[flip] * docs + batch.doc_ids[flip]) * turns + batch.micro_turn[flip]).unique().numel())
     return replace(batch, audio_bins=bins), n_flipped
+
+
+def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
+    """``batch`` with the MODEL-stream audio inputs of each (row, document, micro-turn) as the floor decoder writes
+    them: all speech where the reference speaks in at least half of the micro-turn's own audio positions (the floor
+    head's target, ``tml.model.heads.floor_targets``), else all silent. A silent position of a speaking micro-turn
+    takes the bins of the nearest speaking position before it in that micro-turn (after it, when none is before).
+
+    Returns (the new batch, the number of own audio positions changed). ``audio_bins`` [N_audio, S, C] is copied,
+    never changed in place; targets are untouched.
+    """
+    B, L = batch.shape
+    own = (batch.kind == Kind.AUDIO) & (batch.stream == Stream.MODEL) & (batch.doc_ids >= 0)
+    if not own.any():
+        return batch, 0
+    docs, turns = int(batch.doc_ids.max()) + 1, int(batch.micro_turn.max()) + 1
+    rows = torch.arange(B, device=own.device)[:, None].expand(B, L)
+    group = ((rows * docs + batch.doc_ids.clamp_min(0)) * turns + batch.micro_turn)[own]  # [N_own], in row order
+    audio_row = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)[own]  # [N_own] into audio_bins
+    speaking = (batch.audio_bins[audio_row] != SILENT_BIN).flatten(1).any(1)  # [N_own]
+    n_groups = B * docs * turns
+    n_all = torch.zeros(n_groups, device=own.device).index_add_(0, group, torch.ones_like(speaking, dtype=torch.float))
+    n_spk = torch.zeros(n_groups, device=own.device).index_add_(0, group, speaking.float())
+    block_speaks = (2 * n_spk >= n_all)[group]  # [N_own]: the floor target of each position's micro-turn
+
+    # Nearest speaking position of the same micro-turn: the last one at or before i, else the first one after i.
+    i = torch.arange(len(group), device=own.device)
+    before = torch.where(speaking, i, -1).cummax(0).values
+    after = torch.where(speaking, i, len(group)).flip(0).cummin(0).values.flip(0)
+    ok_before = (before >= 0) & (group[before.clamp_min(0)] == group)
+    source = torch.where(ok_before, before, after.clamp_max(len(group) - 1))
+    bins = batch.audio_bins.clone()
+    fill = block_speaks & ~speaking  # [N_own]: silent inside a speaking micro-turn (it has a speaking position)
+    bins[audio_row[fill]] = batch.audio_bins[audio_row[source[fill]]]
+    mute = ~block_speaks & speaking
+    bins[audio_row[mute]] = SILENT_BIN
+    return replace(batch, audio_bins=bins), int(fill.sum() + mute.sum())

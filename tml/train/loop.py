@@ -45,7 +45,7 @@ from tml.train.metrics import MetricsLogger
 from tml.train.mfu import peak_flops_per_device
 from tml.train.signals import SignalFlag, StopRequested
 from tml.train.optim import param_groups, warmup_cosine
-from tml.train.exposure import flip_own_audio
+from tml.train.exposure import decoded_own_audio, flip_own_audio
 from tml.train.run import build_run
 from tml.train.validation import validation_batches, validation_losses
 
@@ -167,6 +167,8 @@ def setup(cfg: PretrainConfig, run_dir: str | Path) -> Trainer:
                                rank=dist.rank, world_size=dist.world_size)
     val_batches = validation_batches(cfg.data.val_path, cfg.data.val_batches, cfg.data.loader, layout, dmel, text,
                                      dist.rank, dist.world_size) if t.val_every else []
+    if t.own_audio_decoded:  # held-out loss on the inputs the model trains on (and meets at inference)
+        val_batches = [decoded_own_audio(b)[0] for b in val_batches]
 
     # Resume: weights, optimizer, lr schedule, step count, data cursor and RNG state.
     step = skipped = 0
@@ -259,6 +261,8 @@ def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
     for micro in range(t.grad_accum_steps):
         b0 = time.perf_counter()
         batch = next(tr.loader).to(dist.device)
+        if t.own_audio_decoded:
+            batch, _ = decoded_own_audio(batch)
         if t.own_audio_flip > 0:  # seeded by (seed, step, micro-batch, rank): a resumed step flips the same
             gen = torch.Generator().manual_seed(hash((t.seed, tr.step, micro, dist.rank)) % 2**63)
             batch, n = flip_own_audio(batch, t.own_audio_flip, gen)
