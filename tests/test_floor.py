@@ -300,3 +300,25 @@ def test_floor_head_decides_every_slot_of_its_micro_turn(setup, bias):  # noqa: 
     else:
         assert not any(o.speaks for o in outs) and silent.all()
         assert all(t == text.pad_id for o in outs for t in o.text_ids)
+
+
+def test_a_speaking_slot_writes_a_word_with_its_probability_given_speech():
+    """The text head gives P(pad) 0.8, P(word) 0.2 (words 0.15 / 0.05); the floor head P(speak) 0.4 and a decision
+    to speak. A word implies speech, so given that decision a slot writes with P(word | speak) = 0.2 / 0.4 = 0.5, and
+    the word is the likelier one (greedy); with ``words_given_speech=False`` it writes with the head's 0.2; where the
+    decision is silence it never writes; P(word) above P(speak) writes always."""
+
+    head = TextHead(dim=4, vocab_size=3)
+    n = 20000
+    logits = torch.tensor([0.8, 0.15, 0.05]).log().expand(n, 3)
+    speak, p_speak = torch.ones(n, dtype=torch.bool), torch.full((n,), 0.4)
+    h = torch.zeros(n, 4)
+    for given, want in ((True, 0.5), (False, 0.2)):
+        cfg = SamplingConfig(words_given_speech=given)
+        tok = head.sample(h, cfg, torch.Generator().manual_seed(0), 0, logits, speak, p_speak)
+        assert set(tok.unique().tolist()) == {0, 1}
+        assert (tok == 1).float().mean().item() == pytest.approx(want, abs=0.015)  # binomial sd 0.0035
+    tok = head.sample(h, SamplingConfig(), torch.Generator().manual_seed(0), 0, logits, ~speak, p_speak)
+    assert (tok == 0).all()
+    tok = head.sample(h, SamplingConfig(), torch.Generator().manual_seed(0), 0, logits, speak, torch.full((n,), 0.1))
+    assert (tok == 1).all()

@@ -349,7 +349,7 @@ class StreamingSession:
             if k == Kind.TEXT:
                 logits = text_head(h)  # [B, vocab]
                 tid = self._rows(lambda b, g: text_head.sample(h[b : b + 1], sc, g, pad, logits[b : b + 1],
-                                                               _row(speak, b)))
+                                                               _row(speak, b), _row(p_speak, b)))
                 if force is not None:
                     tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
                 text_logits.append(logits)

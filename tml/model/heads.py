@@ -81,8 +81,8 @@ class TextHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-               pad_id: int = 0, logits: torch.Tensor | None = None, speak: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               pad_id: int = 0, logits: torch.Tensor | None = None, speak: torch.Tensor | None = None,
+               p_speak: torch.Tensor | None = None) -> torch.Tensor:
         """Next token for hidden states h [N, dim] -> long [N] (``pad_id`` = this slot stays empty).
 
         Floor: write with probability P(not pad) = 1 - softmax(logits)[pad] (``cfg.floor``; the model's probability
@@ -91,13 +91,17 @@ class TextHead(nn.Module):
         ``self(h)`` if the caller has it already. ``speak`` bool [N]: the micro-turn's decision (``FloorHead``):
         ``pad_id`` where False; where True the slot still decides for itself whether it holds a word (a speaking
         micro-turn has empty text slots too). Every row draws either way, so the generator advances the same.
+        ``p_speak`` float [N]: the floor head's P(speak) behind ``speak``; with ``cfg.words_given_speech`` a
+        speaking slot writes with P(word | speak) = min(1, P(word) / P(speak)) instead of P(word).
         """
         logits = self(h) if logits is None else logits
         if cfg.floor == "none":
             token = sample_logits(logits, cfg.text_temperature, cfg.text_top_p, generator)
         else:
-            p_speak = 1.0 - logits.float().softmax(-1)[:, pad_id]
-            writes = decide_floor(p_speak, cfg.floor, generator)
+            p_word = 1.0 - logits.float().softmax(-1)[:, pad_id]
+            if speak is not None and p_speak is not None and cfg.words_given_speech:
+                p_word = torch.where(speak, (p_word / p_speak.float().clamp_min(1e-6)).clamp_max(1.0), p_word)
+            writes = decide_floor(p_word, cfg.floor, generator)
             words = logits.float().index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
             word = sample_logits(words, cfg.text_temperature, cfg.text_top_p, generator)
             token = torch.where(writes, word, torch.full_like(word, pad_id))

@@ -111,10 +111,27 @@ def _replay(make, episodes, run, vad, out: Path) -> list[dict]:
     return json.loads((out / "eval.json").read_text())["per_episode"]
 
 
+def sampling_overrides(specs: list[str]) -> dict:
+    """["words_given_speech=false", "text_temperature=0.7"] -> {field: value typed like its SamplingConfig default}."""
+    from tml.model.sampling import SamplingConfig
+
+    defaults, out = SamplingConfig(), {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not hasattr(defaults, key):
+            raise SystemExit(f"--sampling {spec!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(f for f in vars(defaults))}")
+        kind = type(getattr(defaults, key))
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
 def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int], vad_method: str,
                       steps: list[int] | None = None, baseline: bool = True, floor: str = "sample",
-                      floor_temperature: float = 1.0) -> dict:
-    """{"steps": [...], "model": [metrics per step], "raw": [per step: [per seed: [per episode measurements]]],
+                      floor_temperature: float = 1.0, sampling: dict | None = None) -> dict:
+    """``sampling``: further ``SamplingConfig`` fields for the model's sessions (e.g. {"words_given_speech": False}).
+
+    {"steps": [...], "model": [metrics per step], "raw": [per step: [per seed: [per episode measurements]]],
     "baseline": metrics, "baseline_raw": [per episode], "val": [(step, val/loss/text, ...)]}."""
     from tml.eval.evaluate import canned_reply
     from tml.eval.evaluate import SilenceRuleResponder
@@ -130,7 +147,8 @@ def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int],
     if not dirs:
         raise FileNotFoundError(f"no checkpoints step_* in {run_dir / 'checkpoints'} (steps {steps})")
     out = {"run": str(run_dir), "data": data, "episodes": len(eps), "seeds": seeds, "vad": vad_method,
-           "playback": "realtime", "floor": floor, "floor_temperature": floor_temperature, "steps": [], "model": [],
+           "playback": "realtime", "floor": floor, "floor_temperature": floor_temperature,
+           "sampling": sampling or {}, "steps": [], "model": [],
            "raw": []}
     tmp = Path(tempfile.mkdtemp(prefix="curves_"))
     for d in dirs:
@@ -139,7 +157,7 @@ def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int],
         for seed in seeds:
             cfg = SessionConfig()
             cfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed, floor=floor,
-                                                floor_temperature=floor_temperature))
+                                                floor_temperature=floor_temperature, **(sampling or {})))
             per_seed.append(_replay(lambda: StreamingSession(run.model, run.layout, run.dmel, cfg, run.text.pad_id),
                                     eps, run, vad, tmp / f"{d.name}_{seed}"))
         step = int(d.name.removeprefix("step_"))
@@ -238,11 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--floor", default="sample", help="speak/silent decision: sample (default) | greedy | none")
     p.add_argument("--floor-temperature", type=float, default=1.0,
                    help="floor head: draw from sigmoid(logit / T) (sampling.floor_temperature; 1 = as trained)")
+    p.add_argument("--sampling", action="append", default=[], metavar="FIELD=VALUE",
+                   help="another SamplingConfig field for the model, e.g. words_given_speech=false (repeatable)")
     p.add_argument("--out", required=True, help="PNG; the JSON goes beside it")
     a = p.parse_args(argv)
     curves = checkpoint_curves(Path(a.run), a.data, a.episodes, [int(s) for s in a.seeds.split(",")], a.vad,
                                [int(s) for s in a.steps.split(",") if s], baseline=not a.no_baseline,
-                               floor=a.floor, floor_temperature=a.floor_temperature)
+                               floor=a.floor, floor_temperature=a.floor_temperature,
+                               sampling=sampling_overrides(a.sampling))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(curves, indent=1))
