@@ -207,16 +207,18 @@ def test_every_sampling_field_reaches_its_head_live_and_in_free_generation(setup
 # -- the floor head: one decision per micro-turn ---------------------------------------------------------------------
 
 def test_floor_targets_by_hand():
-    """Micro-turn = [user audio][model text][model audio x3]. Row 0 packs a 2-micro-turn and a 1-micro-turn document,
+    """Micro-turn = [user audio][model text][model audio x3]. Row 0 packs a 5-micro-turn and a 1-micro-turn document,
     row 1 one micro-turn cut after its text slot by the row's end. The query is the user audio position of each
     micro-turn (followed by the first model slot); the target is 1 where at least 2 of the 3 model audio positions
-    are not silent."""
+    are not silent, or where speech starts (some speech, none in the document's previous micro-turn)."""
     from conftest import make_batch
     from tml.model.heads import floor_targets
 
     slots = [(Stream.USER, Kind.AUDIO, 1), (Stream.MODEL, Kind.TEXT, 1), (Stream.MODEL, Kind.AUDIO, 3)]
-    batch = make_batch([[2, 1], [1]], L=15, vocab=10, empty_text=0.0, slots=slots)
-    spoken = {0: [1, 0, 1], 1: [0, 0, 1], 2: [1, 1, 1]}  # row 0's micro-turns in order: which audio positions speak
+    batch = make_batch([[5, 1], [1]], L=30, vocab=10, empty_text=0.0, slots=slots)
+    # row 0's micro-turns in order: which audio positions speak, and the expected target
+    spoken = [[0, 0, 1], [0, 1, 1], [1, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0]]
+    want = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]  # starts; half; trails off; silent; starts again; a new document starts
     # Row 1 is cut: keep its first 2 positions (user audio, model text) and make the rest padding.
     for f in ("kind", "stream", "micro_turn", "position_ids", "text_ids", "target_kind"):
         getattr(batch, f)[1, 2:] = 0
@@ -224,7 +226,7 @@ def test_floor_targets_by_hand():
     batch.target_kind[1, 1] = Kind.PAD
     audio_rows = (batch.kind.flatten() == Kind.AUDIO).nonzero().flatten().tolist()  # positions, row-major
     bins = torch.zeros(len(audio_rows), 4, 80, dtype=torch.long)
-    model_audio = [p for p in audio_rows if batch.stream.flatten()[p] == Stream.MODEL and p < 15]
+    model_audio = [p for p in audio_rows if batch.stream.flatten()[p] == Stream.MODEL and p < 30]
     for i, p in enumerate(model_audio):
         bins[audio_rows.index(p), 0, 0] = spoken[i // 3][i % 3] * 5  # one loud bin is enough to not be silent
     batch.audio_bins = bins
@@ -233,8 +235,8 @@ def test_floor_targets_by_hand():
     batch.target_audio = bins[row_of[:, 1:][is_audio_target[:, :-1]]]
 
     query, target = floor_targets(batch)
-    assert query.nonzero().tolist() == [[0, 0], [0, 5], [0, 10]]  # row 1's micro-turn has no audio target: dropped
-    assert target.tolist() == [1.0, 0.0, 1.0]
+    assert query.nonzero().tolist() == [[0, 0], [0, 5], [0, 10], [0, 15], [0, 20], [0, 25]]  # row 1's: dropped
+    assert target.tolist() == want
 
 
 def test_floor_loss_is_the_binary_cross_entropy_of_the_decision():

@@ -92,7 +92,7 @@ def test_own_audio_flip_by_hand():
 def test_decoded_own_audio_by_hand_and_as_the_floor_target():
     """Own audio shaped like the floor decoder's output. By hand (micro-turn = [user audio][model audio x3]):
     speech pattern 1 0 1 -> the silent middle takes the first position's bins; 0 0 1 -> all silent (less than half
-    speaks); 0 1 1 -> the leading silence takes the next position's bins. Then on random packed rows with silences:
+    speaks, and speech does not start there); 0 1 1 -> the leading silence takes the next position's bins. Then on random packed rows with silences:
     each micro-turn's own audio is all speech exactly where ``floor_targets`` (computed on the untouched batch) says
     the reference speaks, and nothing but own audio inputs changes."""
     from conftest import make_batch
@@ -110,6 +110,8 @@ def test_decoded_own_audio_by_hand_and_as_the_floor_target():
         if not spk:
             bins[r] = SILENT_BIN  # ... but these
     batch.audio_bins = bins
+    row_of = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(batch.shape)
+    batch.target_audio = bins[row_of[:, 1:][(batch.target_kind == Kind.AUDIO)[:, :-1]]]  # the reference said it
     out, n = decoded_own_audio(batch)
     got = out.audio_bins[own_rows]
     assert n == 1 + 1 + 1  # one filled, one muted, one filled

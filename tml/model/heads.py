@@ -177,7 +177,8 @@ class FloorHead(nn.Module):
 
     It reads the hidden state of a micro-turn's last input position (which has heard this micro-turn's input and
     predicts its first output slot) and is trained with binary cross-entropy on ``floor_targets``: whether the
-    reference speaks in at least half of the micro-turn's model audio positions. At inference the decision is
+    reference speaks in at least half of the micro-turn's model audio positions, or starts speaking in it. At
+    inference the decision is
     sampled from it (``cfg.floor``: ``sample``, or ``greedy`` = P > 0.5) and every output slot of the micro-turn
     follows it: silent writes ``<pad>`` text and silent audio; speaking draws the content given speech.
     """
@@ -225,7 +226,10 @@ def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (query bool [B, L], target float [Q]): ``query`` marks each micro-turn's last input position, the one
     followed by the micro-turn's first MODEL output slot; ``target`` (row-major over the queries) is 1 where the
     reference speaks in at least half of that micro-turn's model audio positions (``target_audio`` not all
-    ``SILENT_BIN``). A query whose micro-turn has no audio targets (cut by the end of its row) is dropped from
+    ``SILENT_BIN``), or starts speaking in it (some speech, none in the document's previous micro-turn). The second
+    rule is for onsets: an utterance that starts late in a micro-turn has its first word in that micro-turn's text
+    slots (45% of the reply onsets of the interaction held-out set), and a silent decision there would erase it. A
+    trailing micro-turn with less than half speech stays silent, so a stop is not delayed by a micro-turn. A query whose micro-turn has no audio targets (cut by the end of its row) is dropped from
     ``query``. With ``layout.model_lead_turns`` the audio targets already carry the lead, so the target does too.
     """
     B, L = batch.shape
@@ -242,7 +246,13 @@ def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     n_spoken = torch.zeros(B * L, device=spoken.device).index_add_(0, seg[ok], spoken[ok])
     query = query & (n_audio[seg.clamp_min(0)] > 0)  # a query's own segment starts at it, so its seg is >= 0
     q_seg = seg[query]
-    return query, (2 * n_spoken[q_seg] >= n_audio[q_seg]).float()
+    some = n_spoken[q_seg] > 0  # [Q]
+    # The previous query of the same row and document is the previous micro-turn (queries are row-major).
+    qb, ql = query.nonzero(as_tuple=True)
+    follows = torch.zeros_like(some)
+    follows[1:] = (qb[1:] == qb[:-1]) & (batch.doc_ids[qb[1:], ql[1:]] == batch.doc_ids[qb[:-1], ql[:-1]])
+    starts = some & ~(follows & torch.cat([some.new_zeros(1), some[:-1]]))
+    return query, ((2 * n_spoken[q_seg] >= n_audio[q_seg]) | starts).float()
 
 
 def _time_features(t: torch.Tensor, width: int) -> torch.Tensor:

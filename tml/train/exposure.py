@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import torch
 
-from tml.model.heads import SILENT_BIN
+from tml.model.heads import SILENT_BIN, floor_targets
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, Stream
 
@@ -61,9 +61,10 @@ def flip_own_audio(batch: Batch, prob: float, generator: torch.Generator) -> tup
 
 def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
     """``batch`` with the MODEL-stream audio inputs of each (row, document, micro-turn) as the floor decoder writes
-    them: all speech where the reference speaks in at least half of the micro-turn's own audio positions (the floor
-    head's target, ``tml.model.heads.floor_targets``), else all silent. A silent position of a speaking micro-turn
-    takes the bins of the nearest speaking position before it in that micro-turn (after it, when none is before).
+    them: all speech where the floor head's target says the reference speaks (``tml.model.heads.floor_targets``, the
+    one definition), else all silent. A silent position of a speaking micro-turn takes the bins of the nearest
+    speaking position before it in that micro-turn (after it, when none is before). Micro-turns without a floor
+    target (cut by the end of their row) keep their audio.
 
     Returns (the new batch, the number of own audio positions changed). ``audio_bins`` [N_audio, S, C] is copied,
     never changed in place; targets are untouched.
@@ -74,23 +75,23 @@ def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
         return batch, 0
     docs, turns = int(batch.doc_ids.max()) + 1, int(batch.micro_turn.max()) + 1
     rows = torch.arange(B, device=own.device)[:, None].expand(B, L)
-    group = ((rows * docs + batch.doc_ids.clamp_min(0)) * turns + batch.micro_turn)[own]  # [N_own], in row order
+    group_of = (rows * docs + batch.doc_ids.clamp_min(0)) * turns + batch.micro_turn  # [B, L]
+    query, target = floor_targets(batch)
+    decided = torch.full((B * docs * turns,), -1, dtype=torch.long, device=own.device)  # -1: no decision
+    decided[group_of[query]] = target.long()
+    group = group_of[own]  # [N_own], in row order: a micro-turn's own positions are consecutive
     audio_row = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)[own]  # [N_own] into audio_bins
     speaking = (batch.audio_bins[audio_row] != SILENT_BIN).flatten(1).any(1)  # [N_own]
-    n_groups = B * docs * turns
-    n_all = torch.zeros(n_groups, device=own.device).index_add_(0, group, torch.ones_like(speaking, dtype=torch.float))
-    n_spk = torch.zeros(n_groups, device=own.device).index_add_(0, group, speaking.float())
-    block_speaks = (2 * n_spk >= n_all)[group]  # [N_own]: the floor target of each position's micro-turn
+    block = decided[group]  # [N_own]: 1 speak, 0 silent, -1 keep
 
     # Nearest speaking position of the same micro-turn: the last one at or before i, else the first one after i.
     i = torch.arange(len(group), device=own.device)
     before = torch.where(speaking, i, -1).cummax(0).values
-    after = torch.where(speaking, i, len(group)).flip(0).cummin(0).values.flip(0)
-    ok_before = (before >= 0) & (group[before.clamp_min(0)] == group)
-    source = torch.where(ok_before, before, after.clamp_max(len(group) - 1))
+    after = torch.where(speaking, i, len(group)).flip(0).cummin(0).values.flip(0).clamp_max(len(group) - 1)
+    source = torch.where((before >= 0) & (group[before.clamp_min(0)] == group), before, after)
+    fill = (block == 1) & ~speaking & speaking[source] & (group[source] == group)
+    mute = (block == 0) & speaking
     bins = batch.audio_bins.clone()
-    fill = block_speaks & ~speaking  # [N_own]: silent inside a speaking micro-turn (it has a speaking position)
     bins[audio_row[fill]] = batch.audio_bins[audio_row[source[fill]]]
-    mute = ~block_speaks & speaking
     bins[audio_row[mute]] = SILENT_BIN
     return replace(batch, audio_bins=bins), int(fill.sum() + mute.sum())
