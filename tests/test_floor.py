@@ -320,7 +320,8 @@ def test_a_speaking_slot_writes_a_word_with_its_probability_given_speech():
         tok = head.sample(h, cfg, torch.Generator().manual_seed(0), 0, logits, speak, p_speak)
         assert set(tok.unique().tolist()) == {0, 1}
         assert (tok == 1).float().mean().item() == pytest.approx(want, abs=0.015)  # binomial sd 0.0035
-    tok = head.sample(h, SamplingConfig(), torch.Generator().manual_seed(0), 0, logits, ~speak, p_speak)
+    given = SamplingConfig(words_given_speech=True)
+    tok = head.sample(h, given, torch.Generator().manual_seed(0), 0, logits, ~speak, p_speak)
     assert (tok == 0).all()
-    tok = head.sample(h, SamplingConfig(), torch.Generator().manual_seed(0), 0, logits, speak, torch.full((n,), 0.1))
+    tok = head.sample(h, given, torch.Generator().manual_seed(0), 0, logits, speak, torch.full((n,), 0.1))
     assert (tok == 1).all()

@@ -32,10 +32,10 @@ class SamplingConfig:
     # floor head only: the decision is drawn from sigmoid(logit(P(speak)) / floor_temperature); 1 = the model's own
     # probability, < 1 sharpens it towards its more likely side (0.5: P 0.1 -> 0.012, 0.9 -> 0.988)
     floor_temperature: float = 1.0
-    # text slots of a speaking micro-turn write a word with P(word | speak) = P(word) / P(speak) (a word implies
-    # speech; P(speak) from the floor head), not with the text head's P(word), which also counts the chance of
-    # staying silent: at a reply's first micro-turn that share is large, and the reply would start with no word
-    words_given_speech: bool = True
+    # true: text slots of a speaking micro-turn write a word with P(word | speak) = P(word) / P(speak) (a word
+    # implies speech) instead of the text head's P(word). Off: on the development set it made the model write more
+    # and keep talking through more wait windows (README, "Interaction: a model that takes turns")
+    words_given_speech: bool = False
     text_temperature: float = 0.0  # the word given speech (floor="none": the token); 0 = argmax
     text_top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     audio_temperature: float = 0.0  # dmel head, the bins given speech, per channel; 0 = argmax
