@@ -33,3 +33,13 @@ def test_summary_averages_seeds_and_flags_too_few_events():
     assert r["ci"][0] <= 0.75 <= r["ci"][1] and r["ci"][1] - r["ci"][0] > 0.05  # resampling episodes moves seed 1
     assert s["barge_in_stop_rate"]["value"] is None and "too few" in s["barge_in_stop_rate"]["flag"]
     assert "0.75 [" in table(s)
+
+
+def test_sampling_overrides_are_typed_like_their_fields_and_unknown_ones_refused():
+    from tml.tools.interaction_curves import sampling_overrides
+
+    got = sampling_overrides(["words_given_speech=true", "text_temperature=0.7", "flow_steps=4", "floor=greedy"])
+    assert got == {"words_given_speech": True, "text_temperature": 0.7, "flow_steps": 4, "floor": "greedy"}
+    assert sampling_overrides(["words_given_speech=False"]) == {"words_given_speech": False}
+    with pytest.raises(SystemExit, match="no_such_field"):
+        sampling_overrides(["no_such_field=1"])
