@@ -62,6 +62,8 @@ serve: setup $(if $(CHECKPOINT),,$(TINY)/checkpoints/latest)
 ITRAIN    ?= data/interaction_train
 IHELDOUT  ?= data/interaction_heldout
 IRUN      ?= outputs/interaction/main
+# the decoder's floor temperature (sampling.floor_temperature), chosen on a development set (README)
+IFLOOR_T  ?= 0.7
 IMIX_TRAIN := --scenario-weights dialogue=0.2,interrupt=0.3,wait=0.2,long_talk=0.2,timer=0.025,count_pace=0.025,wall=0.025,squares=0.025 \
 	--background-prob 0.1 --listener-sound-prob 0.8
 IMIX_HELDOUT := --scenario-weights dialogue=0.1,interrupt=0.35,wait=0.35,long_talk=0.2 --background-prob 0.0 \
@@ -79,9 +81,10 @@ interaction: setup interaction-data
 	$(BIN)/python recipes/pretrain.py +experiment=interaction_cpu data.path=$(ITRAIN) data.val_path=$(IHELDOUT) \
 		hydra.run.dir=$(IRUN)
 	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 120 --steps 3000 \
-		--seeds 0,1,2 --vad silero --out $(IRUN)/eval/final.png
+		--seeds 0,1,2 --vad silero --floor-temperature $(IFLOOR_T) --out $(IRUN)/eval/final.png
 	$(BIN)/python -m tml.tools.interaction_curves table $(IRUN)/eval/final.json
 	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \
+		--floor-temperature $(IFLOOR_T) \
 		--steps 500,1000,1500,2000,2500,3000 --out $(IRUN)/eval/curves.png
 
 test: setup
