@@ -157,21 +157,12 @@ class InteractionModel(nn.Module):
                 w.data = w.data.mT.contiguous().mT
         return self
 
-    def forward_cached(self, batch: Batch, cache: KVCache, start: int | torch.Tensor,
-                       rope: RopeTable | None = None) -> torch.Tensor:
-        """Incremental inference: run the positions of ``batch`` (B rows, each the next ``T`` positions of its own
-        sequence, whose first ``start`` positions (int, or long [B] per row) are in ``cache``) through every layer,
-        appending them to the cache. Only the payload fields of ``batch`` are read. Returns final-norm hidden
-        [B, T, dim], equal to those positions' hidden states in one full causal forward."""
-        x = self.embed(batch)
-        B, T = batch.shape
-        start = torch.as_tensor(start, dtype=torch.long, device=x.device).reshape(-1, 1)
-        return self.forward_embedded(x, start + torch.arange(T, device=x.device), cache, rope)
-
     def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                          rope: RopeTable | None = None) -> torch.Tensor:
-        """``forward_cached`` from embeddings x [B, T, dim] at absolute positions long [B, T] -> hidden [B, T, dim].
-        ``rope``: cached rotary tables (the same values ``rope_cos_sin`` computes)."""
+        """Incremental inference (the streaming step): run embeddings x [B, T, dim] of each row's next T positions,
+        at absolute positions long [B, T], through every layer, appending them to ``cache`` (which holds each row's
+        earlier positions). Returns final-norm hidden [B, T, dim], equal to those positions' hidden states in one full
+        causal forward. ``rope``: cached rotary tables (the same values ``rope_cos_sin`` computes)."""
         positions = positions.expand(x.shape[0], -1)
         cos, sin = (rope(positions) if rope is not None else
                     rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype=x.dtype))
