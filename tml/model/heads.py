@@ -178,9 +178,9 @@ class FloorHead(nn.Module):
     It reads the hidden state of a micro-turn's last input position (which has heard this micro-turn's input and
     predicts its first output slot) and is trained with binary cross-entropy on ``floor_targets``: whether the
     reference speaks in at least half of the micro-turn's model audio positions, or starts speaking in it. At
-    inference the decision is
-    sampled from it (``cfg.floor``: ``sample``, or ``greedy`` = P > 0.5) and every output slot of the micro-turn
-    follows it: silent writes ``<pad>`` text and silent audio; speaking draws the content given speech.
+    inference the decision is sampled from it (``cfg.floor``: ``sample``, or ``greedy`` = P > 0.5) and every output
+    slot of the micro-turn follows it: silent writes ``<pad>`` text and silent audio; speaking draws the content
+    given speech.
     """
 
     def __init__(self, dim: int):
@@ -229,8 +229,9 @@ def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     ``SILENT_BIN``), or starts speaking in it (some speech, none in the document's previous micro-turn). The second
     rule is for onsets: an utterance that starts late in a micro-turn has its first word in that micro-turn's text
     slots (45% of the reply onsets of the interaction held-out set), and a silent decision there would erase it. A
-    trailing micro-turn with less than half speech stays silent, so a stop is not delayed by a micro-turn. A query whose micro-turn has no audio targets (cut by the end of its row) is dropped from
-    ``query``. With ``layout.model_lead_turns`` the audio targets already carry the lead, so the target does too.
+    trailing micro-turn with less than half speech stays silent, so a stop is not delayed by a micro-turn. A query
+    whose micro-turn has no audio targets (cut by the end of its row) is dropped from ``query``. With
+    ``layout.model_lead_turns`` the audio targets already carry the lead, so the target does too.
     """
     B, L = batch.shape
     query = torch.zeros(B, L, dtype=torch.bool, device=batch.kind.device)

@@ -133,8 +133,7 @@ def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int],
 
     {"steps": [...], "model": [metrics per step], "raw": [per step: [per seed: [per episode measurements]]],
     "baseline": metrics, "baseline_raw": [per episode], "val": [(step, val/loss/text, ...)]}."""
-    from tml.eval.evaluate import canned_reply
-    from tml.eval.evaluate import SilenceRuleResponder
+    from tml.eval.evaluate import SilenceRuleResponder, canned_reply
     from tml.eval.loading import load_run, read_episodes
     from tml.eval.session import SessionConfig, StreamingSession
     from tml.eval.vad import VADConfig

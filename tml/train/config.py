@@ -60,7 +60,8 @@ class TrainerConfig:
     # (tml.train.exposure: teaches the floor decision not to just continue what it hears itself doing)
     own_audio_flip: float = 0.0
     # feed the model its own audio as the floor decoder writes it: whole speaking or silent micro-turns (the floor
-    # target), so the reference's trail-off inside a micro-turn cannot tell it when to stop (tml.train.exposure)
+    # target), hiding the reference's trail-off inside a micro-turn; off: it made the model stop on fewer
+    # barge-ins (tml.train.exposure, README ablations)
     own_audio_decoded: bool = False
     log_every: int = 1
     save_every: int = 50  # a checkpoint every N steps, and always at the last step

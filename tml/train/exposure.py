@@ -7,12 +7,13 @@ through a wait request or a barge-in. ``flip_own_audio`` flips the model's own a
 micro-turns (speech becomes silence, silence becomes speech taken from elsewhere in the batch) while every target
 stays the reference's, so the decision to continue or stop must also come from what the user is doing.
 
-``decoded_own_audio`` removes a subtler leak. The decoder speaks or stays silent for a whole micro-turn (the floor
+``decoded_own_audio`` tests a subtler leak. The decoder speaks or stays silent for a whole micro-turn (the floor
 head's one decision), so at inference the model's own audio is always whole speaking or silent micro-turns. The
 reference trails off inside a micro-turn, so under teacher forcing its own audio already shows the stop one
-micro-turn before the floor target does: the floor head learns to stop when it hears itself trailing off, a cue
-its own decoder never produces, instead of from the user's barge-in. Shaped like the decoder's output, the own audio
-input holds no such cue.
+micro-turn before the floor target does: the floor head could learn to stop on hearing itself trail off, a cue its
+own decoder never produces. Shaped like the decoder's output, the own audio input holds no such cue. Measured, it
+made the model stop on fewer barge-ins, not more (README, "Interaction: a model that takes turns"), so it is off by
+default (``trainer.own_audio_decoded``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ from tml.streams.batch import Batch
 from tml.streams.layout import Kind, Stream
 
 
+def _own_audio(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Where the model's own audio inputs are and which micro-turn each position belongs to.
+
+    Returns (own bool [B, L]: MODEL-stream AUDIO positions of a document; micro_turn long [B, L]: a key of the
+    position's (row, document, micro-turn), row-major; the number of keys; audio_row long [B, L]: each position's
+    row of ``batch.audio_bins``)."""
+    B, L = batch.shape
+    own = (batch.kind == Kind.AUDIO) & (batch.stream == Stream.MODEL) & (batch.doc_ids >= 0)
+    docs, turns = int(batch.doc_ids.max()) + 1, int(batch.micro_turn.max()) + 1
+    rows = torch.arange(B, device=own.device)[:, None].expand(B, L)
+    micro_turn = (rows * docs + batch.doc_ids.clamp_min(0)) * turns + batch.micro_turn
+    audio_row = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)
+    return own, micro_turn, B * docs * turns, audio_row
+
+
 def flip_own_audio(batch: Batch, prob: float, generator: torch.Generator) -> tuple[Batch, int]:
     """``batch`` with the MODEL-stream audio inputs of each (row, document, micro-turn) flipped with probability
     ``prob``: a speaking position (any bin not ``SILENT_BIN``) becomes silent, a silent one takes the bins of a
@@ -36,15 +52,11 @@ def flip_own_audio(batch: Batch, prob: float, generator: torch.Generator) -> tup
     """
     if prob <= 0:
         return batch, 0
-    B, L = batch.shape
-    own = (batch.kind == Kind.AUDIO) & (batch.stream == Stream.MODEL) & (batch.doc_ids >= 0)
+    own, micro_turn, n_turns, audio_row = _own_audio(batch)
     if not own.any():
         return batch, 0
-    docs, turns = int(batch.doc_ids.max()) + 1, int(batch.micro_turn.max()) + 1
-    chosen = (torch.rand(B, docs, turns, generator=generator) < prob).to(own.device)
-    rows = torch.arange(B, device=own.device)[:, None].expand(B, L)
-    flip = own & chosen[rows, batch.doc_ids.clamp_min(0), batch.micro_turn]
-    audio_row = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)
+    chosen = (torch.rand(n_turns, generator=generator) < prob).to(own.device)  # one draw per micro-turn
+    flip = own & chosen[micro_turn]
     own_rows, flip_rows = audio_row[own], audio_row[flip]
     speaking = (batch.audio_bins != SILENT_BIN).flatten(1).any(1)  # [N_audio]
     donors = own_rows[speaking[own_rows]]
@@ -55,8 +67,7 @@ def flip_own_audio(batch: Batch, prob: float, generator: torch.Generator) -> tup
     if len(donors) and len(quiet):
         pick = torch.randint(len(donors), (len(quiet),), generator=generator).to(donors.device)
         bins[quiet] = batch.audio_bins[donors[pick]]
-    n_flipped = int(((rows[flip] * docs + batch.doc_ids[flip]) * turns + batch.micro_turn[flip]).unique().numel())
-    return replace(batch, audio_bins=bins), n_flipped
+    return replace(batch, audio_bins=bins), int(micro_turn[flip].unique().numel())
 
 
 def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
@@ -69,18 +80,14 @@ def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
     Returns (the new batch, the number of own audio positions changed). ``audio_bins`` [N_audio, S, C] is copied,
     never changed in place; targets are untouched.
     """
-    B, L = batch.shape
-    own = (batch.kind == Kind.AUDIO) & (batch.stream == Stream.MODEL) & (batch.doc_ids >= 0)
+    own, micro_turn, n_turns, audio_row = _own_audio(batch)
     if not own.any():
         return batch, 0
-    docs, turns = int(batch.doc_ids.max()) + 1, int(batch.micro_turn.max()) + 1
-    rows = torch.arange(B, device=own.device)[:, None].expand(B, L)
-    group_of = (rows * docs + batch.doc_ids.clamp_min(0)) * turns + batch.micro_turn  # [B, L]
     query, target = floor_targets(batch)
-    decided = torch.full((B * docs * turns,), -1, dtype=torch.long, device=own.device)  # -1: no decision
-    decided[group_of[query]] = target.long()
-    group = group_of[own]  # [N_own], in row order: a micro-turn's own positions are consecutive
-    audio_row = ((batch.kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)[own]  # [N_own] into audio_bins
+    decided = torch.full((n_turns,), -1, dtype=torch.long, device=own.device)  # -1: no decision
+    decided[micro_turn[query]] = target.long()
+    group = micro_turn[own]  # [N_own], in row order: a micro-turn's own positions are consecutive
+    audio_row = audio_row[own]  # [N_own] into audio_bins
     speaking = (batch.audio_bins[audio_row] != SILENT_BIN).flatten(1).any(1)  # [N_own]
     block = decided[group]  # [N_own]: 1 speak, 0 silent, -1 keep
 
