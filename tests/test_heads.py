@@ -14,7 +14,7 @@ from torch import nn
 from conftest import TURN, make_batch, tiny_cfg
 from tml.model import (FlowHead, FlowHeadConfig, HeadsConfig, InteractionModel, ModelConfig, compute_losses,
                        bins_to_unit, unit_to_bins)
-from tml.model.heads import SILENT_BIN, DMelHead, TextHead
+from tml.model.heads import SILENT_BIN, DMelHead, FloorHead, TextHead
 from tml.model.sampling import SamplingConfig, sample_logits
 from tml.errors import ConfigError
 from tml.streams.layout import Kind, Stream
@@ -119,6 +119,77 @@ def test_every_content_head_samples_silence_where_the_floor_says_so_and_draws_th
         assert torch.equal(given[speak], everyone[speak]), name
         assert (given[~speak] == silent).all() and not (everyone[~speak] == silent).all(), name
         assert torch.equal(g_all.get_state(), g_given.get_state()), name
+
+
+def _rows_apart(head, h, cfg, seeds, kw, per_row):
+    """head.sample for all rows at once with one generator per row, and for each row alone with its own (fresh,
+    same seed): (batched, alone stacked, the generators' states after each)."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    batched = head.sample(h, cfg, gens, **{k: v for k, v in kw.items()})
+    alone, states = [], []
+    for i, s in enumerate(seeds):
+        g = torch.Generator().manual_seed(s)
+        alone.append(head.sample(h[i : i + 1], cfg, g, **{k: v[i : i + 1] if k in per_row else v
+                                                          for k, v in kw.items()}))
+        states.append(g.get_state())
+    return batched, alone, [g.get_state() for g in gens], states
+
+
+SPEAK = torch.tensor([True, False, True, True, False])
+FLOW = FlowHeadConfig(hidden_dim=8, n_layers=1, cond_dropout=0.0)
+
+
+@pytest.mark.parametrize("case", [
+    ("text", SamplingConfig(text_temperature=1.0, text_top_p=0.9)),
+    ("text", SamplingConfig(text_temperature=1.0, words_given_speech=True)),
+    ("text", SamplingConfig(floor="none", text_temperature=0.8)),
+    ("dmel", SamplingConfig(audio_temperature=1.0, audio_top_p=0.8)),
+    ("dmel+speak", SamplingConfig(audio_temperature=1.0)),
+    ("dmel", SamplingConfig(floor="none", audio_temperature=1.0)),
+    ("flow+speak", SamplingConfig(flow_steps=2, flow_temperature=0.7)),
+    ("floor", SamplingConfig(floor_temperature=0.7)),
+], ids=lambda c: f"{c[0]}-{c[1].floor}-{c[1].text_temperature}-{c[1].audio_top_p}-{c[1].words_given_speech}")
+def test_batched_sampling_with_a_generator_per_row_equals_each_row_alone(case):
+    """A batched session samples all its sessions in one call with one generator per row
+    (``tml.model.sampling.Generators``): every head must write, row by row, exactly what that row writes alone with
+    its own generator, and leave each generator in the same state (so the sessions' later draws agree too)."""
+    name, cfg = case
+    torch.manual_seed(0)
+    n, dim = SPEAK.numel(), 16
+    h = torch.randn(n, dim)
+    p_speak = torch.rand(n)
+    if name == "text":
+        head, kw = TextHead(dim, 12), {"pad_id": 3, "speak": SPEAK, "p_speak": p_speak}
+        if cfg.floor == "none":
+            kw = {"pad_id": 3}
+        with torch.no_grad():  # a pad that is likely but not certain: both the floor and the word draws matter
+            head.proj.weight[3].fill_(0.0)
+        kw["logits"] = head(h)  # as the session passes them: computed once for all rows
+    elif name.startswith("dmel"):
+        head, kw = DMelHead(dim, 2, 3, NB), ({"speak": SPEAK} if name.endswith("speak") else {})
+        with torch.no_grad():
+            head.proj.weight.mul_(30)  # far from uniform: top-p and the silent bin's share bite
+        kw["logits"] = head(h)
+    elif name.startswith("flow"):
+        head, kw = FlowHead(dim, 2, 3, NB, FLOW), {"speak": SPEAK}
+        with torch.no_grad():
+            head.out.weight.normal_()  # a nonzero flow, so the noise reaches the sample
+    else:
+        head, kw = FloorHead(dim), {}
+    seeds = [10, 11, 12, 13, 14]
+    batched, alone, states, alone_states = _rows_apart(head, h, cfg, seeds, kw, per_row=("speak", "p_speak", "logits"))
+    if name == "floor":  # the decisions; P(speak) of one row rounds differently from a matmul of five
+        assert torch.equal(batched[0], torch.cat([a[0] for a in alone]))
+        torch.testing.assert_close(batched[1], torch.cat([a[1] for a in alone]), atol=1e-6, rtol=0)
+    elif name.startswith("flow"):  # the same noise; its network's matmuls round differently at 5 rows than at 1
+        torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(batched, torch.cat(alone))
+    assert all(torch.equal(a, b) for a, b in zip(states, alone_states))
+    # The draws are real: other seeds write something else.
+    other, _, _, _ = _rows_apart(head, h, cfg, [s + 100 for s in seeds], kw, per_row=("speak", "p_speak", "logits"))
+    first = (lambda x: x[0]) if name == "floor" else (lambda x: x)
+    assert not torch.equal(first(other), first(batched))
 
 
 def test_temperature_zero_is_argmax():

@@ -301,12 +301,15 @@ def test_cpu_gather_dispatch_equals_gpu_permute_dispatch(capacity_factor):
         torch.testing.assert_close(gp0[n], gp1[n], atol=1e-5, rtol=1e-5, msg=f"grad of {n}")
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("shared", [0, 1])
-def test_decode_equals_forward_and_reference_on_both_paths(shared):
+def test_decode_equals_forward_and_reference_on_all_paths(shared, dense):
     """``MoE.decode`` (streaming inference) gives the training forward's output, and the naive reference's, for a
-    few tokens (its per-expert loop) and for more than ``DECODE_LOOP_MAX`` (the training dispatch); it leaves the
-    router statistics of the last training forward alone."""
+    few tokens (every expert on every token when the layer is small, ``DECODE_DENSE_MAX``, else its per-expert
+    loop) and for more than ``DECODE_LOOP_MAX`` (the training dispatch); it leaves the router statistics of the last
+    training forward alone."""
     moe = make_moe(top_k=2, num_shared_experts=shared).eval()
+    moe.DECODE_DENSE_MAX = (moe.DECODE_LOOP_MAX + 5) * E * DIM * HIDDEN if dense else 0
     for n in (1, 3, moe.DECODE_LOOP_MAX, moe.DECODE_LOOP_MAX + 5):
         x = torch.randn(1, n, DIM)
         with torch.no_grad():

@@ -109,11 +109,6 @@ def listening_mel(dmel: DMelTokenizer, unit: torch.Tensor) -> torch.Tensor:
     return torch.where(unit == bins_to_unit(bins, dmel.cfg.n_bins), dmel.decode(bins), dmel.unit_to_log_mel(unit))
 
 
-def _row(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
-    """Row b of x as a batch of one (None stays None)."""
-    return None if x is None else x[b : b + 1]
-
-
 class _Row:
     """The per-session state of one row of a batched session: its generator, one live encoder per input slot run
     (audio history, text queue), its background bridge, and the held-back output position."""
@@ -292,11 +287,6 @@ class StreamingSession:
                 chunk.background_ids += payload["text_ids"].tolist()
         return chunk
 
-    def _rows(self, fn) -> torch.Tensor:
-        """``fn(b, generator)`` for every session b with its own generator, stacked: each session's draws are exactly
-        those it makes alone."""
-        return torch.cat([fn(b, r.generator) for b, r in enumerate(self.rows)])
-
     # -- one micro-turn ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, inputs: MicroTurnInputs, force: dict | None = None) -> MicroTurnOutputs:
@@ -334,11 +324,13 @@ class StreamingSession:
 
         # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
+        # Every head samples all sessions in one call, each row drawing from its session's generator exactly what it
+        # draws alone (``tml.model.sampling.Generators``).
         sc, text_head, audio_head, pad = self.cfg.sampling, self.model.text_head, self.model.audio_head, self.pad_id
+        gens = [r.generator for r in self.rows]
         speak = p_speak = None
         if self.model.floor_head is not None and sc.floor != "none":
-            decided = [self.model.floor_head.sample(h[b : b + 1], sc, r.generator) for b, r in enumerate(self.rows)]
-            speak, p_speak = torch.cat([d[0] for d in decided]), torch.cat([d[1] for d in decided])
+            speak, p_speak = self.model.floor_head.sample(h, sc, gens)
 
         # Output slots, one position at a time: predict from h [B, dim], feed the payload back, get the next h.
         # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator, given
@@ -348,8 +340,7 @@ class StreamingSession:
         for i, (k, st) in enumerate(self.outputs):
             if k == Kind.TEXT:
                 logits = text_head(h)  # [B, vocab]
-                tid = self._rows(lambda b, g: text_head.sample(h[b : b + 1], sc, g, pad, logits[b : b + 1],
-                                                               _row(speak, b), _row(p_speak, b)))
+                tid = text_head.sample(h, sc, gens, pad, logits, speak, p_speak)
                 if force is not None:
                     tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
                 text_logits.append(logits)
@@ -357,7 +348,7 @@ class StreamingSession:
                 payload = {"text_ids": tid}
             else:
                 logits = audio_head(h)  # [B, S, C, bins]; None for a head without logits (flow)
-                unit = self._rows(lambda b, g: audio_head.sample(h[b : b + 1], sc, g, _row(logits, b), _row(speak, b)))
+                unit = audio_head.sample(h, sc, gens, logits, speak)
                 # It feeds back quantised, like real audio; the listener hears the sample itself.
                 bins, mel = unit_to_bins(unit, audio_head.bins), list(listening_mel(self.dmel, unit))  # elementwise
                 if logits is not None:

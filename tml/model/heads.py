@@ -14,7 +14,8 @@ generation never ask which head they hold:
   averages it over all its entries); ``logits``: ``forward(h)`` if the caller has it already;
 - ``sample(h, cfg, generator, ...)`` (``tml.model.sampling.SamplingConfig``): first the floor decision (speak or
   stay silent), then the content given speech. Audio heads return unit coordinates and take the micro-turn's
-  decision ``speak`` (from ``FloorHead``) when there is one;
+  decision ``speak`` (from ``FloorHead``) when there is one. ``generator``: one for all rows, or a list with one
+  per row (``tml.model.sampling.Generators``: a batched session's rows, each drawing what it draws alone);
 - ``num_params(cfg)``: the parameter count from a ``ModelConfig`` alone (``tml.model.counts``);
 - ``init_weights()``: the head's own start, after the model's normal(init_std) init of every linear layer.
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tml.model.config import FlowHeadConfig, ModelConfig
-from tml.model.sampling import SamplingConfig, decide_floor, sample_logits
+from tml.model.sampling import Generators, SamplingConfig, decide_floor, normal, sample_logits
 from tml.streams.batch import Batch
 from tml.streams.layout import Kind, Stream
 
@@ -80,7 +81,7 @@ class TextHead(nn.Module):
         return F.cross_entropy(logits.float(), target, reduction="none")
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
                pad_id: int = 0, logits: torch.Tensor | None = None, speak: torch.Tensor | None = None,
                p_speak: torch.Tensor | None = None) -> torch.Tensor:
         """Next token for hidden states h [N, dim] -> long [N] (``pad_id`` = this slot stays empty).
@@ -145,7 +146,7 @@ class DMelHead(nn.Module):
         return logp.gather(-1, bins.unsqueeze(-1)).squeeze(-1).sum((1, 2))
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
                logits: torch.Tensor | None = None, speak: torch.Tensor | None = None) -> torch.Tensor:
         """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels] at bin centres.
 
@@ -206,7 +207,7 @@ class FloorHead(nn.Module):
         return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-turn's decision for hidden states h [N, dim] -> (speak bool [N], P(speak) float [N]).
 
@@ -369,7 +370,7 @@ class FlowHead(nn.Module):
         return err.view(r, n).mean(0)
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
                logits: None = None, speak: torch.Tensor | None = None) -> torch.Tensor:
         """Next audio position for hidden states h [N, dim] -> unit coordinates [N, frames, n_mels]: the flow
         integrated with ``flow_steps`` / ``flow_solver`` / ``guidance`` from noise scaled by ``flow_temperature``.
@@ -389,7 +390,7 @@ class FlowHead(nn.Module):
 
     @torch.no_grad()
     def integrate(self, c: torch.Tensor, steps: int = 16, solver: str = "midpoint", guidance: float = 1.0,
-                  generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+                  generator: Generators = None, temperature: float = 1.0) -> torch.Tensor:
         """Integrate the flow from noise for hidden states c [N, dim] -> unit coordinates [N, frames, n_mels].
 
         ``guidance`` 1 is the plain conditional flow; > 1 extrapolates away from the unconditional one (needs a
@@ -402,7 +403,7 @@ class FlowHead(nn.Module):
         if guidance != 1.0 and self.null is None:
             raise ValueError(f"guidance={guidance} needs a head trained with model.heads.flow.cond_dropout > 0")
         n = c.shape[0]
-        x = temperature * torch.randn(n, self.frames * self.n_mels, generator=generator).to(c.device, c.dtype)
+        x = temperature * normal((n, self.frames * self.n_mels), generator).to(c.device, c.dtype)
 
         def v(x: torch.Tensor, t: float) -> torch.Tensor:
             tt = torch.full((n,), t, device=c.device)

@@ -345,21 +345,31 @@ class MoE(nn.Module):
     # over the experts present); above it the grouped GEMMs of the training dispatch. Measured on CPU (bench/
     # streaming.py): the loop is much cheaper for one session's position; at 16 the two cost about the same.
     DECODE_LOOP_MAX = 16
+    # Multiply-adds per expert matrix (tokens x experts x dim x hidden) up to which decode on CPU runs every expert on
+    # every token as three batched matmuls and zeroes the unchosen ones by their routing weight (``_decode_dense``):
+    # the tiny config's layer at up to 16 tokens (2.1M), cheaper than looping over its 8 experts (tiny at 16
+    # sessions: the MoE's share of a step ~3x smaller). Larger layers read and multiply far more than their top_k.
+    DECODE_DENSE_MAX = 2_500_000
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Inference forward [B, T, dim] -> [B, T, dim] for streaming: the same routing and experts as ``forward``
         (equal up to float rounding), without router statistics. On CPU a few tokens (a micro-turn's output
-        positions) run each chosen expert's SwiGLU as ``F.linear`` on views of its weights, one expert after another:
-        no weight copies, no sort-and-dispatch machinery; more tokens take the training dispatch."""
+        positions) run each chosen expert's SwiGLU as ``F.linear`` on views of its weights, one expert after another
+        (a small layer: every expert on every token, ``DECODE_DENSE_MAX``): no weight copies, no sort-and-dispatch
+        machinery; more tokens take the training dispatch."""
         shape = x.shape
         x = x.reshape(-1, self.dim)
         if self.dispatcher is not local_experts or self.capacity_factor:  # the training path, statistics and all
             return self.forward(x.view(shape))
         weights, experts, _, _ = self.route(x)  # [N, top_k]
+        cpu = x.device.type == "cpu"
+        if cpu and x.shape[0] * self.num_experts * self.dim * self.hidden_dim <= self.DECODE_DENSE_MAX:
+            out = self._decode_dense(x, weights, experts)
+            return (out if self.shared_experts is None else out + self.shared_experts(x)).view(shape)
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # assignments (token * top_k + k) in expert order, as in forward
-        if x.device.type == "cpu" and x.shape[0] <= self.DECODE_LOOP_MAX:
+        if cpu and x.shape[0] <= self.DECODE_LOOP_MAX:
             out = self._decode_loop(x, weights, flat, order)
         else:
             counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
@@ -369,6 +379,16 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+    def _decode_dense(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, as three batched matmuls over the experts: x [N, dim]; weights fp32
+        [N, top_k] and experts long [N, top_k] (the routing). Each expert's hidden activation is scaled by the
+        token's routing weight for it (0 where not chosen), so the sum over experts is the routed output [N, dim]
+        (``_dispatch_gather``'s, up to float rounding)."""
+        w = self.experts
+        gate = x.new_zeros(x.shape[0], self.num_experts).scatter_(1, experts, weights.to(x.dtype))  # [N, E]
+        h = F.silu(x @ w.w1.mT) * (x @ w.w3.mT) * gate.T[:, :, None]  # [E, N, hidden]
+        return (h @ w.w2.mT).sum(0)
 
     def _decode_loop(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
                      order: torch.Tensor) -> torch.Tensor:

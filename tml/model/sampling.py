@@ -15,6 +15,12 @@ first draws speak ~ Bernoulli(P(speak)) from the model's own probability (temper
 then chooses the content given speech with the temperature / top-p fields (0 = greedy). ``floor="greedy"`` speaks
 iff P(speak) > 0.5 (the deterministic ablation), ``floor="none"`` draws each token / bin from the full
 distribution as one class among all (the decoder before floor decisions; temperature 0 is the plain argmax).
+
+Generators. Every draw takes ``generator``: one ``torch.Generator`` for all rows (row-major), or a list of them, one
+per row of the first dimension (``Generators``): the batched streaming session's sessions, each drawing from its own
+stream exactly the values it draws alone (a row draws what a batch of one draws: ``uniform``, ``normal`` and
+``sample_logits`` consume each generator per row, in the same order and shapes either way). The work around the draws
+(softmax, nucleus, floor rules) runs once for the whole batch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# One generator for every row, or one per row of the first dimension (batched sessions); None = the global one.
+Generators = torch.Generator | list[torch.Generator] | None
 
 FLOOR_RULES = ("sample", "greedy", "none")
 
@@ -69,13 +78,43 @@ class SamplingConfig:
         return self
 
 
+def _rows_of(generator: list[torch.Generator], n: int, what: str) -> int:
+    """How many of n rows each generator of the list owns (an equal share each, in order)."""
+    if not generator or n % len(generator):
+        raise ValueError(f"{what}: {n} rows cannot be split among {len(generator)} generators (one per row of the "
+                         f"first dimension)")
+    return n // len(generator)
+
+
+def uniform(shape: tuple[int, ...], generator: Generators = None, device=None) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of ``shape`` (on ``device``): row-major from one generator, or row ``i`` of the
+    first dimension from ``generator[i]`` (its values are those a batch of one draws from it)."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"uniform: {len(generator)} generators for {shape[0]} rows")
+        return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    return torch.rand(shape, generator=generator, device=generator.device if generator is not None else None
+                      ).to(device)
+
+
+def normal(shape: tuple[int, ...], generator: Generators = None, device=None) -> torch.Tensor:
+    """float32 standard normals of ``shape``, per row from its generator as ``uniform``."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"normal: {len(generator)} generators for {shape[0]} rows")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else None
+                       ).to(device)
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one class per row of logits [..., K] -> long [...].
+                  generator: Generators = None) -> torch.Tensor:
+    """Draw one class per row of logits [N, ..., K] -> long [N, ...].
 
     temperature 0 is argmax; otherwise softmax(logits / temperature) restricted to the nucleus: the classes in
     descending probability up to and including the first at which the cumulative probability reaches ``top_p``.
-    Logits of -inf are classes that cannot be drawn. The draw happens on the generator's device.
+    Logits of -inf are classes that cannot be drawn. The draw happens on the generator's device; with a list of
+    generators (one per row of the first dimension) each row's classes are drawn from its own.
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -87,20 +126,24 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
         keep_sorted = (sorted_p.cumsum(-1) - sorted_p) < top_p
         keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
         probs = torch.where(keep, probs, 0.0)
-    device = generator.device if generator is not None else probs.device
-    draw = torch.multinomial(probs.to(device), 1, generator=generator)
+    if isinstance(generator, list):  # each generator draws its rows' classes, as for a batch of one
+        n = _rows_of(generator, probs.shape[0], "sample_logits")
+        draw = torch.cat([torch.multinomial(p.to(g.device), 1, generator=g).to(probs.device)
+                          for p, g in zip(probs.split(n), generator)])
+    else:
+        device = generator.device if generator is not None else probs.device
+        draw = torch.multinomial(probs.to(device), 1, generator=generator)
     return draw.view(shape).to(logits.device)
 
 
-def decide_floor(p_speak: torch.Tensor, rule: str, generator: torch.Generator | None = None) -> torch.Tensor:
+def decide_floor(p_speak: torch.Tensor, rule: str, generator: Generators = None) -> torch.Tensor:
     """The speak/stay-silent decision from P(speak) [N] -> bool [N].
 
     ``sample``: True with probability P(speak), one uniform draw per row (always drawn, whatever the outcome, so a
     seeded run consumes the generator identically whatever the model says); ``greedy``: P(speak) > 0.5.
     """
     if rule == "sample":
-        u = torch.rand(p_speak.shape, generator=generator, device=generator.device if generator is not None else None)
-        return u.to(p_speak.device) < p_speak
+        return uniform(p_speak.shape, generator, p_speak.device) < p_speak
     if rule == "greedy":
         return p_speak > 0.5
     raise ValueError(f"sampling.floor={rule!r} has no speak/silent decision; choose sample or greedy")
