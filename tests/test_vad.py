@@ -8,7 +8,8 @@ from tml.data.espeak import speak
 from tml.eval.evaluate import canned_reply
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.evaluate import SilenceRuleResponder, evaluate, heard_model_side, run_episode
-from tml.eval.vad import VADConfig, activity, merge_segments, segments_to_frames, speech_segments
+from tml.eval.vad import (VADConfig, activity, merge_segments, segments_to_frames, speech_segments,
+                          speech_segments_many)
 from tml.streams import Episode, LayoutConfig, MicroTurnLayout
 from tml.text.tokenizer import train_bpe
 
@@ -47,6 +48,28 @@ def test_silence_and_a_constant_noise_floor_are_not_speech():
     # The log-mel fallback calls the same hiss speech from start to end: why it is only a fallback.
     fallback = speech_segments(floor, SR, VADConfig(method="logmel"))
     assert sum(e - s for s, e in fallback) == pytest.approx(3.0, abs=0.05)
+
+
+def test_batched_vad_gives_each_wave_its_own_segments(utterance):
+    """Silero over many waves at once (an evaluation's episodes: each row its own recurrent state, rows of different
+    lengths) gives every wave the segments ``speech_segments`` gives it alone: speech at different offsets, speech
+    in hiss, silence, an empty wave, a 48 kHz one."""
+    import torchaudio.functional as AF
+
+    wave, _ = utterance
+    g = torch.Generator().manual_seed(1)
+    hiss = 0.03 * torch.randn(4 * SR, generator=g)
+    waves = [torch.cat([torch.zeros(SR // 2), wave, torch.zeros(SR)]),
+             torch.cat([torch.zeros(2 * SR + 123), wave, torch.zeros(SR // 3), wave]),
+             hiss + torch.nn.functional.pad(wave, (SR, 4 * SR - SR - wave.numel())),
+             torch.zeros(SR + 77), torch.zeros(0), wave[: SR // 2]]
+    alone = [speech_segments(w, SR) for w in waves]
+    assert sum(bool(a) for a in alone) >= 3  # speech is heard where there is speech, nothing in silence
+    assert speech_segments_many(waves, SR) == alone
+    at48 = [AF.resample(w, SR, 48000) for w in waves[:3]]
+    assert speech_segments_many(at48, 48000) == [speech_segments(w, 48000) for w in at48]
+    logmel = VADConfig(method="logmel")
+    assert speech_segments_many(waves, SR, logmel) == [speech_segments(w, SR, logmel) for w in waves]
 
 
 def test_merge_and_frames_by_hand():

@@ -22,7 +22,7 @@ from tml.data.espeak import speak
 from tml.eval.duplex import DuplexLabels, MetricConfig, episode_metrics, speech_activity
 from tml.eval.clock import place_on_playback_clock, playback_starts
 from tml.eval.session import LiveLogMel, MicroTurnInputs, MicroTurnOutputs
-from tml.eval.vad import VADConfig, activity
+from tml.eval.vad import VADConfig, activity, segments_to_frames, speech_segments_many
 from tml.eval.word_events import warn_unmeasured
 from tml.streams.episode import Episode
 from tml.streams.layout import Kind, MicroTurnLayout, Stream
@@ -31,6 +31,7 @@ from tml.text.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 LONG_USER_TURN_S = 3.0  # user turns at least this long invite a backchannel
+VAD_GROUP = 32  # episodes whose heard audio one batched Silero pass scores (memory: their waves, twice)
 
 
 def labels_from_events(events: list[dict], duration: float) -> DuplexLabels:
@@ -276,6 +277,21 @@ def model_activity(run: EpisodeRun, layout: MicroTurnLayout, dmel: DMelTokenizer
     return activity(heard, layout.cfg.sample_rate, layout.cfg.mel_hop_ms / 1000, vad, n_frames=n)
 
 
+def model_activities(runs: list[EpisodeRun], layout: MicroTurnLayout, dmel: DMelTokenizer,
+                     vad: VADConfig | None = None, vocoder=None, realtime: bool = False
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """``model_activity`` of every run, the Silero VAD run on all of them at once
+    (``tml.eval.vad.speech_segments_many``; the log-mel fallback per run). Returns (activity bool [frames] per run,
+    the heard wave per run: float [samples], None with the log-mel fallback)."""
+    vad = (vad or VADConfig()).validate()
+    if vad.method == "logmel":
+        return [model_activity(r, layout, dmel, vad, vocoder, realtime) for r in runs], [None] * len(runs)
+    heard = [heard_model_side(r, layout, dmel, vocoder, realtime) for r in runs]
+    segments = speech_segments_many(heard, layout.cfg.sample_rate, vad)
+    hop_s = layout.cfg.mel_hop_ms / 1000
+    return [segments_to_frames(seg, r.user_mel.shape[0], hop_s) for seg, r in zip(segments, runs)], heard
+
+
 def score_episode(run: EpisodeRun, episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer,
                   vad: VADConfig | None = None, cfg: MetricConfig | None = None, vocoder=None,
                   realtime: bool = False) -> dict:
@@ -343,7 +359,8 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
     times faster; each micro-turn's measured compute is then the batched step's); write ``eval.json``, latency
     histograms,
     per-episode timelines and a few stereo .wav files (user left, responder right, as heard on the playback clock)
-    into ``out_dir``. Activity: ``vad`` (Silero by default), see ``model_activity``. Returns what ``eval.json``
+    into ``out_dir``. Activity: ``vad`` (Silero by default), see ``model_activity``; the VAD runs over
+    ``VAD_GROUP`` episodes at once (``model_activities``), in both modes. Returns what ``eval.json``
     holds: {"metrics": pooled metrics (``tml.eval.duplex.aggregate``), "per_episode": raw measurements}."""
     import json
     from pathlib import Path
@@ -360,8 +377,12 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
     else:
         runs = [run_episode(make_responder(), episode, layout, dmel, text) for episode in episodes]
     per_episode, compute, lag = [], [], 0.0
-    for i, (episode, run) in enumerate(zip(episodes, runs)):
-        model_active = model_activity(run, layout, dmel, vad, vocoder, realtime)
+    actives, heard = [], []
+    for g in range(0, len(runs), VAD_GROUP):  # what a listener hears, the VAD over a group of episodes at once
+        a, w = model_activities(runs[g : g + VAD_GROUP], layout, dmel, vad, vocoder, realtime)
+        actives += a
+        heard += [x if g + j < n_wavs else None for j, x in enumerate(w)]  # kept only for the .wav files
+    for i, (episode, run, model_active) in enumerate(zip(episodes, runs, actives)):
         labels = labels_from_events(episode.meta.get("events", []), episode.duration)
         m = episode_metrics(labels, model_active, heard_text(run, layout, realtime), metrics)
         per_episode.append(m)
@@ -373,7 +394,7 @@ def evaluate(make_responder, episodes: list[Episode], layout: MicroTurnLayout, d
             user_active = activity(user, episode.sample_rate, hop_s, vad, n_frames=run.user_mel.shape[0])
             plot_timeline(out_dir / f"timeline_{episode.key}.png", run, episode, user_active, model_active, hop_s)
         if i < n_wavs:
-            mine = heard_model_side(run, layout, dmel, vocoder, realtime)
+            mine = heard[i] if heard[i] is not None else heard_model_side(run, layout, dmel, vocoder, realtime)
             user = episode.audio["user"]
             n = min(user.numel(), mine.numel())
             write_wav(out_dir / f"dialogue_{episode.key}.wav", torch.stack([user[:n], mine[:n]]), dmel.cfg.sample_rate)

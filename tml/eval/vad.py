@@ -11,6 +11,13 @@ speech: a constant noise floor at -20 dB is "speech" to it and silence to Silero
 
     segs = speech_segments(wave, 16000)          # [(0.0, 0.8), (0.9, 2.1)] seconds
     act = activity(wave, 16000, frame_s=0.01)    # bool [frames], True where a frame's centre is inside a segment
+    segs_each = speech_segments_many([a, b, c], 16000)   # the same for many waves, Silero run on all at once
+
+Many waves (an evaluation's episodes): ``speech_segments_many`` runs Silero on all of them as one batch, each row
+with its own recurrent state, and applies the package's own decision rule (``get_speech_timestamps_from_probs``,
+what ``get_speech_timestamps`` calls) per wave. A batched model call rounds its speech probabilities differently
+from a batch of one (up to ~1e-6 here), so a window within that of a threshold could be decided differently; the
+segments are otherwise those of ``speech_segments`` (tested).
 """
 
 from __future__ import annotations
@@ -101,6 +108,43 @@ def speech_segments(wave: torch.Tensor, sample_rate: int, cfg: VADConfig | None 
                                    min_speech_duration_ms=cfg.min_speech_ms,
                                    min_silence_duration_ms=cfg.min_silence_ms, speech_pad_ms=cfg.speech_pad_ms)
     return [(t["start"] / VAD_SAMPLE_RATE, t["end"] / VAD_SAMPLE_RATE) for t in ts]
+
+
+SILERO_WINDOW = 512  # samples per Silero call at 16 kHz (``get_speech_timestamps``'s window)
+
+
+def speech_segments_many(waves: list[torch.Tensor], sample_rate: int, cfg: VADConfig | None = None
+                         ) -> list[list[tuple[float, float]]]:
+    """``speech_segments`` of each wave (float [samples] or [channels, samples] at ``sample_rate``), Silero run on
+    all of them at once: one [len(waves), 512] window per model call, each row its own recurrent state (rows past
+    their wave's end read zeros, discarded), then the package's decision rule per wave, with the settings
+    ``speech_segments`` passes. ``logmel``: per wave, as ``speech_segments``."""
+    cfg = (cfg or VADConfig()).validate()
+    if cfg.method == "logmel" or len(waves) < 2:
+        return [speech_segments(w, sample_rate, cfg) for w in waves]
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    xs = [_mono16k(w, sample_rate) for w in waves]
+    windows = [-(-x.numel() // SILERO_WINDOW) for x in xs]  # get_speech_timestamps zero-pads the last window
+    batch = torch.zeros(len(xs), max(windows) * SILERO_WINDOW)
+    for i, x in enumerate(xs):
+        batch[i, : x.numel()] = x
+    model = silero_model()
+    with torch.no_grad():
+        model.reset_states()
+        probs = torch.stack([model(batch[:, j : j + SILERO_WINDOW], VAD_SAMPLE_RATE)[:, 0]
+                             for j in range(0, batch.shape[1], SILERO_WINDOW)], 1) if batch.shape[1] else \
+            torch.zeros(len(xs), 0)
+        model.reset_states()  # the next single-wave call starts from batch 1, as get_speech_timestamps does anyway
+    out = []
+    for x, n, p in zip(xs, windows, probs):
+        ts = get_speech_timestamps_from_probs(p[:n].tolist(), sampling_rate=VAD_SAMPLE_RATE, threshold=cfg.threshold,
+                                              min_speech_duration_ms=cfg.min_speech_ms,
+                                              min_silence_duration_ms=cfg.min_silence_ms,
+                                              speech_pad_ms=cfg.speech_pad_ms, audio_length_samples=x.numel()) \
+            if x.numel() else []
+        out.append([(t["start"] / VAD_SAMPLE_RATE, t["end"] / VAD_SAMPLE_RATE) for t in ts])
+    return out
 
 
 def segments_to_frames(segments: list[tuple[float, float]], n_frames: int, frame_s: float) -> torch.Tensor:
