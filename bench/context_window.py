@@ -30,8 +30,8 @@ def chained(pieces):
     cat = lambda name: torch.cat([getattr(p, name) for p in pieces])  # noqa: E731
     micro = torch.cat([p.micro_turn + sum(q.num_turns for q in pieces[:i]) for i, p in enumerate(pieces)])
     return replace(pieces[0], key="+".join(p.key for p in pieces), num_turns=sum(p.num_turns for p in pieces),
-                   kind=cat("kind"), stream=cat("stream"), micro_turn=micro, text_ids=cat("text_ids"),
-                   audio_bins=cat("audio_bins"), patches=cat("patches"), patch_rc=cat("patch_rc"))
+                   kind=cat("kind"), stream=cat("stream"), micro_turn=micro,
+                   payload={f: cat(f) for f in pieces[0].payload})
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from tml.audio.dmel import DMelTokenizer  # noqa: E402  (after DS_ACCELERATOR is
 from tml.data.loader import LoaderConfig, PackedBatchLoader  # noqa: E402
 from tml.model import ModelConfig, MoEConfig  # noqa: E402
 from tml.streams.batch import IGNORE_INDEX, Batch  # noqa: E402
-from tml.streams.layout import Kind, LayoutConfig, MicroTurnLayout, Stream  # noqa: E402
+from tml.streams.layout import LayoutConfig, MicroTurnLayout, Stream  # noqa: E402
+from tml.streams.modalities import Kind  # noqa: E402
 from tml.text.tokenizer import TextTokenizer  # noqa: E402
 from tml.train.checkpoint import tag_for  # noqa: E402
 from tml.train.metrics import read_metrics  # noqa: E402
@@ -110,9 +111,10 @@ def make_batch(rows: list[list[int]], L: int, vocab: int, seed: int = 0, empty_t
     # row of audio_bins for each position (row-major), then the one of position i + 1 for each audio target
     audio_row = ((kind == Kind.AUDIO).flatten().cumsum(0) - 1).view(B, L)
     target_audio = audio[audio_row[:, 1:][target_kind[:, :-1] == Kind.AUDIO]]
-    return Batch(kind=kind, stream=stream, micro_turn=turn, position_ids=pos, doc_ids=doc, text_ids=text,
-                 audio_bins=audio, patches=patches, patch_rc=torch.tensor(rc, dtype=torch.long).view(-1, 2),
-                 target_kind=target_kind, target_text=target_text, target_audio=target_audio).validate()
+    return Batch(kind=kind, stream=stream, micro_turn=turn, position_ids=pos, doc_ids=doc, target_kind=target_kind,
+                 payload=dict(text_ids=text, audio_bins=audio, patches=patches,
+                              patch_rc=torch.tensor(rc, dtype=torch.long).view(-1, 2), target_text=target_text,
+                              target_audio=target_audio)).validate()
 
 
 def tiny_cfg(**overrides) -> ModelConfig:

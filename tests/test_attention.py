@@ -6,7 +6,8 @@ import torch
 
 from tml.model import Attention, InteractionModel, ModelConfig, MoEConfig, apply_rope, rope_cos_sin
 from tml.streams.batch import IGNORE_INDEX, Batch
-from tml.streams.layout import Kind, Stream
+from tml.streams.layout import Stream
+from tml.streams.modalities import Kind
 
 
 def text_batch(docs_per_row: list[list[torch.Tensor]], L: int) -> Batch:
@@ -27,11 +28,11 @@ def text_batch(docs_per_row: list[list[torch.Tensor]], L: int) -> Batch:
     tk[:, :-1] = torch.where(doc[:, :-1] == doc[:, 1:], kind[:, 1:], int(Kind.PAD)) * (doc[:, :-1] >= 0)
     tt = torch.full((B, L), IGNORE_INDEX)
     tt[:, :-1] = torch.where(tk[:, :-1] == Kind.TEXT, text[:, 1:], IGNORE_INDEX)
-    return Batch(kind=kind, stream=stream, micro_turn=z(), position_ids=pos, doc_ids=doc, text_ids=text,
-                 audio_bins=torch.zeros(0, 4, 80, dtype=torch.long),
-                 patches=torch.zeros(0, 40, 40, 3, dtype=torch.uint8),
-                 patch_rc=torch.zeros(0, 2, dtype=torch.long), target_kind=tk, target_text=tt,
-                 target_audio=torch.zeros(0, 4, 80, dtype=torch.long)).validate()
+    return Batch(kind=kind, stream=stream, micro_turn=z(), position_ids=pos, doc_ids=doc, target_kind=tk,
+                 payload=dict(text_ids=text, audio_bins=torch.zeros(0, 4, 80, dtype=torch.long),
+                              patches=torch.zeros(0, 40, 40, 3, dtype=torch.uint8),
+                              patch_rc=torch.zeros(0, 2, dtype=torch.long), target_text=tt,
+                              target_audio=torch.zeros(0, 4, 80, dtype=torch.long))).validate()
 
 
 def test_attention_mask_does_not_leak_across_documents():

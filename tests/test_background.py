@@ -85,7 +85,7 @@ def test_synthetic_delegation_reaches_the_tool_through_the_model_text(text):
     from data_prep.synth_dialogues import SynthConfig, make_episode
     from tml.streams import Stream
     from tml.streams.interleave import interleave
-    from tml.streams.layout import Kind
+    from tml.streams.modalities import Kind
 
     for seed in range(1, 40):  # the first seed whose delegation is a multiplication (the calculator's kind)
         ep = make_episode(0, SynthConfig(seed=seed, background_prob=1.0, backchannel_prob=0.0))

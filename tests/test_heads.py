@@ -17,7 +17,8 @@ from tml.model import (FlowHead, FlowHeadConfig, HeadsConfig, InteractionModel, 
 from tml.model.heads import SILENT_BIN, DMelHead, FloorHead, TextHead
 from tml.model.sampling import SamplingConfig, sample_logits
 from tml.errors import ConfigError
-from tml.streams.layout import Kind, Stream
+from tml.streams.layout import Stream
+from tml.streams.modalities import Kind
 
 NB = 16
 
@@ -286,8 +287,8 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     torch.manual_seed(0)
     model = InteractionModel(tiny_cfg(heads=HeadsConfig(audio=audio)))
     b = make_batch([[3]], L=3 * TURN, vocab=128, seed=4, empty_text=0.0)
-    tok = EpisodeTokens("ep", 3, b.kind[0], b.stream[0], b.micro_turn[0], b.text_ids[0], b.audio_bins, b.patches,
-                        b.patch_rc)
+    tok = EpisodeTokens("ep", 3, b.kind[0], b.stream[0], b.micro_turn[0],
+                        dict(text_ids=b.text_ids[0], audio_bins=b.audio_bins, patches=b.patches, patch_rc=b.patch_rc))
     cfg = SamplingConfig(floor="none", text_temperature=0.0, audio_temperature=0.0, flow_steps=4, seed=7)
     g = generate_model_side(model, tok, MicroTurnLayout(LayoutConfig()), DMelTokenizer(), cfg)
     model_pos = b.stream[0] == Stream.MODEL
@@ -298,7 +299,8 @@ def test_free_generation_agrees_with_one_teacher_forced_forward(audio):
     assert g.model_text.shape == (3, 4) and g.model_audio_unit.shape == (15, 4, 80)
     torch.testing.assert_close(unit_to_bins(g.model_audio_unit, NB), g.audio_bins[model_pos[is_audio]])
 
-    out = model(collate([[replace(tok, text_ids=g.text_ids, audio_bins=g.audio_bins)]], tok.kind.numel()))
+    generated = replace(tok, payload={**tok.payload, "text_ids": g.text_ids, "audio_bins": g.audio_bins})
+    out = model(collate([[generated]], tok.kind.numel()))
     text_q = torch.nonzero(model_pos & (tok.kind == Kind.TEXT)).flatten()
     assert torch.equal(model.text_head(out.hidden[0, text_q - 1]).argmax(-1), g.text_ids[text_q])
     audio_q = torch.nonzero(model_pos & is_audio).flatten()

@@ -13,7 +13,8 @@ from tml.model import (DMelBagEmbedding, HeadsConfig, InteractionModel, ModelCon
                        param_counts)
 from tml.streams.batch import Batch
 from tml.errors import ConfigError
-from tml.streams.layout import Kind, Stream
+from tml.streams.layout import Stream
+from tml.streams.modalities import Kind
 
 
 def test_forward_backward_shapes_and_init_losses():
@@ -87,8 +88,11 @@ def test_packed_documents_are_independent():
     model = InteractionModel(tiny_cfg())
     alone = make_batch([[2]], L=2 * TURN, vocab=128, seed=3)
     first = make_batch([[1]], L=TURN, vocab=128, seed=4)
-    packed = Batch(**{f: torch.cat([getattr(first, f), getattr(alone, f)], dim=0 if getattr(first, f).ndim != 2
-                                   or f == "patch_rc" else 1) for f in Batch.__dataclass_fields__})
+    def cat(a, b, f):  # [B, L] fields side by side in one row; row payloads one after the other
+        return torch.cat([a, b], dim=0 if a.ndim != 2 or f == "patch_rc" else 1)
+    core = ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind")
+    packed = Batch(**{f: cat(getattr(first, f), getattr(alone, f), f) for f in core},
+                   payload={f: cat(first.payload[f], alone.payload[f], f) for f in first.payload})
     packed.doc_ids[0, TURN:] = 1  # the seam needs no target fix: doc 1 starts with an input slot
     packed.validate()
     out_p, out_a = model(packed), model(alone)

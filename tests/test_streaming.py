@@ -98,7 +98,7 @@ def test_greedy_session_writes_the_argmax_and_feeds_it_back(setup):
 def test_wave_input_matches_offline_dmel_away_from_turn_edges(setup):
     # Streaming encode of a wave equals offline encode except the last frame of each micro-turn, whose window
     # reaches 2.5 ms into the next one (zero-padded live).
-    from tml.streams.modality import LiveAudio
+    from tml.streams.modalities.audio import LiveAudio
 
     model, layout, dmel, text, episode, tok = setup
     user = LiveAudio(layout.slots[0], layout, dmel)  # what the session's user audio slots read

@@ -1,6 +1,7 @@
 """The batch contract: layout, interleaving and packing checked against hand-computed positions."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,10 +9,10 @@ import torch
 from conftest import make_batch
 from tml.audio.dmel import DMelTokenizer
 from tml.errors import ConfigError
-from tml.streams import BackgroundEvent, Batch, BatchError, Episode, Kind, LayoutConfig, MicroTurnLayout
+from tml.streams import BackgroundEvent, BatchError, Episode, Kind, LayoutConfig, MicroTurnLayout
 from tml.streams import SlotConfig, Stream, Word
 from tml.streams.interleave import interleave
-from tml.streams.modality import place_text
+from tml.streams.modalities.text import place_text
 from tml.streams.pack import collate, pack_rows
 from tml.text.tokenizer import train_bpe
 
@@ -185,26 +186,30 @@ def test_validate_rejects_broken_batches(layout, dmel, text):
     target_kind = good.target_kind.clone()
     target_kind[0, 19] = Kind.AUDIO  # position 20 is user audio of the next turn, not a model output
     target_audio = torch.cat([good.target_audio[:4], good.audio_bins[5:6], good.target_audio[4:]])
-    bad = Batch(**{**good.__dict__, "target_kind": target_kind, "target_audio": target_audio})
+    bad = replace(good, target_kind=target_kind, payload={**good.payload, "target_audio": target_audio})
     with pytest.raises(BatchError, match="not the next MODEL position"):
         bad.validate()
     with pytest.raises(BatchError, match="audio_bins"):
-        Batch(**{**good.__dict__, "audio_bins": good.audio_bins[1:]}).validate()
+        replace(good, payload={**good.payload, "audio_bins": good.audio_bins[1:]}).validate()
     # Each modality spec checks its own payload: dense text ids only on TEXT positions, patches as uint8 rows,
     # text targets exactly where target_kind says TEXT, audio targets one row per AUDIO target.
     text_ids = good.text_ids.clone()
     text_ids[0, 0] = 5  # position 0 is user audio
     with pytest.raises(BatchError, match="text_ids must be 0 where kind != TEXT"):
-        Batch(**{**good.__dict__, "text_ids": text_ids}).validate()
+        replace(good, payload={**good.payload, "text_ids": text_ids}).validate()
     video = make_batch([[2]], L=2 * TURN, vocab=50)  # hand-made batch with a frame every micro-turn
     with pytest.raises(BatchError, match="patches has dtype torch.int64"):
-        Batch(**{**video.__dict__, "patches": video.patches.long()}).validate()
+        replace(video, payload={**video.payload, "patches": video.patches.long()}).validate()
     with pytest.raises(BatchError, match=r"patch_rc has shape \(1, 2\), expected \[8, 2\]"):
-        Batch(**{**video.__dict__, "patch_rc": video.patch_rc[:1]}).validate()
+        replace(video, payload={**video.payload, "patch_rc": video.patch_rc[:1]}).validate()
     target_text = good.target_text.clone()
     target_text[0, 0] = 3  # position 0 predicts nothing
     with pytest.raises(BatchError, match="target_text must be set exactly where target_kind == TEXT"):
-        Batch(**{**good.__dict__, "target_text": target_text}).validate()
+        replace(good, payload={**good.payload, "target_text": target_text}).validate()
     with pytest.raises(BatchError, match="target_audio has shape"):
-        Batch(**{**good.__dict__, "target_audio": good.target_audio[1:]}).validate()
+        replace(good, payload={**good.payload, "target_audio": good.target_audio[1:]}).validate()
+    payload = dict(good.payload)
+    del payload["patch_rc"]
+    with pytest.raises(BatchError, match=r"missing \['patch_rc'\], unknown \[\]"):
+        replace(good, payload=payload).validate()
     assert good.doc_ids[0, 40:].eq(-1).all() and good.kind[0, 40:].eq(Kind.PAD).all()

@@ -38,7 +38,8 @@ def test_validation_loss_is_the_mean_over_all_held_out_targets(tmp_path):
     from tml.audio.dmel import DMelTokenizer
     from tml.data.loader import LoaderConfig
     from tml.model import InteractionModel, ModelConfig, MoEConfig, compute_losses
-    from tml.streams import LayoutConfig, MicroTurnLayout
+    from tml.streams import Batch, LayoutConfig, MicroTurnLayout
+    from tml.streams.batch import CORE_FIELDS
     from tml.text.tokenizer import TextTokenizer
     from tml.train.validation import validation_batches, validation_losses
 
@@ -53,7 +54,8 @@ def test_validation_loss_is_the_mean_over_all_held_out_targets(tmp_path):
     got = validation_losses(model, batches, "cpu", text.pad_id)
     assert model.training  # left as it was
     # The same 4 rows as one batch: every field is row-major, so the two batches concatenate.
-    whole = type(batches[0])(**{f: torch.cat([getattr(b, f) for b in batches]) for f in batches[0].__dataclass_fields__})
+    cat = {f: torch.cat([b.tensors()[f] for b in batches]) for f in batches[0].tensors()}
+    whole = Batch(**{f: cat.pop(f) for f in CORE_FIELDS}, payload=cat)
     assert whole.validate().kind.shape == (4, 100)
     model.eval()
     with torch.no_grad():
@@ -68,7 +70,8 @@ def test_own_audio_flip_by_hand():
     of other streams and every target stay; prob 0 changes nothing; the same generator seed flips the same."""
     from conftest import make_batch
     from tml.model.heads import SILENT_BIN
-    from tml.streams.layout import Kind, Stream
+    from tml.streams.layout import Stream
+    from tml.streams.modalities import Kind
     from tml.train.exposure import flip_own_audio
 
     batch = make_batch([[3, 2], [4]], L=100, vocab=50)
@@ -97,7 +100,8 @@ def test_decoded_own_audio_by_hand_and_as_the_floor_target():
     the reference speaks, and nothing but own audio inputs changes."""
     from conftest import make_batch
     from tml.model.heads import SILENT_BIN, floor_targets
-    from tml.streams.layout import Kind, Stream
+    from tml.streams.layout import Stream
+    from tml.streams.modalities import Kind
     from tml.train.exposure import decoded_own_audio
 
     slots = [(Stream.USER, Kind.AUDIO, 1), (Stream.MODEL, Kind.AUDIO, 3)]

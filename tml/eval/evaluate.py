@@ -25,7 +25,8 @@ from tml.eval.session import LiveLogMel, MicroTurnInputs, MicroTurnOutputs
 from tml.eval.vad import VADConfig, activity, segments_to_frames, speech_segments_many
 from tml.eval.word_events import warn_unmeasured
 from tml.streams.episode import Episode
-from tml.streams.layout import Kind, MicroTurnLayout, Stream
+from tml.streams.layout import MicroTurnLayout, Stream
+from tml.streams.modalities import Kind
 from tml.text.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)

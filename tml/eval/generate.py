@@ -19,8 +19,9 @@ from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
 from tml.model.sampling import SamplingConfig
 from tml.model.transformer import InteractionModel
 from tml.streams.interleave import EpisodeTokens
-from tml.streams.layout import Kind, MicroTurnLayout, Stream
-from tml.streams.modality import MODALITIES, SPEC, TurnPositions
+from tml.streams.layout import MicroTurnLayout, Stream
+from tml.streams.modalities import Kind
+from tml.streams.modalities import MODALITIES, SPEC, TurnPositions
 
 
 @dataclass
@@ -64,9 +65,9 @@ def turn_positions(tok: EpisodeTokens, layout: MicroTurnLayout, t: int) -> list[
         if kind in SPEC:  # PAD: an empty run, no payload
             m = SPEC[kind]
             if m.dense:
-                payload = {f: getattr(tok, f)[p : p + n] for f in m.fields}
+                payload = {f: tok.payload[f][p : p + n] for f in m.fields}
             else:
-                payload = {f: getattr(tok, f)[row[kind] : row[kind] + n] for f in m.fields}
+                payload = {f: tok.payload[f][row[kind] : row[kind] + n] for f in m.fields}
                 row[kind] += n
         out.append((kind, payload))
         p += n

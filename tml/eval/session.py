@@ -9,7 +9,7 @@ payload is fed back as the next position's input. Nothing of the past is recompu
 arbitrarily long sessions.
 
 Inputs: each input slot run's stream, as it arrives in a micro-turn, becomes that micro-turn's positions through
-its modality's live encoder (``tml.streams.modality``: ``Modality.live``): audio frames are computed from the last
+its modality's live encoder (``tml.streams.modalities``: ``Modality.live``): audio frames are computed from the last
 200 ms of history plus this micro-turn's samples (``LiveLogMel``; the final frame's window reaches 2.5 ms into the
 next micro-turn, which a live stream does not have yet, and is zero-padded, the only difference from offline
 encoding), text queues into its slots, a video frame is cut into patches. Or the positions come ready made
@@ -32,8 +32,9 @@ from tml.model.attention import ContextFullError, KVCache, RopeTable
 from tml.model.heads import bins_to_unit, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
-from tml.streams.layout import Kind, MicroTurnLayout, Stream
-from tml.streams.modality import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC, LiveLogMel, TurnPositions
+from tml.streams.layout import MicroTurnLayout, Stream
+from tml.streams.modalities import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC, Kind, TurnPositions
+from tml.streams.modalities.audio import LiveLogMel
 
 __all__ = ["LiveLogMel", "MicroTurnInputs", "MicroTurnOutputs", "SessionConfig", "StreamingSession", "converse",
            "listening_mel"]
@@ -228,7 +229,7 @@ class StreamingSession:
             payload[f] = torch.cat(xs).to(self.device) if xs else none[f]
         targets = {m.target: empty if m.dense else none[m.fields[0]] for m in MODALITIES if m.target}
         chunk = Batch(kind=kind, stream=long([c.stream for c in chunks]), micro_turn=empty, position_ids=empty,
-                      doc_ids=empty, target_kind=empty, **payload, **targets)
+                      doc_ids=empty, target_kind=empty, payload={**payload, **targets})
         return self._run(self.model.embed(chunk), rows)
 
     def _run(self, x: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:

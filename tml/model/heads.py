@@ -39,7 +39,8 @@ from torch import nn
 from tml.model.config import FlowHeadConfig, ModelConfig
 from tml.model.sampling import Generators, SamplingConfig, decide_floor, normal, sample_logits
 from tml.streams.batch import Batch
-from tml.streams.layout import Kind, Stream
+from tml.streams.layout import Stream
+from tml.streams.modalities import Kind
 
 # The dMel bin of silence: digital silence (log10 eps = -10) and everything below the kept range's floor clip to the
 # lowest bin (``tml.audio.dmel``), so a silent audio position is all bins 0.

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tml.model.transformer import ModelOutput
 from tml.streams.batch import Batch
-from tml.streams.layout import Kind
+from tml.streams.modalities import Kind
 
 
 def _mean(per_target: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,12 @@ from torch import nn
 from tml.errors import ConfigError
 from tml.model.attention import Attention, KVCache, RMSNorm, RopeTable, rope_cos_sin
 from tml.model.config import ModelConfig
-from tml.model.embed import DMelBagEmbedding, MultimodalEmbedding
+from tml.model.embed import MultimodalEmbedding
 from tml.model.heads import AUDIO_HEADS, FloorHead, TextHead, floor_targets
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
 from tml.streams.batch import Batch
-from tml.streams.layout import Kind
+from tml.streams.modalities import Kind
 
 
 @dataclass
@@ -118,10 +118,10 @@ class InteractionModel(nn.Module):
                 m.reset_parameters(std, out_std)
             elif isinstance(m, (RMSNorm, nn.LayerNorm, nn.Conv2d)):
                 m.reset_parameters()  # ones / zeros; convs keep PyTorch's fan-in init (the hMLP stem has GELUs)
-        # After the loop, which visits the bag's inner nn.Embedding after the bag itself.
-        for m in self.modules():
-            if isinstance(m, DMelBagEmbedding):
-                m.reset_parameters(std)
+        # An embedder's own start (the dMel bag scales its rows), after the loop, which visits its inner modules.
+        for m in self.embed.children():
+            if hasattr(m, "init_weights"):
+                m.init_weights(std)
         for head in (self.text_head, self.audio_head, self.floor_head):
             if head is not None:
                 head.init_weights()  # a head's own start (e.g. the flow head's adaLN-zero)

@@ -28,14 +28,17 @@ document boundary (document masking).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from tml.streams.layout import Kind, Stream
-from tml.streams.modality import MODALITIES
+from tml.streams.layout import Stream
+from tml.streams.modalities import MODALITIES, Kind
+from tml.streams.modalities.base import PayloadFields
 
 IGNORE_INDEX = -100
+# The fields every position has whatever its modality; the rest is ``Batch.payload``.
+CORE_FIELDS = ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind")
 
 
 class BatchError(ValueError):
@@ -43,7 +46,7 @@ class BatchError(ValueError):
 
 
 @dataclass
-class Batch:
+class Batch(PayloadFields):
     """A packed batch of ``B`` rows x ``L`` positions. ``S`` = mel frames per audio position (4), ``C`` = mel
     channels (80), ``P`` = patch size (40).
 
@@ -53,13 +56,15 @@ class Batch:
       micro_turn    [B, L]        micro-turn index within the position's episode piece (0 for padding)
       position_ids  [B, L]        index within the position's episode piece (RoPE position; 0 for padding)
       doc_ids       [B, L]        document (episode piece) index within the row, -1 for padding
-      text_ids      [B, L]        token id where kind == TEXT, else 0
-      audio_bins    [N_audio, S, C]   dMel bin ids of the AUDIO positions, row-major order
-      patches       uint8 [N_patch, P, P, 3]  RGB pixels of the PATCH positions, row-major order
-      patch_rc      [N_patch, 2]  (row, col) of each patch in its frame
       target_kind   [B, L]        kind of the target of position i (see module docstring), PAD if none
-      target_text   [B, L]        target token id where target_kind == TEXT, else -100
-      target_audio  [M, S, C]     target dMel bins of the target_kind == AUDIO positions, row-major order
+      payload       each modality's payload and target fields by name (``tml.streams.modalities``), read as
+                    attributes too (``batch.audio_bins``):
+        text_ids      [B, L]        token id where kind == TEXT, else 0
+        audio_bins    [N_audio, S, C]   dMel bin ids of the AUDIO positions, row-major order
+        patches       uint8 [N_patch, P, P, 3]  RGB pixels of the PATCH positions, row-major order
+        patch_rc      [N_patch, 2]  (row, col) of each patch in its frame
+        target_text   [B, L]        target token id where target_kind == TEXT, else -100
+        target_audio  [M, S, C]     target dMel bins of the target_kind == AUDIO positions, row-major order
     """
 
     kind: torch.Tensor
@@ -67,13 +72,11 @@ class Batch:
     micro_turn: torch.Tensor
     position_ids: torch.Tensor
     doc_ids: torch.Tensor
-    text_ids: torch.Tensor
-    audio_bins: torch.Tensor
-    patches: torch.Tensor
-    patch_rc: torch.Tensor
     target_kind: torch.Tensor
-    target_text: torch.Tensor
-    target_audio: torch.Tensor
+    payload: dict[str, torch.Tensor]
+
+    def __post_init__(self):
+        self.payload = dict(self.payload)  # its own dict: setting batch.<field> never reaches another Batch
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,8 +98,13 @@ class Batch:
         mask = mask | (eye & (self.doc_ids[:, :, None] < 0))
         return mask[:, None]
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field by name, the payload's included (to compare or concatenate batches)."""
+        return {**{f: getattr(self, f) for f in CORE_FIELDS}, **self.payload}
+
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return Batch(**{f: getattr(self, f).to(device) for f in CORE_FIELDS},
+                     payload={f: t.to(device) for f, t in self.payload.items()})
 
     def num_tokens(self) -> int:
         """Non-padding positions (what tokens/s counts)."""
@@ -105,6 +113,11 @@ class Batch:
     def validate(self) -> "Batch":
         """Check shapes, dtypes and the internal consistency of the contract; raise BatchError naming the field."""
         B, L = self.kind.shape
+        want = {f for m in MODALITIES for f in (*m.fields, *filter(None, [m.target]))}
+        if set(self.payload) != want:
+            missing, extra = sorted(want - set(self.payload)), sorted(set(self.payload) - want)
+            raise BatchError(f"Batch.payload has fields {sorted(self.payload)}: missing {missing}, unknown {extra} "
+                             f"(the modalities in tml.streams.modalities.MODALITIES name its fields)")
         dense = [f for m in MODALITIES if m.dense for f in (*m.fields, *filter(None, [m.target]))]
         for name in ("stream", "micro_turn", "position_ids", "doc_ids", "target_kind", *dense):
             t = getattr(self, name)
@@ -117,19 +130,19 @@ class Batch:
             raise BatchError("Batch.kind holds a value outside Kind")
         if not ((self.stream >= 0) & (self.stream <= max(Stream))).all():
             raise BatchError("Batch.stream holds a value outside Stream")
-        for m in MODALITIES:  # each modality checks its payload and targets (tml.streams.modality)
+        for m in MODALITIES:  # each modality checks its payload and targets (tml.streams.modalities)
             for name, (dtype, shape) in m.shapes(self).items():
                 t = getattr(self, name)
                 if t.dtype != dtype:
                     raise BatchError(f"Batch.{name} has dtype {t.dtype}, expected {dtype}")
                 if t.ndim != len(shape) or any(want is not None and have != want for have, want in zip(t.shape, shape)):
                     want = ", ".join("*" if w is None else str(w) for w in shape)
-                    rows = "" if m.dense else f" (one row per {m.kind.name} position)"
+                    rows = "" if m.dense else f" (one row per {Kind(m.kind).name} position)"
                     raise BatchError(f"Batch.{name} has shape {tuple(t.shape)}, expected [{want}]{rows}")
             if m.target is not None and m.dense:
                 is_t = self.target_kind == m.kind
                 if ((getattr(self, m.target) != IGNORE_INDEX) != is_t).any():
-                    raise BatchError(f"Batch.{m.target} must be set exactly where target_kind == {m.kind.name}")
+                    raise BatchError(f"Batch.{m.target} must be set exactly where target_kind == {Kind(m.kind).name}")
         pad = self.doc_ids < 0
         if (self.kind[pad] != Kind.PAD).any():
             raise BatchError("Batch.kind: padding positions (doc_ids == -1) must have kind PAD")
@@ -144,5 +157,5 @@ class Batch:
         for m in MODALITIES:
             for f in m.fields if m.dense else ():
                 if ((getattr(self, f) != 0) & (self.kind != m.kind)).any():
-                    raise BatchError(f"Batch.{f} must be 0 where kind != {m.kind.name}")
+                    raise BatchError(f"Batch.{f} must be 0 where kind != {Kind(m.kind).name}")
         return self

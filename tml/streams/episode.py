@@ -6,6 +6,9 @@ On disk an episode is one webdataset sample (``to_sample`` / ``from_sample``)::
     KEY.model.wav   16-bit PCM mono at ``sample_rate`` (what the model should say)
                     (either may instead be KEY.user.npy / KEY.model.npy: float32 [samples], lossless)
     KEY.video.npy   uint8 [frames, H, W, 3] at ``video_fps`` (optional)
+    KEY.NAME.wav    any further audio stream NAME (optional; e.g. a second user channel), like KEY.user.wav
+    KEY.NAME.npy    any other array NAME a modality reads (optional, ``Episode.arrays[NAME]``; its spec in
+                    ``tml.streams.modalities`` says what it holds and on which clock)
     KEY.json        {"key", "duration", "sample_rate", "video_fps", "words": {"user": [...], "model": [...]},
                      "background": [{"time", "text"}], "meta": {...}}
 
@@ -44,7 +47,7 @@ import torch
 
 from tml.audio.wav import AudioFormatError, decode_wav, encode_wav
 
-AUDIO_STREAMS = ("user", "model")
+AUDIO_STREAMS = ("user", "model")  # every episode has these; further audio streams are optional
 
 
 class EpisodeError(ValueError):
@@ -76,12 +79,13 @@ class Episode:
     key: str
     duration: float
     sample_rate: int
-    audio: dict[str, torch.Tensor]  # "user" / "model" -> float32 [samples] at sample_rate
+    audio: dict[str, torch.Tensor]  # "user" / "model" (and any further stream) -> float32 [samples] at sample_rate
     words: dict[str, list[Word]] = field(default_factory=dict)  # "user" / "model" -> words with times
     video: torch.Tensor | None = None  # uint8 [frames, H, W, 3]
     video_fps: float = 5.0
     background: list[BackgroundEvent] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)  # any other stream a modality reads, by name
 
     def to_sample(self) -> dict[str, Any]:
         """Episode -> webdataset sample dict (``__key__`` plus one bytes entry per file)."""
@@ -95,12 +99,13 @@ class Episode:
             "meta": self.meta,
         }
         sample: dict[str, Any] = {"__key__": self.key, "json": json.dumps(info).encode()}
-        for s in AUDIO_STREAMS:
+        for s in (*AUDIO_STREAMS, *(s for s in self.audio if s not in AUDIO_STREAMS)):
             sample[f"{s}.wav"] = encode_wav(self.audio[s], self.sample_rate)
-        if self.video is not None:
+        arrays = {"video": self.video.to(torch.uint8)} if self.video is not None else {}
+        for name, arr in {**arrays, **self.arrays}.items():
             buf = io.BytesIO()
-            np.save(buf, self.video.numpy().astype(np.uint8))
-            sample["video.npy"] = buf.getvalue()
+            np.save(buf, arr.numpy())
+            sample[f"{name}.npy"] = buf.getvalue()
         return sample
 
     @classmethod
@@ -116,8 +121,9 @@ class Episode:
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
             raise EpisodeError(f"sample {where}: .json is not valid episode JSON ({e})", "bad_json") from e
         audio = {}
-        for s in AUDIO_STREAMS:
-            if f"{s}.npy" in sample:  # float32 [samples], lossless (e.g. after resampling)
+        extra = [k[: -len(".wav")] for k in sample if k.endswith(".wav") and k[: -len(".wav")] not in AUDIO_STREAMS]
+        for s in (*AUDIO_STREAMS, *extra):
+            if s in AUDIO_STREAMS and f"{s}.npy" in sample:  # float32 [samples], lossless (e.g. after resampling)
                 try:
                     arr = np.load(io.BytesIO(sample[f"{s}.npy"]), allow_pickle=False)
                 except (ValueError, OSError, EOFError) as e:
@@ -148,6 +154,14 @@ class Episode:
                 raise EpisodeError(f"sample {where}.video.npy must be uint8 [frames, H, W, 3], got "
                                    f"{arr.dtype} {arr.shape}", "bad_video")
             video = torch.from_numpy(arr.copy())
+        arrays = {}
+        for name in sample:
+            stem = name[: -len(".npy")]
+            if name.endswith(".npy") and stem not in (*AUDIO_STREAMS, "video"):
+                try:
+                    arrays[stem] = torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False).copy())
+                except (ValueError, OSError, EOFError) as e:
+                    raise EpisodeError(f"sample {where}.{name}: not a readable .npy ({e})", "bad_array") from e
         try:
             return cls(
                 key=key,
@@ -159,6 +173,7 @@ class Episode:
                 video_fps=float(info.get("video_fps", 5.0)),
                 background=[BackgroundEvent(**e) for e in info.get("background", [])],
                 meta=info.get("meta", {}),
+                arrays=arrays,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EpisodeError(f"sample {where}: malformed .json field ({e})", "bad_json") from e

@@ -19,7 +19,7 @@ layout's slot order. Per stream:
 * video: on micro-turns ``t % video_stride == 0`` the frame showing time ``t * 0.2`` is cut into patches; other
   micro-turns (and micro-turns past the end of the video) leave the patch slots empty (kind PAD).
 
-How each modality's stream becomes positions lives in its spec (``tml.streams.modality``); this module walks the
+How each modality's stream becomes positions lives in its spec (``tml.streams.modalities``); this module walks the
 micro-turns and the layout's slot runs and assembles what the specs return.
 """
 
@@ -32,17 +32,19 @@ import torch
 from tml.audio.dmel import DMelTokenizer
 from tml.streams.episode import Episode
 from tml.streams.layout import MicroTurnLayout
-from tml.streams.modality import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC
+from tml.streams.modalities import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC
+from tml.streams.modalities.base import PayloadFields
 from tml.text.tokenizer import TextTokenizer
 
 
 @dataclass
-class EpisodeTokens:
+class EpisodeTokens(PayloadFields):
     """One episode (or a run of its micro-turns) as a flat position sequence; n = num_turns * layout.length.
 
-    kind, stream, micro_turn, text_ids: int64 [n]; audio_bins: int64 [n_audio, S, C];
-    patches: uint8 [n_patch, P, P, 3]; patch_rc: int64 [n_patch, 2]. ``dropped_text`` counts text tokens that
-    did not fit before the episode ended.
+    kind, stream, micro_turn: int64 [n]; ``payload``: each modality's payload fields by name
+    (``tml.streams.modalities``), read as attributes too: text_ids int64 [n]; audio_bins int64 [n_audio, S, C];
+    patches uint8 [n_patch, P, P, 3]; patch_rc int64 [n_patch, 2]. ``dropped_text`` counts payload items (text
+    tokens) that did not fit before the episode ended.
     """
 
     key: str
@@ -50,11 +52,11 @@ class EpisodeTokens:
     kind: torch.Tensor
     stream: torch.Tensor
     micro_turn: torch.Tensor
-    text_ids: torch.Tensor
-    audio_bins: torch.Tensor
-    patches: torch.Tensor
-    patch_rc: torch.Tensor
+    payload: dict[str, torch.Tensor]
     dropped_text: int = 0
+
+    def __post_init__(self):
+        self.payload = dict(self.payload)  # its own dict: setting tok.<field> never reaches another EpisodeTokens
 
     @property
     def turn_length(self) -> int:
@@ -64,14 +66,13 @@ class EpisodeTokens:
         """Micro-turns ``[t0, t1)`` as their own sequence, micro-turn indices restarting at 0."""
         n = self.turn_length
         p0, p1 = t0 * n, t1 * n
-        rows = {}
+        payload = {f: self.payload[f][p0:p1] for f in DENSE_FIELDS}
         for m in MODALITIES:  # row payloads: the rows of this kind's positions before p0 and p1
             if not m.dense:
                 r0, r1 = (int((self.kind[:p] == m.kind).sum()) for p in (p0, p1))
-                rows.update({f: getattr(self, f)[r0:r1] for f in m.fields})
+                payload.update({f: self.payload[f][r0:r1] for f in m.fields})
         return EpisodeTokens(key=self.key, num_turns=t1 - t0, kind=self.kind[p0:p1], stream=self.stream[p0:p1],
-                             micro_turn=self.micro_turn[p0:p1] - t0,
-                             **{f: getattr(self, f)[p0:p1] for f in DENSE_FIELDS}, **rows)
+                             micro_turn=self.micro_turn[p0:p1] - t0, payload=payload)
 
 
 def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, text: TextTokenizer) -> EpisodeTokens:
@@ -103,6 +104,6 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
     long = torch.zeros(0, dtype=torch.int64)
     empty = {f: e for m in MODALITIES for f, e in m.empty(layout.cfg).items()}
     cat = lambda xs, e: torch.cat(xs) if xs else e  # noqa: E731
+    payload = {**{f: cat(v, long) for f, v in dense.items()}, **{f: cat(v, empty[f]) for f, v in rows.items()}}
     return EpisodeTokens(key=episode.key, num_turns=T, kind=cat(kind, long), stream=cat(stream, long),
-                         micro_turn=cat(turn, long), **{f: cat(v, long) for f, v in dense.items()},
-                         **{f: cat(v, empty[f]) for f, v in rows.items()}, dropped_text=dropped)
+                         micro_turn=cat(turn, long), payload=payload, dropped_text=dropped)

@@ -15,17 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from tml.errors import ConfigError  # re-exported: tml.streams.ConfigError is the same class
 
-
-class Kind(IntEnum):
-    """Modality of one position. PAD is an empty slot (no payload) or packing padding."""
-
-    PAD = 0
-    TEXT = 1
-    AUDIO = 2
-    PATCH = 3
+if TYPE_CHECKING:
+    from tml.streams.modalities import Kind
 
 
 class Stream(IntEnum):
@@ -42,7 +37,7 @@ class SlotConfig:
     """A run of ``count`` consecutive slots of one stream and modality inside a micro-turn."""
 
     stream: str = "user"  # user | model | background | video
-    kind: str = "audio"  # text | audio | patch
+    kind: str = "audio"  # a modality's name (tml.streams.modalities): text | audio | patch
     count: int = 5
 
 
@@ -94,6 +89,8 @@ class MicroTurnLayout:
     """Resolved, validated layout: slot runs, offsets, and per-position stream/kind of one micro-turn."""
 
     def __init__(self, cfg: LayoutConfig):
+        from tml.streams.modalities import Kind  # here, not at the top: the modality specs import this module
+
         self.cfg = cfg
         self._validate(cfg)
         self.slots = [Slot(Stream[s.stream.upper()], Kind[s.kind.upper()], s.count) for s in cfg.slots]
@@ -131,7 +128,7 @@ class MicroTurnLayout:
                               f"playback clock, 0 is the old same-micro-turn alignment)")
         if cfg.video_stride < 1:
             raise ConfigError(f"layout.video_stride={cfg.video_stride}: must be >= 1")
-        from tml.streams.modality import MODALITIES  # here, not at the top: the specs import Kind from this module
+        from tml.streams.modalities import MODALITIES  # here, not at the top: the specs import this module
 
         by_name = {m.name: m for m in MODALITIES}
         seen_output = False

@@ -16,11 +16,9 @@ import torch
 from tml.streams.batch import IGNORE_INDEX, Batch
 from tml.streams.interleave import EpisodeTokens
 from tml.streams.layout import Stream
-from tml.streams.modality import DENSE_FIELDS, MODALITIES, ROW_FIELDS
+from tml.streams.modalities import DENSE_FIELDS, MODALITIES, OUTPUTS, ROW_FIELDS
 
-# The modalities the model writes (they have targets), and their kinds.
-OUTPUTS = tuple(m for m in MODALITIES if m.target is not None)
-OUTPUT_KINDS = torch.tensor([int(m.kind) for m in OUTPUTS])
+OUTPUT_KINDS = torch.tensor([int(m.kind) for m in OUTPUTS])  # the kinds the model writes (they have targets)
 
 
 @dataclass
@@ -75,7 +73,7 @@ def pack_rows(episodes: Iterator[tuple[tuple, EpisodeTokens]], seq_len: int, tur
 
 def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
     """Rows of pieces -> a validated Batch of shape [len(rows), seq_len] (targets per the prediction convention).
-    Payload fields come from the modality specs (``tml.streams.modality``): dense ones are copied position by
+    Payload fields come from the modality specs (``tml.streams.modalities``): dense ones are copied position by
     position, row ones concatenated; a modality the model writes gets its targets in ``spec.target``."""
     B = len(rows)
     kind = torch.zeros(B, seq_len, dtype=torch.int64)
@@ -100,7 +98,7 @@ def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
             position_ids[b, sl] = torch.arange(n)
             doc_ids[b, sl] = d
             for f in DENSE_FIELDS:
-                dense[f][b, sl] = getattr(piece, f)
+                dense[f][b, sl] = piece.payload[f]
             # Position i predicts position i+1 when i+1 is a model-stream position of an output modality, same piece.
             nxt_kind, nxt_stream = piece.kind[1:], piece.stream[1:]
             is_t = (nxt_stream == Stream.MODEL) & torch.isin(nxt_kind, OUTPUT_KINDS)
@@ -109,22 +107,21 @@ def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
             for m in OUTPUTS:
                 (field,) = m.fields  # an output modality has one payload field: what its head predicts
                 if m.dense:
-                    targets[m.target][b, p : p + n - 1] = torch.where(tk == m.kind, getattr(piece, field)[1:],
+                    targets[m.target][b, p : p + n - 1] = torch.where(tk == m.kind, piece.payload[field][1:],
                                                                       IGNORE_INDEX)
                 else:
                     row_index = torch.cumsum(piece.kind == m.kind, 0) - 1  # payload row of each position
-                    targets[m.target].append(getattr(piece, field)[row_index[1:][tk == m.kind]])
+                    targets[m.target].append(piece.payload[field][row_index[1:][tk == m.kind]])
             for f in ROW_FIELDS:
-                rows_of[f].append(getattr(piece, f))
+                rows_of[f].append(piece.payload[f])
             p += n
     empty = {f: e for m in MODALITIES for f, e in m.empty().items()}
     first = rows[0][0] if rows and rows[0] else None  # trailing payload shapes come from the data when it has any
     if first is not None:
-        empty = {f: getattr(first, f)[:0] for f in ROW_FIELDS}
+        empty = {f: first.payload[f][:0] for f in ROW_FIELDS}
     cat = lambda xs, f: torch.cat(xs) if xs else empty[f]  # noqa: E731
     target_rows = {m.target: cat(targets[m.target], m.fields[0]) for m in OUTPUTS if not m.dense}
-    return Batch(
-        kind=kind, stream=stream, micro_turn=micro_turn, position_ids=position_ids, doc_ids=doc_ids,
-        target_kind=target_kind, **dense, **{f: cat(v, f) for f, v in rows_of.items()},
-        **{m.target: targets[m.target] for m in OUTPUTS if m.dense}, **target_rows,
-    ).validate()
+    payload = {**dense, **{f: cat(v, f) for f, v in rows_of.items()},
+               **{m.target: targets[m.target] for m in OUTPUTS if m.dense}, **target_rows}
+    return Batch(kind=kind, stream=stream, micro_turn=micro_turn, position_ids=position_ids, doc_ids=doc_ids,
+                 target_kind=target_kind, payload=payload).validate()

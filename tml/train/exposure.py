@@ -24,7 +24,8 @@ import torch
 
 from tml.model.heads import SILENT_BIN, floor_targets
 from tml.streams.batch import Batch
-from tml.streams.layout import Kind, Stream
+from tml.streams.layout import Stream
+from tml.streams.modalities import Kind
 
 
 def _own_audio(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
@@ -67,7 +68,7 @@ def flip_own_audio(batch: Batch, prob: float, generator: torch.Generator) -> tup
     if len(donors) and len(quiet):
         pick = torch.randint(len(donors), (len(quiet),), generator=generator).to(donors.device)
         bins[quiet] = batch.audio_bins[donors[pick]]
-    return replace(batch, audio_bins=bins), int(micro_turn[flip].unique().numel())
+    return replace(batch, payload={**batch.payload, "audio_bins": bins}), int(micro_turn[flip].unique().numel())
 
 
 def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
@@ -101,4 +102,4 @@ def decoded_own_audio(batch: Batch) -> tuple[Batch, int]:
     bins = batch.audio_bins.clone()
     bins[audio_row[fill]] = batch.audio_bins[audio_row[source[fill]]]
     bins[audio_row[mute]] = SILENT_BIN
-    return replace(batch, audio_bins=bins), int(fill.sum() + mute.sum())
+    return replace(batch, payload={**batch.payload, "audio_bins": bins}), int(fill.sum() + mute.sum())

@@ -18,7 +18,8 @@ from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import LoaderConfig, PackedBatchLoader, read_manifest
 from tml.model import compute_losses
 from tml.streams.batch import Batch
-from tml.streams.layout import Kind, MicroTurnLayout
+from tml.streams.layout import MicroTurnLayout
+from tml.streams.modalities import Kind
 from tml.text.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
