@@ -42,6 +42,9 @@ class ImuModality(Modality):
     def embedder(self, cfg):
         return nn.Linear(AXES, cfg.dim)
 
+    def num_params(self, cfg):
+        return AXES * cfg.dim + cfg.dim
+
     def shapes(self, batch):
         return {"imu": (torch.float32, (int((batch.kind == self.kind).sum()), AXES))}
 
@@ -69,7 +72,8 @@ import torch
 from tml.audio.dmel import DMelTokenizer
 from tml.eval.generate import turn_positions
 from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
-from tml.model import InteractionModel, ModelConfig, MoEConfig, compute_losses
+from tml.model import InteractionModel, ModelConfig, MoEConfig, compute_losses, param_counts
+from tml.model.counts import count_params
 from tml.streams import Episode, Kind, LayoutConfig, MicroTurnLayout, SlotConfig, Stream, Word
 from tml.streams.interleave import interleave
 from tml.streams.pack import collate
@@ -101,6 +105,7 @@ model = InteractionModel(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2
                                      dense_layers=1, dense_hidden_dim=64, moe=MoEConfig(hidden_dim=32, num_experts=2,
                                                                                          top_k=1)))
 assert "embed.imu.weight" in model.state_dict() and "embed.audio.table.weight" in model.state_dict()
+assert param_counts(model)["total"] == count_params(model.cfg).total  # the planner counts the new embedder
 x = model.embed(batch)
 user_row = model.embed.stream.weight[int(Stream.USER)]
 assert torch.allclose(x[0, 5::15], model.embed.imu(expected) + user_row, atol=1e-6)  # by hand: linear + stream

@@ -3,7 +3,8 @@ token: ``tml.model.flops``.)
 
 ``tests/test_model_ladder.py`` checks these against models built on the meta device, so the formulas below are
 the model's own structure written out: if a module changes, that test fails until this file follows. The heads
-count their own parameters (``num_params`` in ``tml.model.heads``), next to the layers they build.
+count their own parameters (``num_params`` in ``tml.model.heads``), next to the layers they build, and so do the
+modalities' embedders (``num_params`` of each spec in ``tml.streams.modalities``).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 from tml.model.config import ModelConfig
 from tml.model.heads import AUDIO_HEADS, FloorHead, TextHead
 from tml.streams.layout import Stream
+from tml.streams.modalities import MODALITIES
 
 
 @dataclass
 class ParamCounts:
-    embed: int  # text embedding, dMel bag, hMLP stem, patch row/col tables, pad and stream vectors
+    embed: int  # each modality's embedder (text, dMel bag, hMLP stem and patch tables), pad and stream vectors
     attention: int  # all layers' attention projections
     norms: int  # RMSNorm gains
     dense_ffn: int  # SwiGLU of the first ``dense_layers`` layers
@@ -37,11 +39,8 @@ class ParamCounts:
 def count_params(cfg: ModelConfig) -> ParamCounts:
     d, L, m = cfg.dim, cfg.n_layers, cfg.moe
     hd = cfg.head_dim
-    # Embeddings (tml.model.embed).
-    w, k = max(d // 4, 1), cfg.patch_size // 4
-    hmlp = (3 * w * k * k + w) + 2 * w + (w * w * 4 + w) + 2 * w + (w * d * 4 + d) + 2 * d
-    embed = (cfg.vocab_size * d + cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins * d + hmlp
-             + 2 * cfg.max_patch_grid * d + d + len(Stream) * d)
+    # Embeddings (tml.model.embed): each modality's embedder (its spec counts it), the pad vector, the stream table.
+    embed = sum(m.num_params(cfg) for m in MODALITIES) + d + len(Stream) * d
     attention = L * (d * cfg.n_heads * hd + 2 * d * cfg.num_kv_heads * hd + cfg.n_heads * hd * d)
     norms = L * 2 * d + d
     n_moe = cfg.n_moe_layers

@@ -54,6 +54,9 @@ class AudioModality(Modality):
     def embedder(self, cfg):
         return DMelBagEmbedding(cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins, cfg.dim)
 
+    def num_params(self, cfg):
+        return cfg.frames_per_audio_position * cfg.n_mels * cfg.dmel_bins * cfg.dim
+
     def check_embedder(self, embedder, batch):
         if tuple(batch.audio_bins.shape[1:]) != (embedder.frames, embedder.n_mels):
             raise ConfigError(f"Batch.audio_bins has [S, C] = {list(batch.audio_bins.shape[1:])} but the model "

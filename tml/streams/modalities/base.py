@@ -3,7 +3,8 @@
 A spec owns its ``Kind`` value, the fields that carry its payload (in ``EpisodeTokens.payload`` and
 ``Batch.payload``), how one stream of an episode becomes that stream's positions micro-turn by micro-turn
 (``encode``), how a live stream's input of one micro-turn becomes positions (``live``, for the streaming session),
-its input embedder (``embedder``: a plain ``nn.Module`` built from the model config), and, for a modality the
+its input embedder (``embedder``: a plain ``nn.Module`` built from the model config, and its parameter count
+``num_params``), and, for a modality the
 model writes, the payload field of its targets. ``interleave``, ``pack.collate``, ``Batch.validate``,
 ``EpisodeTokens.slice_turns``, ``MultimodalEmbedding`` and ``tml.eval.session.StreamingSession`` loop over
 ``tml.streams.modalities.MODALITIES`` instead of branching on ``Kind``.
@@ -73,6 +74,11 @@ class Modality:
         spec's payload fields (``payload``) it returns one vector [N, cfg.dim] per position of the kind. It may
         define ``init_weights(std)``, which the model calls after its generic init."""
         raise NotImplementedError(f"modality {self.name!r} has no embedder (tml.streams.modalities); add embedder()")
+
+    def num_params(self, cfg) -> int:
+        """The embedder's parameter count from the model config alone (``tml.model.counts``, the planner; tests
+        check it against built models)."""
+        raise NotImplementedError(f"modality {self.name!r} has no num_params (tml.streams.modalities); add it")
 
     def check_embedder(self, embedder: nn.Module, batch) -> None:
         """Raise ConfigError, naming the config keys, when ``batch``'s payload does not have the shapes

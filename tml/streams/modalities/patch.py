@@ -48,6 +48,11 @@ class PatchModality(Modality):
     def embedder(self, cfg):
         return HMLPPatchEmbedding(cfg.patch_size, cfg.dim, cfg.max_patch_grid)
 
+    def num_params(self, cfg):
+        d, w, k = cfg.dim, max(cfg.dim // 4, 1), cfg.patch_size // 4  # the stem's width and first kernel
+        stem = (3 * w * k * k + w) + 2 * w + (w * w * 4 + w) + 2 * w + (w * d * 4 + d) + 2 * d  # convs and norms
+        return stem + 2 * cfg.max_patch_grid * d  # plus the row and col tables
+
     def check_embedder(self, embedder, batch):
         p = batch.patches.shape[1:3]
         if p[0] != p[1] or p[0] != embedder.patch_size:

@@ -35,6 +35,9 @@ class TextModality(Modality):
     def embedder(self, cfg):
         return TextEmbedding(cfg.vocab_size, cfg.dim)
 
+    def num_params(self, cfg):
+        return cfg.vocab_size * cfg.dim
+
 
 TEXT = TextModality(kind=1, name="text", fields=("text_ids",), dense=True, target="target_text")
 
