@@ -8,7 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+
+import pytest
 
 from conftest import ROOT
 
@@ -232,3 +233,14 @@ def test_streams_never_imports_a_higher_package():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.startswith(higher)]
     assert not found, found
+
+
+def test_kind_is_built_from_the_specs_and_refuses_a_repeated_value_or_name():
+    from tml.streams.modalities import MODALITIES, Kind, Modality, _kind_enum
+
+    assert [(k.name, int(k)) for k in Kind] == [("PAD", 0)] + [(m.name.upper(), m.kind) for m in MODALITIES]
+    again = Modality(kind=MODALITIES[0].kind, name="imu", fields=("imu",), dense=False)
+    with pytest.raises(ValueError, match=f"{MODALITIES[0].name.upper()} and IMU share"):
+        _kind_enum((*MODALITIES, again))
+    with pytest.raises(ValueError, match="PAD and PAD share"):
+        _kind_enum((*MODALITIES, Modality(kind=9, name="pad", fields=("x",), dense=True)))
