@@ -5,6 +5,7 @@ Hydra run dir (outputs/pretrain/DATE/TIME unless `hydra.run.dir=...`).
 """
 
 import signal
+import sys
 
 # launch/slurm_node.sh starts torchrun with SIGUSR1 ignored (Slurm signals every process of a step, and torchrun has
 # no handler for it); the trainer takes the default back, so a SIGUSR1 before its own handler is installed (during
@@ -47,8 +48,17 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_overrides(PretrainConfig)
-    main()
-    # A finished multi-rank run has saved, logged and closed everything; interpreter finalization can race gloo's
-    # worker threads and abort the rank (see exit_without_teardown).
+    # A finished multi-rank run, or one stopped by a signal (StopRequested, exit 75, raised after its checkpoint),
+    # has saved, logged and closed everything when main() is left; interpreter finalization can then race gloo's
+    # worker threads and abort the rank with SIGABRT instead of the exit code (see exit_without_teardown).
+    try:
+        main()
+        code = 0
+    except SystemExit as e:  # hydra turns a failure into SystemExit(1); a signalled stop is SystemExit(75)
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            raise
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        exit_without_teardown()
+        exit_without_teardown(code)

@@ -86,9 +86,10 @@ def setup_distributed(cfg: ParallelConfig) -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-def exit_without_teardown() -> None:
-    """End a finished multi-rank process: flush stdout and stderr, then ``os._exit(0)``, skipping the interpreter's
-    finalization. Call it only when everything is saved and closed.
+def exit_without_teardown(code: int = 0) -> None:
+    """End a finished or stopped multi-rank process: flush stdout and stderr, then ``os._exit(code)``, skipping the
+    interpreter's finalization. Call it only when everything is saved and closed (a signalled stop's checkpoint is
+    written before ``StopRequested`` leaves the recipe, so its exit code 75 goes through here too).
 
     Why: gloo's worker threads (``ProcessGroupGloo::runLoop``) drop their reference to a finished collective's work
     just after the caller has been told it is done. When that is the last reference to a tensor made in Python (the
@@ -101,7 +102,7 @@ def exit_without_teardown() -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 class RankFailure(RuntimeError):
