@@ -102,12 +102,14 @@ def table(model: dict, baseline: dict | None = None) -> str:
     return "\n".join(rows)
 
 
-def _replay(make, episodes, run, vad, out: Path) -> list[dict]:
+def _replay(make, episodes, run, vad, out: Path, make_sessions=None) -> list[dict]:
     """Per-episode measurements of one responder over ``episodes`` (read back from the eval.json that
-    ``tml.eval.evaluate.evaluate`` writes, which holds them whatever it returns)."""
+    ``tml.eval.evaluate.evaluate`` writes, which holds them whatever it returns). ``make_sessions(n)``: a batched
+    ``StreamingSession`` of n sessions, 16 episodes at a time (each episode's outputs as its own session's)."""
     from tml.eval.evaluate import evaluate
 
-    evaluate(make, episodes, run.layout, run.dmel, run.text, out, vad, n_wavs=0, n_timelines=0, realtime=True)
+    evaluate(make, episodes, run.layout, run.dmel, run.text, out, vad, n_wavs=0, n_timelines=0, realtime=True,
+             make_sessions=make_sessions)
     return json.loads((out / "eval.json").read_text())["per_episode"]
 
 
@@ -157,8 +159,9 @@ def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int],
             cfg = SessionConfig()
             cfg = replace(cfg, sampling=replace(cfg.sampling, seed=seed, floor=floor,
                                                 floor_temperature=floor_temperature, **(sampling or {})))
-            per_seed.append(_replay(lambda: StreamingSession(run.model, run.layout, run.dmel, cfg, run.text.pad_id),
-                                    eps, run, vad, tmp / f"{d.name}_{seed}"))
+            per_seed.append(_replay(None, eps, run, vad, tmp / f"{d.name}_{seed}",
+                                    make_sessions=lambda n: StreamingSession(run.model, run.layout, run.dmel, cfg,
+                                                                             run.text.pad_id, sessions=n)))
         step = int(d.name.removeprefix("step_"))
         out["steps"].append(step)
         out["model"].append(curve_metrics([ep for per in per_seed for ep in per]))
