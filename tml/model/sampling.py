@@ -86,25 +86,24 @@ def _rows_of(generator: list[torch.Generator], n: int, what: str) -> int:
     return n // len(generator)
 
 
-def uniform(shape: tuple[int, ...], generator: Generators = None, device=None) -> torch.Tensor:
-    """float32 uniforms in [0, 1) of ``shape`` (on ``device``): row-major from one generator, or row ``i`` of the
+def _draw(draw, what: str, shape: tuple[int, ...], generator: Generators, device) -> torch.Tensor:
+    """``draw`` (``torch.rand`` / ``torch.randn``) of ``shape``: row-major from one generator, or row ``i`` of the
     first dimension from ``generator[i]`` (its values are those a batch of one draws from it)."""
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise ValueError(f"uniform: {len(generator)} generators for {shape[0]} rows")
-        return torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
-    return torch.rand(shape, generator=generator, device=generator.device if generator is not None else None
-                      ).to(device)
+            raise ValueError(f"{what}: {len(generator)} generators for {shape[0]} rows")
+        return torch.stack([draw(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    return draw(shape, generator=generator, device=generator.device if generator is not None else None).to(device)
+
+
+def uniform(shape: tuple[int, ...], generator: Generators = None, device=None) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of ``shape`` (on ``device``), per row from its generator when given a list."""
+    return _draw(torch.rand, "uniform", shape, generator, device)
 
 
 def normal(shape: tuple[int, ...], generator: Generators = None, device=None) -> torch.Tensor:
     """float32 standard normals of ``shape``, per row from its generator as ``uniform``."""
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"normal: {len(generator)} generators for {shape[0]} rows")
-        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
-    return torch.randn(shape, generator=generator, device=generator.device if generator is not None else None
-                       ).to(device)
+    return _draw(torch.randn, "normal", shape, generator, device)
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
