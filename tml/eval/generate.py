@@ -20,8 +20,7 @@ from tml.model.sampling import SamplingConfig
 from tml.model.transformer import InteractionModel
 from tml.streams.interleave import EpisodeTokens
 from tml.streams.layout import MicroTurnLayout, Stream
-from tml.streams.modalities import Kind
-from tml.streams.modalities import MODALITIES, SPEC, TurnPositions
+from tml.streams.modalities import MODALITIES, SPEC, Kind, TurnPositions
 
 
 @dataclass
