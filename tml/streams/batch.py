@@ -113,12 +113,12 @@ class Batch(PayloadFields):
     def validate(self) -> "Batch":
         """Check shapes, dtypes and the internal consistency of the contract; raise BatchError naming the field."""
         B, L = self.kind.shape
-        want = {f for m in MODALITIES for f in (*m.fields, *filter(None, [m.target]))}
+        want = {f for m in MODALITIES for f in m.batch_fields}
         if set(self.payload) != want:
             missing, extra = sorted(want - set(self.payload)), sorted(set(self.payload) - want)
             raise BatchError(f"Batch.payload has fields {sorted(self.payload)}: missing {missing}, unknown {extra} "
                              f"(the modalities in tml.streams.modalities.MODALITIES name its fields)")
-        dense = [f for m in MODALITIES if m.dense for f in (*m.fields, *filter(None, [m.target]))]
+        dense = [f for m in MODALITIES if m.dense for f in m.batch_fields]
         for name in ("stream", "micro_turn", "position_ids", "doc_ids", "target_kind", *dense):
             t = getattr(self, name)
             if t.shape != (B, L):

@@ -52,6 +52,12 @@ class Modality:
     dense: bool
     target: str | None = None
 
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """Its fields in ``Batch.payload``: the payload fields, then the target field of a modality the model
+        writes."""
+        return (*self.fields, *filter(None, [self.target]))
+
     def check_slot(self, cfg: LayoutConfig, slot: SlotConfig, where: str) -> None:
         """Raise ConfigError (naming ``where``, e.g. ``layout.slots[2]``) if the slot run ``slot`` breaks this
         modality's rule: its count per micro-turn, the streams it may belong to, or that ``slot.stream``'s only
