@@ -5,6 +5,7 @@ generation agrees with one teacher-forced forward."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from tml.model.heads import SILENT_BIN, DMelHead, FloorHead, TextHead
 from tml.model.sampling import SamplingConfig, sample_logits
 from tml.errors import ConfigError
 from tml.streams.layout import Stream
-from tml.streams.modalities import Kind
+from tml.streams.modalities import IGNORE_INDEX, Kind
 
 NB = 16
 
@@ -98,6 +99,34 @@ def test_head_losses_are_the_fused_reference_losses_bitwise():
         g_got = torch.autograd.grad(got[k], out.hidden, retain_graph=True)[0]
         g_want = torch.autograd.grad(fused[k], out.hidden, retain_graph=True)[0]
         assert torch.equal(g_got, g_want), k
+
+
+def test_listen_head_loss_is_the_cross_entropy_of_the_heard_tokens_and_only_trains_where_labelled():
+    """With ``model.heads.listen`` and a batch carrying ``heard_text`` (labels on user audio positions), the listen loss is
+    the cross-entropy of the listen head's logits at exactly the labelled positions, added to the total with its
+    weight; a live batch without labels trains nothing there."""
+    torch.manual_seed(0)
+    model = InteractionModel(tiny_cfg(heads=HeadsConfig(listen=True)))
+    batch = make_batch([[3, 2], [4]], L=5 * TURN, vocab=128, seed=5)
+    user_audio = (batch.stream == Stream.USER) & (batch.kind == Kind.AUDIO)
+    g = torch.Generator().manual_seed(1)
+    heard = torch.where(torch.rand(batch.shape, generator=g) < 0.3, torch.randint(1, 128, batch.shape, generator=g), 0)
+    heard = torch.where(user_audio, heard, IGNORE_INDEX)
+    heard[0, :TURN] = IGNORE_INDEX  # a stretch without a transcript
+    labelled = replace(batch, payload={**batch.payload, "heard_text": heard}).validate()
+    out = model(labelled)
+    where = heard != IGNORE_INDEX
+    want = F.cross_entropy(model.listen_head(out.hidden[where]).float(), heard[where])
+    got = compute_losses(out, labelled, text_pad_id=0, listen_weight=0.5)
+    torch.testing.assert_close(got["loss/listen"], want)
+    words = heard[where] != 0
+    torch.testing.assert_close(got["loss/listen_words"],
+                               F.cross_entropy(model.listen_head(out.hidden[where][words]).float(), heard[where][words]))
+    plain = compute_losses(model(batch), batch, text_pad_id=0)  # the same batch without labels: no listen loss
+    assert "loss/listen" not in plain
+    torch.testing.assert_close(got["loss"], plain["loss"] + 0.5 * want)
+    grad = torch.autograd.grad(got["loss/listen"], out.hidden)[0]
+    assert (grad.abs().sum(-1) > 0).eq(where).all()  # the head reads exactly the labelled positions
 
 
 def test_every_content_head_samples_silence_where_the_floor_says_so_and_draws_the_same():

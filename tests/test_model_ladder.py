@@ -54,10 +54,12 @@ def test_every_model_config_is_in_the_ladder():
     assert {p.stem for p in (ROOT / "configs" / "model").glob("*.yaml")} == set(LADDER)
 
 
-@pytest.mark.parametrize("heads", [{"audio": "flow", "text": "tied"}, {"audio": "flow", "text": "untied"}])
+@pytest.mark.parametrize("heads", [{"audio": "flow", "text": "tied", "listen": False},
+                                   {"audio": "flow", "text": "untied", "listen": False},
+                                   {"audio": "dmel", "text": "untied", "listen": True}])
 def test_flow_and_tied_heads_count_like_the_built_model(heads):
     cfg = model_config("small")
-    cfg.heads.audio, cfg.heads.text = heads["audio"], heads["text"]
+    cfg.heads.audio, cfg.heads.text, cfg.heads.listen = heads["audio"], heads["text"], heads["listen"]
     with torch.device("meta"):
         model = InteractionModel(cfg)
     assert param_counts(model)["total"] == count_params(cfg).total

@@ -9,7 +9,7 @@ import torch
 from conftest import make_batch
 from tml.audio.dmel import DMelTokenizer
 from tml.errors import ConfigError
-from tml.streams import BackgroundEvent, BatchError, Episode, Kind, LayoutConfig, MicroTurnLayout
+from tml.streams import IGNORE_INDEX, BackgroundEvent, BatchError, Episode, Kind, LayoutConfig, MicroTurnLayout
 from tml.streams import SlotConfig, Stream, Word
 from tml.streams.interleave import interleave
 from tml.streams.modalities.text import place_text
@@ -178,6 +178,34 @@ def test_pack_targets_and_document_mask(layout, dmel, text):
     m = batch.attention_mask()[0, 0]
     assert not m[100:, :100].any() and m[150, 100:151].all() and not m[150, 151:].any()
     assert not m[:100, 100:].any()
+
+
+def test_heard_text_labels_user_audio_where_words_end(layout, dmel, text):
+    # The user says "hello" (0.10-0.33 s) and "how are you" ending at 0.61 / 0.70 / 0.71 s. A word's tokens are due
+    # from the 40 ms audio position its end falls in (position p covers [0.04 p, 0.04 (p + 1)) s), one token per
+    # position, spilling on. In the test vocabulary "hello" is 3 tokens, "how" 2, "are" and "you" 1 each:
+    # hello -> 8, 9, 10 (0.33 s); how -> 15, 16 (0.61 s); are -> 17 (0.70 s); you is due at 17 too -> 18.
+    ep = make_episode(1.2, user_words=[("hello", 0.10, 0.33), ("how", 0.40, 0.61), ("are", 0.61, 0.70),
+                                       ("you", 0.70, 0.71)], model_words=[("fine", 0.8, 1.0)])
+    tok = interleave(ep, layout, dmel, text)
+    ids = [i for w in ("hello", "how", "are", "you") for i in text.word_ids(w)]
+    assert len(ids) == 7
+    heard = tok.heard_text.reshape(6, TURN)
+    want = torch.full((30,), text.pad_id)
+    want[[8, 9, 10, 15, 16, 17, 18]] = torch.tensor(ids)
+    assert torch.equal(heard[:, U_AUDIO:VIDEO], want.view(6, 5))
+    assert heard[:, VIDEO:].eq(IGNORE_INDEX).all()  # nothing else is labelled, the model's own audio neither
+    # Packing keeps labels with their positions across a row boundary, and padding holds none.
+    rows = pack_rows(iter([((0,), tok), ((1,), tok), ((2,), tok)]), seq_len=4 * TURN + 7, turn_length=TURN)
+    first, _ = next(rows)
+    second, _ = next(rows)
+    batch = collate([first, second], 4 * TURN + 7)
+    assert torch.equal(batch.heard_text[0, : 4 * TURN], tok.heard_text[: 4 * TURN])
+    assert torch.equal(batch.heard_text[1, : 4 * TURN], torch.cat([tok.heard_text[4 * TURN:], tok.heard_text[: 2 * TURN]]))
+    assert batch.heard_text[:, 4 * TURN:].eq(IGNORE_INDEX).all()  # the padding at the end of each row
+    # An episode without the user's words (a recording with no transcript) has no labels at all.
+    ep.words.pop("user")
+    assert interleave(ep, layout, dmel, text).heard_text.eq(IGNORE_INDEX).all()
 
 
 def test_validate_rejects_broken_batches(layout, dmel, text):

@@ -60,11 +60,14 @@ class HeadsConfig:
     """Output heads. ``audio``: ``dmel`` (per-channel ``dmel_bins``-way classification, exact likelihood) or
     ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or ``tied`` to the text embedding;
     ``floor``: a ``FloorHead`` that decides speak / stay silent once per micro-turn (``tml.model.heads``). Runs saved
-    before it existed load with ``floor: false`` and decide per output slot from the content heads."""
+    before it existed load with ``floor: false`` and decide per output slot from the content heads. ``listen``: a
+    ``ListenHead`` trained on the user's transcript where it is heard (``Batch.heard_text``), a training signal for
+    recognising the user's words; nothing samples it."""
 
     audio: str = "dmel"
     text: str = "untied"
     floor: bool = True
+    listen: bool = False
     flow: FlowHeadConfig = field(default_factory=FlowHeadConfig)
 
 

@@ -1,4 +1,5 @@
-"""Output heads on the final hidden state: text logits, dMel logits, the flow-matching audio head, the floor head.
+"""Output heads on the final hidden state: text logits, dMel logits, the flow-matching audio head, the floor head,
+and the listen head (a training signal: the user's transcript where it is heard).
 
 Audio values shared by both audio heads: a *unit coordinate* ``y`` in [-1, 1] that spans the dMel range linearly,
 ``y = 2 * (bin + u) / bins - 1`` with ``u`` in [0, 1) the position inside the bin. So ``y`` is a normalised clipped
@@ -220,6 +221,36 @@ class FloorHead(nn.Module):
         if cfg.floor == "none":
             return torch.ones_like(p, dtype=torch.bool), p
         return decide_floor(torch.sigmoid(logit / cfg.floor_temperature), cfg.floor, generator), p
+
+
+class ListenHead(nn.Module):
+    """Hidden [N, dim] at the user's audio positions -> logits [N, vocab] of the transcript token due there (the
+    ``heard_text`` label, ``tml.streams.modalities.audio``: each word's tokens from the position where it ends).
+
+    A training signal only (``model.heads.listen``): nothing the model writes is sampled from it. It makes the
+    backbone recognise the user's words where it hears them; without it the only gradient toward recognition comes
+    through the model's own replies, and the tiny model took "just a moment, please" for "tell me something" and
+    talked through wait windows (README, "Interaction: a model that takes turns").
+    """
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, vocab_size, bias=False)
+
+    @staticmethod
+    def num_params(cfg: ModelConfig) -> int:
+        return cfg.dim * cfg.vocab_size
+
+    def init_weights(self) -> None:
+        """Called after the model's normal(init_std) init of every linear layer: that init is this head's."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy (nats) of each heard token: hidden [N, dim], target long [N] -> fp32 [N]."""
+        logits = self(h) if logits is None else logits
+        return F.cross_entropy(logits.float(), target, reduction="none")
 
 
 def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,11 +24,12 @@ def _mean(per_target: torch.Tensor) -> torch.Tensor:
 
 
 def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, audio_weight: float = 1.0,
-                   text_pad_id: int | None = None, floor_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                   text_pad_id: int | None = None, floor_weight: float = 1.0,
+                   listen_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """
     Returns scalars:
-      loss        text_weight * loss/text + audio_weight * loss/audio + floor_weight * loss/floor + loss/aux
-                  (what to backpropagate)
+      loss        text_weight * loss/text + audio_weight * loss/audio + floor_weight * loss/floor
+                  + listen_weight * loss/listen + loss/aux (what to backpropagate)
       loss/text   mean CE over the TEXT targets (nats per token)
       loss/audio  the audio head's loss: dmel head: mean CE over every (frame, mel channel) bin prediction of the
                   AUDIO targets (nats per channel); flow head: the velocity regression error (= loss/audio_flow)
@@ -39,6 +40,10 @@ def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, aud
       loss/text_words  (only with ``text_pad_id``; a metric, not trained on separately) mean CE over the TEXT
                   targets that are not the empty-slot token: most model text slots are ``<pad>``, which is easy
                   to predict, so loss/text alone overstates how well the model writes words
+      loss/listen (models with a listen head, batches with ``heard_text``) mean CE of the user's transcript token
+                  at each labelled user audio position (nats per position)
+      loss/listen_words  (with ``text_pad_id``; a metric) the same over the positions where a word is due: how
+                  well the model recognises what the user said
     """
     text = _mean(out.text_loss)
     audio = _mean(out.audio_loss)
@@ -49,6 +54,13 @@ def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, aud
         floor = _mean(out.floor_loss)
         losses["loss"] = losses["loss"] + floor_weight * floor
         losses["loss/floor"] = floor
+    if out.listen_loss is not None:
+        listen = _mean(out.listen_loss)
+        losses["loss"] = losses["loss"] + listen_weight * listen
+        losses["loss/listen"] = listen
+        if text_pad_id is not None:
+            with torch.no_grad():
+                losses["loss/listen_words"] = _mean(out.listen_loss[out.listen_targets != text_pad_id])
     if out.audio_flow_mse is not None:
         losses["loss/audio_flow"] = audio.detach()
     if text_pad_id is not None:

@@ -14,10 +14,10 @@ from tml.errors import ConfigError
 from tml.model.attention import Attention, KVCache, RMSNorm, RopeTable, rope_cos_sin
 from tml.model.config import ModelConfig
 from tml.model.embed import MultimodalEmbedding
-from tml.model.heads import AUDIO_HEADS, FloorHead, TextHead, floor_targets
+from tml.model.heads import AUDIO_HEADS, FloorHead, ListenHead, TextHead, floor_targets
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
-from tml.streams.batch import Batch
+from tml.streams.batch import IGNORE_INDEX, Batch
 from tml.streams.modalities import Kind
 
 
@@ -41,6 +41,11 @@ class ModelOutput:
     floor_logits: Optional[torch.Tensor] = None
     floor_targets: Optional[torch.Tensor] = None
     floor_loss: Optional[torch.Tensor] = None
+    # listen head (batches with ``heard_text``): logits [H, vocab] at the labelled user audio positions, their
+    # tokens [H] and the cross-entropy per token [H]; None without one
+    listen_logits: Optional[torch.Tensor] = None
+    listen_targets: Optional[torch.Tensor] = None
+    listen_loss: Optional[torch.Tensor] = None
 
     @property
     def audio_flow_mse(self) -> Optional[torch.Tensor]:
@@ -100,6 +105,7 @@ class InteractionModel(nn.Module):
                                   self.embed.text.weight if cfg.heads.text == "tied" else None)
         self.audio_head = AUDIO_HEADS[cfg.heads.audio].from_config(cfg)
         self.floor_head = FloorHead(cfg.dim) if cfg.heads.floor else None
+        self.listen_head = ListenHead(cfg.dim, cfg.vocab_size) if cfg.heads.listen else None
         self.init_weights()
 
     @torch.no_grad()
@@ -122,7 +128,7 @@ class InteractionModel(nn.Module):
         for m in self.embed.children():
             if hasattr(m, "init_weights"):
                 m.init_weights(std)
-        for head in (self.text_head, self.audio_head, self.floor_head):
+        for head in (self.text_head, self.audio_head, self.floor_head, self.listen_head):
             if head is not None:
                 head.init_weights()  # a head's own start (e.g. the flow head's adaLN-zero)
         nn.init.normal_(self.embed.pad, std=std)
@@ -199,9 +205,15 @@ class InteractionModel(nn.Module):
             query, floor_target = floor_targets(batch)
             floor_logits = self.floor_head(h[query])
             floor_loss = self.floor_head.loss(h[query], floor_target, floor_logits)
+        listen_logits = heard = listen_loss = None
+        if self.listen_head is not None and "heard_text" in batch.payload:  # live batches carry no labels
+            where = batch.heard_text != IGNORE_INDEX
+            heard = batch.heard_text[where]
+            listen_logits = self.listen_head(h[where])
+            listen_loss = self.listen_head.loss(h[where], heard, listen_logits)
         aux_loss, expert_counts, router_terms = self._router_stats(h)
         return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, text_loss,
-                           audio_loss, floor_logits, floor_target, floor_loss)
+                           audio_loss, floor_logits, floor_target, floor_loss, listen_logits, heard, listen_loss)
 
     def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(aux loss summed over MoE layers, expert counts [n_moe_layers, E], router terms [n_moe_layers, 3])."""

@@ -33,10 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from tml.streams.layout import Stream
-from tml.streams.modalities import MODALITIES, Kind
+from tml.streams.modalities import IGNORE_INDEX, LABEL_FIELDS, MODALITIES, Kind
 from tml.streams.modalities.base import PayloadFields
 
-IGNORE_INDEX = -100
 # The fields every position has whatever its modality; the rest is ``Batch.payload``.
 CORE_FIELDS = ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind")
 
@@ -65,6 +64,8 @@ class Batch(PayloadFields):
         patch_rc      [N_patch, 2]  (row, col) of each patch in its frame
         target_text   [B, L]        target token id where target_kind == TEXT, else -100
         target_audio  [M, S, C]     target dMel bins of the target_kind == AUDIO positions, row-major order
+        heard_text    [B, L]        (optional: batches built from recordings) the user's transcript token due at
+                                    each USER audio position, -100 elsewhere (``tml.streams.modalities.audio``)
     """
 
     kind: torch.Tensor
@@ -114,16 +115,18 @@ class Batch(PayloadFields):
         """Check shapes, dtypes and the internal consistency of the contract; raise BatchError naming the field."""
         B, L = self.kind.shape
         want = {f for m in MODALITIES for f in m.batch_fields}
-        if set(self.payload) != want:
-            missing, extra = sorted(want - set(self.payload)), sorted(set(self.payload) - want)
+        if not want <= set(self.payload) <= want | set(LABEL_FIELDS):
+            missing, extra = sorted(want - set(self.payload)), sorted(set(self.payload) - want - set(LABEL_FIELDS))
             raise BatchError(f"Batch.payload has fields {sorted(self.payload)}: missing {missing}, unknown {extra} "
                              f"(the modalities in tml.streams.modalities.MODALITIES name its fields)")
         dense = [f for m in MODALITIES if m.dense for f in m.batch_fields]
+        dense += [f for f in LABEL_FIELDS if f in self.payload]
         for name in ("stream", "micro_turn", "position_ids", "doc_ids", "target_kind", *dense):
             t = getattr(self, name)
             if t.shape != (B, L):
                 raise BatchError(f"Batch.{name} has shape {tuple(t.shape)}, expected {(B, L)}")
-        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind"):
+        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind",
+                     *(f for f in LABEL_FIELDS if f in self.payload)):
             if getattr(self, name).dtype != torch.int64:
                 raise BatchError(f"Batch.{name} has dtype {getattr(self, name).dtype}, expected torch.int64")
         if not ((self.kind >= 0) & (self.kind <= max(Kind))).all():
@@ -146,6 +149,9 @@ class Batch(PayloadFields):
         pad = self.doc_ids < 0
         if (self.kind[pad] != Kind.PAD).any():
             raise BatchError("Batch.kind: padding positions (doc_ids == -1) must have kind PAD")
+        for f in LABEL_FIELDS:
+            if f in self.payload and (self.payload[f][pad] != IGNORE_INDEX).any():
+                raise BatchError(f"Batch.{f}: padding positions (doc_ids == -1) must hold {IGNORE_INDEX} (no label)")
         if (self.target_kind[:, -1] != Kind.PAD).any():
             raise BatchError("Batch.target_kind: the last position of a row has nothing to predict")
         has_t = self.target_kind[:, :-1] != Kind.PAD

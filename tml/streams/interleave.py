@@ -32,7 +32,7 @@ import torch
 from tml.audio.dmel import DMelTokenizer
 from tml.streams.episode import Episode
 from tml.streams.layout import MicroTurnLayout
-from tml.streams.modalities import DENSE_FIELDS, MODALITIES, ROW_FIELDS, SPEC
+from tml.streams.modalities import DENSE_FIELDS, IGNORE_INDEX, LABEL_FIELDS, MODALITIES, ROW_FIELDS, SPEC
 from tml.streams.modalities.base import PayloadFields
 from tml.text.tokenizer import TextTokenizer
 
@@ -41,9 +41,9 @@ from tml.text.tokenizer import TextTokenizer
 class EpisodeTokens(PayloadFields):
     """One episode (or a run of its micro-turns) as a flat position sequence; n = num_turns * layout.length.
 
-    kind, stream, micro_turn: int64 [n]; ``payload``: each modality's payload fields by name
+    kind, stream, micro_turn: int64 [n]; ``payload``: each modality's payload fields and labels by name
     (``tml.streams.modalities``), read as attributes too: text_ids int64 [n]; audio_bins int64 [n_audio, S, C];
-    patches uint8 [n_patch, P, P, 3]; patch_rc int64 [n_patch, 2]. ``dropped_text`` counts payload items (text
+    patches uint8 [n_patch, P, P, 3]; patch_rc int64 [n_patch, 2]; heard_text int64 [n]. ``dropped_text`` counts payload items (text
     tokens) that did not fit before the episode ended.
     """
 
@@ -66,7 +66,7 @@ class EpisodeTokens(PayloadFields):
         """Micro-turns ``[t0, t1)`` as their own sequence, micro-turn indices restarting at 0."""
         n = self.turn_length
         p0, p1 = t0 * n, t1 * n
-        payload = {f: self.payload[f][p0:p1] for f in DENSE_FIELDS}
+        payload = {f: self.payload[f][p0:p1] for f in (*DENSE_FIELDS, *LABEL_FIELDS) if f in self.payload}
         for m in MODALITIES:  # row payloads: the rows of this kind's positions before p0 and p1
             if not m.dense:
                 r0, r1 = (int((self.kind[:p] == m.kind).sum()) for p in (p0, p1))
@@ -87,6 +87,7 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
 
     kind, stream, turn = [], [], []
     dense = {f: [] for f in DENSE_FIELDS}
+    labels = {f: [] for f in LABEL_FIELDS}
     rows = {f: [] for f in ROW_FIELDS}
     for t in range(T):
         for slot, turns in zip(layout.slots, runs):
@@ -97,6 +98,8 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
             turn.append(torch.full((c,), t, dtype=torch.int64))
             for f in DENSE_FIELDS:  # 0 off the positions of the field's kind
                 dense[f].append(payload.get(f, torch.zeros(c, dtype=torch.int64)))
+            for f in LABEL_FIELDS:  # no label off the positions that have one
+                labels[f].append(payload.get(f, torch.full((c,), IGNORE_INDEX, dtype=torch.int64)))
             for f in ROW_FIELDS:
                 if f in payload:
                     rows[f].append(payload[f])
@@ -104,6 +107,7 @@ def interleave(episode: Episode, layout: MicroTurnLayout, dmel: DMelTokenizer, t
     long = torch.zeros(0, dtype=torch.int64)
     empty = {f: e for m in MODALITIES for f, e in m.empty(layout.cfg).items()}
     cat = lambda xs, e: torch.cat(xs) if xs else e  # noqa: E731
-    payload = {**{f: cat(v, long) for f, v in dense.items()}, **{f: cat(v, empty[f]) for f, v in rows.items()}}
+    payload = {**{f: cat(v, long) for f, v in {**dense, **labels}.items()},
+               **{f: cat(v, empty[f]) for f, v in rows.items()}}
     return EpisodeTokens(key=episode.key, num_turns=T, kind=cat(kind, long), stream=cat(stream, long),
                          micro_turn=cat(turn, long), payload=payload, dropped_text=dropped)

@@ -16,7 +16,7 @@ import torch
 from tml.streams.batch import IGNORE_INDEX, Batch
 from tml.streams.interleave import EpisodeTokens
 from tml.streams.layout import Stream
-from tml.streams.modalities import DENSE_FIELDS, MODALITIES, OUTPUTS, ROW_FIELDS
+from tml.streams.modalities import DENSE_FIELDS, LABEL_FIELDS, MODALITIES, OUTPUTS, ROW_FIELDS
 
 OUTPUT_KINDS = torch.tensor([int(m.kind) for m in OUTPUTS])  # the kinds the model writes (they have targets)
 
@@ -83,6 +83,9 @@ def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
     doc_ids = torch.full_like(kind, -1)
     target_kind = torch.zeros_like(kind)
     dense = {f: torch.zeros_like(kind) for f in DENSE_FIELDS}
+    # Labels (e.g. audio's heard_text) where every piece has them: recordings do, hand-built pieces may not.
+    has = [f for f in LABEL_FIELDS if all(f in piece.payload for pieces in rows for piece in pieces)]
+    labels = {f: torch.full_like(kind, IGNORE_INDEX) for f in has}
     rows_of = {f: [] for f in ROW_FIELDS}
     targets = {m.target: (torch.full_like(kind, IGNORE_INDEX) if m.dense else []) for m in OUTPUTS}
     for b, pieces in enumerate(rows):
@@ -99,6 +102,8 @@ def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
             doc_ids[b, sl] = d
             for f in DENSE_FIELDS:
                 dense[f][b, sl] = piece.payload[f]
+            for f in has:
+                labels[f][b, sl] = piece.payload[f]
             # Position i predicts position i+1 when i+1 is a model-stream position of an output modality, same piece.
             nxt_kind, nxt_stream = piece.kind[1:], piece.stream[1:]
             is_t = (nxt_stream == Stream.MODEL) & torch.isin(nxt_kind, OUTPUT_KINDS)
@@ -121,7 +126,7 @@ def collate(rows: list[list[EpisodeTokens]], seq_len: int) -> Batch:
         empty = {f: first.payload[f][:0] for f in ROW_FIELDS}
     cat = lambda xs, f: torch.cat(xs) if xs else empty[f]  # noqa: E731
     target_rows = {m.target: cat(targets[m.target], m.fields[0]) for m in OUTPUTS if not m.dense}
-    payload = {**dense, **{f: cat(v, f) for f, v in rows_of.items()},
+    payload = {**dense, **labels, **{f: cat(v, f) for f, v in rows_of.items()},
                **{m.target: targets[m.target] for m in OUTPUTS if m.dense}, **target_rows}
     return Batch(kind=kind, stream=stream, micro_turn=micro_turn, position_ids=position_ids, doc_ids=doc_ids,
                  target_kind=target_kind, payload=payload).validate()

@@ -56,6 +56,7 @@ class TrainerConfig:
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
     floor_loss_weight: float = 1.0  # the floor head's speak / stay-silent cross-entropy (model.heads.floor)
+    listen_loss_weight: float = 1.0  # the listen head's transcript cross-entropy (model.heads.listen)
     # share of micro-turns whose own-voice audio inputs are flipped, speech <-> silence, targets kept
     # (tml.train.exposure: teaches the floor decision not to just continue what it hears itself doing)
     own_audio_flip: float = 0.0

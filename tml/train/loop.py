@@ -54,7 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LOGGED = ("loss", "loss/text", "loss/audio", "loss/aux", "loss/text_words", "loss/floor")  # those the model has
+# those the model has
+LOGGED = ("loss", "loss/text", "loss/audio", "loss/aux", "loss/text_words", "loss/floor", "loss/listen",
+          "loss/listen_words")
 
 
 class NonFiniteError(RuntimeError):
@@ -212,7 +214,8 @@ def forward_backward(tr: Trainer, batch: Batch) -> tuple[ModelOutput, dict[str, 
     t0 = time.perf_counter()
     out = tr.engine(batch)
     losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
-                            text_pad_id=tr.text.pad_id, floor_weight=t.floor_loss_weight)
+                            text_pad_id=tr.text.pad_id, floor_weight=t.floor_loss_weight,
+                            listen_weight=t.listen_loss_weight)
     forward_s = time.perf_counter() - t0
     if t.fault.nan_at_step == tr.step + 1:
         losses["loss"] = losses["loss"] * float("nan")
@@ -351,7 +354,9 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
             if tr.is_main:
                 print(f"step {step}: held-out loss text {record['val/loss/text']:.4f} (words "
                       f"{record['val/loss/text_words']:.3f}) audio {record['val/loss/audio']:.4f}"
-                      + (f" floor {record['val/loss/floor']:.3f}" if "val/loss/floor" in record else ""), flush=True)
+                      + (f" floor {record['val/loss/floor']:.3f}" if "val/loss/floor" in record else "")
+                      + (f" heard words {record['val/loss/listen_words']:.3f}" if "val/loss/listen_words" in record
+                         else ""), flush=True)
         if step % t.log_every == 0 or step == t.max_steps or "val/loss" in record:
             tr.logger.log(record)
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:

@@ -25,7 +25,8 @@ from tml.text.tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 # Logged as val/<name>: the losses of tml.model.losses.compute_losses, each averaged over its own targets.
-VAL_LOSSES = ("loss/text", "loss/audio", "loss/text_words", "loss/floor")  # loss/floor: models with a floor head
+# loss/floor, loss/listen*: models with that head
+VAL_LOSSES = ("loss/text", "loss/audio", "loss/text_words", "loss/floor", "loss/listen", "loss/listen_words")
 
 
 def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layout: MicroTurnLayout,
@@ -57,8 +58,9 @@ def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layo
 def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) -> dict[str, float]:
     """Teacher-forced losses of ``engine`` (a DeepSpeed engine or the model itself) over ``batches`` (this rank's)
     summed over ranks: ``val/loss/text``,
-    ``val/loss/audio``, ``val/loss/text_words``, ``val/loss/floor`` with a floor head (each a mean over its targets:
-    text slots, audio channel bins, non-pad text slots, micro-turns), ``val/loss`` (their text + audio sum) and ``val/positions``."""
+    ``val/loss/audio``, ``val/loss/text_words``, ``val/loss/floor`` with a floor head, ``val/loss/listen`` and
+    ``val/loss/listen_words`` with a listen head (each a mean over its targets: text slots, audio channel bins, non-pad
+    text slots, micro-turns, labelled user audio positions, those with a word due), ``val/loss`` (their text + audio sum) and ``val/positions``."""
     names = VAL_LOSSES
     sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (loss * count, count) per name, positions
     module = getattr(engine, "module", engine)
@@ -73,7 +75,10 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
             text = batch.target_text[batch.target_kind == Kind.TEXT]
             counts = {"loss/text": out.text_loss.shape[0], "loss/text_words": int((text != text_pad_id).sum()),
                       "loss/audio": out.audio_loss.shape[0],
-                      "loss/floor": 0 if out.floor_loss is None else out.floor_loss.shape[0]}
+                      "loss/floor": 0 if out.floor_loss is None else out.floor_loss.shape[0],
+                      "loss/listen": 0 if out.listen_loss is None else out.listen_loss.shape[0],
+                      "loss/listen_words": 0 if out.listen_loss is None else
+                      int((out.listen_targets != text_pad_id).sum())}
             for i, k in enumerate(names):
                 if counts[k]:
                     sums[2 * i] += float(losses[k]) * counts[k]
@@ -84,7 +89,7 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     out = {f"val/{k}": float(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else math.nan
-           for i, k in enumerate(names) if sums[2 * i + 1] or k != "loss/floor"}
+           for i, k in enumerate(names) if sums[2 * i + 1] or k in ("loss/text", "loss/audio", "loss/text_words")}
     out["val/loss"] = out["val/loss/text"] + out["val/loss/audio"]
     out["val/positions"] = int(sums[-1])
     return out

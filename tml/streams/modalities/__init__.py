@@ -10,7 +10,7 @@ a modality or a head").
 from enum import IntEnum
 
 from tml.streams.modalities.audio import AUDIO
-from tml.streams.modalities.base import PAD, Modality, TurnPositions
+from tml.streams.modalities.base import IGNORE_INDEX, PAD, Modality, TurnPositions
 from tml.streams.modalities.patch import PATCH
 from tml.streams.modalities.text import TEXT
 
@@ -36,6 +36,7 @@ Kind = _kind_enum(MODALITIES)
 SPEC: dict[Kind, Modality] = {Kind(m.kind): m for m in MODALITIES}  # Kind -> spec
 DENSE_FIELDS = tuple(f for m in MODALITIES if m.dense for f in m.fields)
 ROW_FIELDS = tuple(f for m in MODALITIES if not m.dense for f in m.fields)
+LABEL_FIELDS = tuple(f for m in MODALITIES for f in m.labels)  # dense, IGNORE_INDEX off their positions; optional
 OUTPUTS = tuple(m for m in MODALITIES if m.target is not None)  # the modalities the model writes (with targets)
 
-__all__ = ["DENSE_FIELDS", "Kind", "MODALITIES", "Modality", "OUTPUTS", "PAD", "ROW_FIELDS", "SPEC", "TurnPositions"]
+__all__ = ["DENSE_FIELDS", "IGNORE_INDEX", "Kind", "LABEL_FIELDS", "MODALITIES", "Modality", "OUTPUTS", "PAD", "ROW_FIELDS", "SPEC", "TurnPositions"]

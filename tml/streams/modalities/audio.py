@@ -5,6 +5,13 @@ One audio position stacks ``frames_per_audio_position`` mel frames. Audio slot `
 frames ``[t*F + kS, t*F + kS + S)`` (F frames per micro-turn, S per position) of the stream's wave, resampled to the
 layout's rate first; past the end of the wave is digital silence. Embedded by a bag of embeddings (one table per
 stacked frame and mel channel, looked up and summed). The model writes audio: its target field is ``target_audio``.
+
+Its label ``heard_text`` is what the listener has heard so far: on an input stream whose episode has words (the
+user's), each word's tokens queue up at the audio position in which the word ends (the first position from which
+all of it has been heard) and fill one position each, in order, spilling into later positions; positions with
+nothing due hold ``<pad>``. IGNORE_INDEX on the model's own audio and on streams without words. The listen head
+(``model.heads.listen``) is trained on it: an aligned transcript of what the model hears, so the backbone learns
+to recognise the user's words, which the floor decision needs ("hold on" vs "tell me more").
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from torch import nn
 
 from tml.errors import ConfigError
 from tml.streams.layout import LayoutConfig, MicroTurnLayout, Slot, Stream
-from tml.streams.modalities.base import LiveInput, Modality
+from tml.streams.modalities.base import IGNORE_INDEX, LiveInput, Modality
+from tml.streams.modalities.text import place_text
 
 if TYPE_CHECKING:
     from tml.audio.dmel import DMelTokenizer
@@ -46,7 +54,8 @@ class AudioModality(Modality):
         if bins.shape[0] < need:
             bins = torch.cat([bins, dmel.silence_bins(need - bins.shape[0])])
         bins = bins[:need].reshape(num_turns, slot.count, cfg.frames_per_audio_position, cfg.n_mels)
-        return [(self.kind, {"audio_bins": bins[t]}) for t in range(num_turns)], 0
+        heard, dropped = heard_text(episode, slot, layout, text, num_turns)
+        return [(self.kind, {"audio_bins": bins[t], "heard_text": heard[t]}) for t in range(num_turns)], dropped
 
     def live(self, slot, layout, dmel, pad_id):
         return LiveAudio(slot, layout, dmel)
@@ -73,7 +82,20 @@ class AudioModality(Modality):
         return {"audio_bins": torch.zeros(0, cfg.frames_per_audio_position, cfg.n_mels, dtype=torch.int64)}
 
 
-AUDIO = AudioModality(kind=2, name="audio", fields=("audio_bins",), dense=False, target="target_audio")
+AUDIO = AudioModality(kind=2, name="audio", fields=("audio_bins",), dense=False, target="target_audio",
+                      labels=("heard_text",))
+
+
+def heard_text(episode, slot: Slot, layout: MicroTurnLayout, text, num_turns: int) -> tuple[torch.Tensor, int]:
+    """The ``heard_text`` label of one audio slot run (module docstring): long [num_turns, slot.count], and the
+    tokens still queued when the episode ended (counted with the episode's dropped text)."""
+    words = episode.words.get(slot.stream.name.lower())
+    if slot.stream == Stream.MODEL or words is None:
+        return torch.full((num_turns, slot.count), IGNORE_INDEX, dtype=torch.int64), 0
+    position_s = layout.cfg.micro_turn_ms / 1000.0 / slot.count
+    ids, dropped = place_text([(w.end, text.word_ids(w.text)) for w in words], num_turns * slot.count, 1,
+                              position_s, text.pad_id)
+    return ids.view(num_turns, slot.count), dropped
 
 
 class DMelBagEmbedding(nn.Module):

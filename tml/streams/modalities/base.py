@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from tml.text.tokenizer import TextTokenizer
 
 PAD = 0  # the Kind value of an empty slot (no payload) or packing padding; every spec's kind is another value
+IGNORE_INDEX = -100  # a target or label that is not there: losses skip it
 
 # What ``encode`` returns for one micro-turn of one slot run: the kind its positions get (the spec's kind, or PAD
 # when the stream has nothing there, e.g. no video frame) and the payload of those positions per field.
@@ -51,11 +52,14 @@ class Modality:
     fields: tuple[str, ...]
     dense: bool
     target: str | None = None
+    # Training labels of its positions that no embedder reads and a live stream does not have (audio:
+    # ``heard_text``). Always dense ([n] / [B, L]), IGNORE_INDEX where a position has none; optional in a Batch.
+    labels: tuple[str, ...] = ()
 
     @property
     def batch_fields(self) -> tuple[str, ...]:
-        """Its fields in ``Batch.payload``: the payload fields, then the target field of a modality the model
-        writes."""
+        """Its fields every ``Batch.payload`` has: the payload fields, then the target field of a modality the model
+        writes (its ``labels`` come on top where the batch was built from recordings)."""
         return (*self.fields, *filter(None, [self.target]))
 
     def check_slot(self, cfg: LayoutConfig, slot: SlotConfig, where: str) -> None:
