@@ -8,7 +8,7 @@ from conftest import turn_inputs
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.model.attention import ContextFullError
 from tml.model.sampling import SamplingConfig
-from tml.model import InteractionModel, ModelConfig, MoEConfig
+from tml.model import HeadsConfig, InteractionModel, ModelConfig, MoEConfig
 from tml.streams import Batch
 from tml.streams.pack import collate
 
@@ -36,6 +36,24 @@ def test_session_logits_equal_training_forward(setup):
     assert (audio_logits - ref.audio_logits).abs().max() <= 1e-5
     assert torch.equal(text_logits.argmax(-1), ref.text_logits.argmax(-1))
     assert torch.equal(audio_logits.argmax(-1), ref.audio_logits.argmax(-1))
+
+
+def test_session_reads_out_what_the_listen_head_heard_as_the_training_forward_does(setup):
+    """A model with a listen head: each micro-turn's ``heard_ids`` are the argmax of the training forward's listen
+    logits at that micro-turn's user audio positions (every one is labelled: the episode has the user's words)."""
+    _, layout, dmel, text, episode, tok = setup
+    torch.manual_seed(0)
+    model = InteractionModel(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=text.vocab_size,
+                                         moe=MoEConfig(hidden_dim=64, num_experts=4, top_k=2),
+                                         heads=HeadsConfig(listen=True))).eval()
+    batch = collate([[tok]], TURNS * layout.length)
+    with torch.no_grad():
+        ref = model(batch)
+    assert ref.listen_logits.shape[0] == TURNS * 5
+    _, outs = run_session((model, layout, dmel, text, episode, tok))
+    assert all(len(o.heard_ids) == 5 for o in outs)
+    assert [i for o in outs for i in o.heard_ids] == ref.listen_logits.argmax(-1).tolist()
+    assert StreamingSession(setup[0], layout, dmel).step(turn_inputs(tok, layout, episode, 0)[0]).heard_ids is None
 
 
 @pytest.mark.parametrize("sinks", [0, 4])

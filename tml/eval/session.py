@@ -100,6 +100,9 @@ class MicroTurnOutputs:
     speaks: bool | None = None
     p_speak: float | None = None
     audio_unit: torch.Tensor | None = None  # float [frames_per_turn, n_mels]: the audio head's samples, unit coordinates
+    # what the listen head reads off this micro-turn's user audio positions (the likeliest transcript token of each,
+    # pad id where no word is due; a readout for traces, nothing is sampled from it). None: a model without one
+    heard_ids: list[int] | None = None
 
 
 def listening_mel(dmel: DMelTokenizer, unit: torch.Tensor) -> torch.Tensor:
@@ -319,9 +322,17 @@ class StreamingSession:
         S, C = cfg.frames_per_audio_position, cfg.n_mels
         chunks = [self._input_chunk(b, x) for b, x in enumerate(inputs)]
         h = torch.empty(B, self.model.cfg.dim, device=self.device)
+        heard: list[list[int] | None] = [None] * B
+        listen_head = self.model.listen_head
         for n in sorted({len(c.kind) for c in chunks}):  # one group unless sessions just started beside running ones
             rows = [b for b in range(B) if len(chunks[b].kind) == n]
-            h[rows] = self._forward([chunks[b] for b in rows], rows)[:, -1]
+            h_chunk = self._forward([chunks[b] for b in rows], rows)
+            h[rows] = h_chunk[:, -1]
+            if listen_head is not None:  # what it heard: the readout of its user audio positions (ListenHead)
+                for i, b in enumerate(rows):
+                    user = [j for j, (k, st) in enumerate(zip(chunks[b].kind, chunks[b].stream))
+                            if k == Kind.AUDIO and st == Stream.USER]
+                    heard[b] = listen_head(h_chunk[i, user]).argmax(-1).tolist()
 
         # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
@@ -385,7 +396,7 @@ class StreamingSession:
                 audio_logits=torch.stack([a[b] for a in audio_logits]) if audio_logits else None,
                 background_ids=chunks[b].background_ids, compute_s=compute_s,
                 speaks=None if speak is None else bool(speak[b]), p_speak=None if p_speak is None else float(p_speak[b]),
-                audio_unit=unit))
+                audio_unit=unit, heard_ids=heard[b]))
             r.turn += 1
         return results
 
