@@ -4,8 +4,10 @@ from another test module. Every test starts from the same seeds (``_seeded``), s
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -306,3 +308,22 @@ def conversation(voices, dur=3.0, sr=24000):
     al = [[w.text, [round(0.2 + w.start, 3), round(0.2 + w.end, 3)], "SPEAKER_MAIN"] for w in wa] + \
         [[w.text, [round(1.6 + w.start, 3), round(1.6 + w.end, 3)], "SPEAKER_OTHER"] for w in wb]
     return x, al
+
+
+# --- a scratch copy of tml with edits: what adding a modality or a head touches ---
+
+def run_in_scratch(tmp_path, edits: dict, script: str) -> set[str]:
+    """Copy ``tml`` to ``tmp_path``, apply ``edits`` (path -> new text from the old, "" for a new file), run
+    ``script`` with the copy first on the path; returns the files that differ from the repository's."""
+    tml = tmp_path / "tml"
+    shutil.copytree(ROOT / "tml", tml, ignore=shutil.ignore_patterns("__pycache__"))
+    for rel, edit in edits.items():
+        path = tmp_path / rel
+        path.write_text(edit(path.read_text() if path.exists() else ""))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {str(p.relative_to(tmp_path)) for p in tml.rglob("*.py")
+            if not (ROOT / p.relative_to(tmp_path)).exists()
+            or p.read_text() != (ROOT / p.relative_to(tmp_path)).read_text()}

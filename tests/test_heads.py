@@ -254,7 +254,7 @@ def test_flow_head_in_model_init_loss_by_hand_and_trains():
     model = InteractionModel(tiny_cfg(heads=HeadsConfig(audio="flow")))
     batch = make_batch([[3], [2]], L=3 * TURN, vocab=128, seed=2)
     out = model(batch)
-    assert out.audio_logits is None and out.audio_flow_mse.shape == (int((batch.target_kind == Kind.AUDIO).sum()),)
+    assert out.audio_logits is None and out.audio_loss.shape == (int((batch.target_kind == Kind.AUDIO).sum()),)
     a, b = 2 * batch.target_audio.float() / NB - 1, 2 / NB
     want = (a ** 2 + a * b + b ** 2 / 3).mean().item() + 1
     losses = compute_losses(out, batch)

@@ -3,15 +3,10 @@
 and ``tml.streams`` stays below ``tml.model``."""
 
 import ast
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_in_scratch
 
 # The new file, exactly as README "Adding a modality or a head" shows it.
 IMU_MODULE = '''
@@ -176,23 +171,6 @@ for a, b in zip(recorded, live):
     assert torch.allclose(a.text_logits, b.text_logits, atol=1e-5) and a.text_ids == b.text_ids
 print("user2 ok")
 '''
-
-
-def run_in_scratch(tmp_path, edits: dict, script: str) -> set[str]:
-    """Copy ``tml`` to ``tmp_path``, apply ``edits`` (path -> new text from the old, "" for a new file), run
-    ``script`` with the copy first on the path; returns the files that differ from the repository's."""
-    tml = tmp_path / "tml"
-    shutil.copytree(ROOT / "tml", tml, ignore=shutil.ignore_patterns("__pycache__"))
-    for rel, edit in edits.items():
-        path = tmp_path / rel
-        path.write_text(edit(path.read_text() if path.exists() else ""))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {str(p.relative_to(tmp_path)) for p in tml.rglob("*.py")
-            if not (ROOT / p.relative_to(tmp_path)).exists()
-            or p.read_text() != (ROOT / p.relative_to(tmp_path)).read_text()}
 
 
 def register_imu(src: str) -> str:

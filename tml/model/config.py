@@ -12,8 +12,6 @@ from typing import Optional
 from tml.errors import ConfigError
 
 SCORE_FUNCS = ("softmax", "sigmoid")
-AUDIO_HEADS = ("dmel", "flow")
-TEXT_HEADS = ("untied", "tied")
 EXPERT_BACKENDS = ("grouped_mm", "megablocks")
 
 
@@ -55,14 +53,26 @@ class FlowHeadConfig:
     train_repeats: int = 4  # noise draws per target position per step (the head is cheap next to the backbone)
 
 
+# The output heads (``tml/model/heads/``), one entry per head, in the order the model builds them (its module
+# ``<name>_head``, checkpoint keys ``<name>_head.*``): each value ``model.heads.<name>`` may take -> the class that
+# implements it as "module:Class" (None: no such head). Import paths, not classes, so validating a config needs
+# neither torch nor the heads (which import this module); ``tml.model.heads.head_classes`` resolves them.
+HEADS: dict[str, dict] = {
+    "text": {"untied": "tml.model.heads.text:TextHead", "tied": "tml.model.heads.text:TextHead"},
+    "audio": {"dmel": "tml.model.heads.dmel:DMelHead", "flow": "tml.model.heads.flow:FlowHead"},
+    "floor": {True: "tml.model.heads.floor:FloorHead", False: None},
+    "listen": {True: "tml.model.heads.listen:ListenHead", False: None},
+}
+
+
 @dataclass
 class HeadsConfig:
-    """Output heads. ``audio``: ``dmel`` (per-channel ``dmel_bins``-way classification, exact likelihood) or
-    ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or ``tied`` to the text embedding;
-    ``floor``: a ``FloorHead`` that decides speak / stay silent once per micro-turn (``tml.model.heads``). Runs saved
-    before it existed load with ``floor: false`` and decide per output slot from the content heads. ``listen``: a
-    ``ListenHead`` trained on the user's transcript where it is heard (``Batch.heard_text``), a training signal for
-    recognising the user's words; nothing samples it."""
+    """Output heads: one switch per entry of ``HEADS``, plus a head's own settings (``flow``). ``audio``: ``dmel`` (per-channel ``dmel_bins``-way
+    classification, exact likelihood) or ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or
+    ``tied`` to the text embedding; ``floor``: a ``FloorHead`` that decides speak / stay silent once per micro-turn
+    (``tml.model.heads``). Runs saved before it existed load with ``floor: false`` and decide per output slot from the
+    content heads. ``listen``: a ``ListenHead`` trained on the user's transcript where it is heard
+    (``Batch.heard_text``), a training signal for recognising the user's words; nothing samples it."""
 
     audio: str = "dmel"
     text: str = "untied"
@@ -145,10 +155,11 @@ class ModelConfig:
 
     def _validate_heads(self) -> None:
         h, f = self.heads, self.heads.flow
-        if h.audio not in AUDIO_HEADS:
-            raise ConfigError(f"model.heads.audio={h.audio!r}: choose one of {', '.join(AUDIO_HEADS)}")
-        if h.text not in TEXT_HEADS:
-            raise ConfigError(f"model.heads.text={h.text!r}: choose one of {', '.join(TEXT_HEADS)}")
+        for name, choices in HEADS.items():
+            value = getattr(h, name)
+            if value not in choices or type(value) is not type(next(iter(choices))):  # 1 would equal True
+                raise ConfigError(f"model.heads.{name}={value!r}: choose one of "
+                                  f"{', '.join(str(c).lower() if isinstance(c, bool) else c for c in choices)}")
         if f.hidden_dim <= 0 or f.n_layers <= 0 or f.train_repeats <= 0:
             raise ConfigError(f"model.heads.flow.hidden_dim={f.hidden_dim}, n_layers={f.n_layers} and "
                               f"train_repeats={f.train_repeats} must be positive")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tml.model.config import ModelConfig
-from tml.model.heads import AUDIO_HEADS, FloorHead, ListenHead, TextHead
+from tml.model.heads import head_classes
 from tml.streams.layout import Stream
 from tml.streams.modalities import MODALITIES
 
@@ -26,7 +26,7 @@ class ParamCounts:
     router: int
     shared_experts: int
     routed_experts: int  # all routed experts of all MoE layers
-    heads: int  # text head (0 extra when tied), audio head, floor head, listen head
+    heads: int  # every head cfg.heads selects (the text head adds 0 when tied)
     total: int
     active: int  # parameters one token uses: routed experts count top_k of num_experts
 
@@ -49,9 +49,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     shared = n_moe * 3 * d * m.num_shared_experts * m.hidden_dim
     per_expert = 3 * d * m.hidden_dim
     routed = n_moe * m.num_experts * per_expert
-    heads = (TextHead.num_params(cfg) + AUDIO_HEADS[cfg.heads.audio].num_params(cfg)
-             + (FloorHead.num_params(cfg) if cfg.heads.floor else 0)
-             + (ListenHead.num_params(cfg) if cfg.heads.listen else 0))
+    heads = sum(head.num_params(cfg) for head in head_classes(cfg).values())
     total = embed + attention + norms + dense_ffn + router + shared + routed + heads
     active = total - n_moe * (m.num_experts - m.top_k) * per_expert
     return ParamCounts(embed, attention, norms, dense_ffn, router, shared, routed, heads, total, active)

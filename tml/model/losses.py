@@ -1,15 +1,15 @@
-"""Training losses from a ModelOutput and its Batch: the mean of each head's per-target loss (``ModelOutput.*_loss``,
-computed by the heads: ``tml.model.heads``), weighted, plus the router auxiliary loss. Only model-output positions
-carry targets (see ``tml.streams.batch``)."""
+"""Training losses from a ModelOutput: the mean of each head's per-target loss (``ModelOutput.losses``, computed by
+the heads: ``tml.model.heads``), weighted, plus the router auxiliary loss; and each head's further metrics. Only
+model-output positions carry targets (see ``tml.streams.batch``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from tml.model.config import HEADS
 from tml.model.transformer import ModelOutput
 from tml.streams.batch import Batch
-from tml.streams.modalities import Kind
 
 
 def _mean(per_target: torch.Tensor) -> torch.Tensor:
@@ -23,48 +23,57 @@ def _mean(per_target: torch.Tensor) -> torch.Tensor:
     return F.nll_loss(-x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
 
 
-def compute_losses(out: ModelOutput, batch: Batch, text_weight: float = 1.0, audio_weight: float = 1.0,
-                   text_pad_id: int | None = None, floor_weight: float = 1.0,
-                   listen_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """
-    Returns scalars:
-      loss        text_weight * loss/text + audio_weight * loss/audio + floor_weight * loss/floor
-                  + listen_weight * loss/listen + loss/aux (what to backpropagate)
-      loss/text   mean CE over the TEXT targets (nats per token)
-      loss/audio  the audio head's loss: dmel head: mean CE over every (frame, mel channel) bin prediction of the
-                  AUDIO targets (nats per channel); flow head: the velocity regression error (= loss/audio_flow)
-      loss/audio_flow  (flow head only) mean squared velocity error per value, in unit coordinates
-      loss/aux    router losses summed over MoE layers (already weighted by their coefficients)
-      loss/floor  (models with a floor head) mean binary cross-entropy of the speak / stay-silent decision per
-                  micro-turn against the reference (nats per micro-turn)
-      loss/text_words  (only with ``text_pad_id``; a metric, not trained on separately) mean CE over the TEXT
-                  targets that are not the empty-slot token: most model text slots are ``<pad>``, which is easy
-                  to predict, so loss/text alone overstates how well the model writes words
-      loss/listen (models with a listen head, batches with ``heard_text``) mean CE of the user's transcript token
-                  at each labelled user audio position (nats per position)
-      loss/listen_words  (with ``text_pad_id``; a metric) the same over the positions where a word is due: how
-                  well the model recognises what the user said
-    """
-    text = _mean(out.text_loss)
-    audio = _mean(out.audio_loss)
-    aux = out.aux_loss.float()
-    losses = {"loss": text_weight * text + audio_weight * audio + aux, "loss/text": text, "loss/audio": audio,
-              "loss/aux": aux}
-    if out.floor_loss is not None:
-        floor = _mean(out.floor_loss)
-        losses["loss"] = losses["loss"] + floor_weight * floor
-        losses["loss/floor"] = floor
-    if out.listen_loss is not None:
-        listen = _mean(out.listen_loss)
-        losses["loss"] = losses["loss"] + listen_weight * listen
-        losses["loss/listen"] = listen
-        if text_pad_id is not None:
-            with torch.no_grad():
-                losses["loss/listen_words"] = _mean(out.listen_loss[out.listen_targets != text_pad_id])
-    if out.audio_flow_mse is not None:
-        losses["loss/audio_flow"] = audio.detach()
-    if text_pad_id is not None:
-        words = batch.target_text[batch.target_kind == Kind.TEXT] != text_pad_id
+def per_target_losses(out: ModelOutput, text_pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """What ``compute_losses`` averages, by its name, before the mean: ``loss/<head>`` (each head's loss per target,
+    with the graph) and then that head's metrics ``loss/<metric>`` (``OutputHead.metrics``, detached). The first dim
+    of each counts the targets it is a mean over (validation weights ranks' means by it)."""
+    per = {}
+    for name, loss in out.losses.items():  # the heads with targets in this batch, in build order
+        per[f"loss/{name}"] = loss
         with torch.no_grad():
-            losses["loss/text_words"] = _mean(out.text_loss[words])
+            for metric, entries in out.heads[name].metrics(loss, out.targets[name], text_pad_id).items():
+                per[f"loss/{metric}"] = entries
+    return per
+
+
+def compute_losses(out: ModelOutput, batch: Batch, text_pad_id: int | None = None,
+                   **weights: float) -> dict[str, torch.Tensor]:
+    """
+    ``weights``: ``<head>_weight=w`` scales that head's loss in ``loss`` (1 for a head not named; a name of a head
+    this model lacks is ignored, so a trainer can pass every weight it has). ``text_pad_id``: the empty-slot token,
+    for ``loss/text_words``. ``batch``: the batch ``out`` came from (the heads took their targets from it already).
+
+    Returns scalars:
+      loss        the weighted content heads' losses (text, audio), plus loss/aux, plus the other heads' (floor), in
+                  that order (what to backpropagate; summed as earlier runs did, so it rounds the same)
+      loss/aux    router losses summed over MoE layers (already weighted by their coefficients)
+      loss/<head> the mean of the head's loss over its targets (heads with labels in this batch):
+                  loss/text   CE over the TEXT targets (nats per token)
+                  loss/audio  dmel head: CE over every (frame, mel channel) bin prediction of the AUDIO targets (nats
+                              per channel); flow head: the velocity regression error (= loss/audio_flow)
+                  loss/floor  (with a floor head) binary cross-entropy of the speak / stay-silent decision per
+                              micro-turn against the reference (nats per micro-turn)
+      loss/<metric>  each head's metrics (not trained on): loss/text_words (only with ``text_pad_id``), the CE of
+                  the TEXT targets that are not the empty-slot token; loss/audio_flow (flow head), the mean squared
+                  velocity error per value in unit coordinates
+    """
+    unknown = sorted(k for k in weights if not (k.endswith("_weight") and k.removesuffix("_weight") in HEADS))
+    if unknown:
+        raise TypeError(f"compute_losses: unknown weights {unknown}; pass <head>_weight for a head in "
+                        f"tml.model.config.HEADS ({', '.join(HEADS)})")
+    per = per_target_losses(out, text_pad_id)
+    means = {name: _mean(per[f"loss/{name}"]) for name in out.losses}
+    aux = out.aux_loss.float()
+    weighted = {name: weights.get(f"{name}_weight", 1.0) * means[name] for name in out.losses}
+    content = [weighted[name] for name in out.losses if out.heads[name].kind is not None]
+    total = content[0]
+    for term in content[1:]:
+        total = total + term
+    total = total + aux
+    for name in out.losses:
+        if out.heads[name].kind is None:
+            total = total + weighted[name]
+    losses = {"loss": total, **{f"loss/{name}": m for name, m in means.items()}, "loss/aux": aux}
+    with torch.no_grad():
+        losses.update({k: _mean(v) for k, v in per.items() if k not in losses})
     return losses

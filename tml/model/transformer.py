@@ -12,45 +12,46 @@ from torch import nn
 
 from tml.errors import ConfigError
 from tml.model.attention import Attention, KVCache, RMSNorm, RopeTable, rope_cos_sin
-from tml.model.config import ModelConfig
+from tml.model.config import HEADS, ModelConfig
 from tml.model.embed import MultimodalEmbedding
-from tml.model.heads import AUDIO_HEADS, FloorHead, ListenHead, TextHead, floor_targets
+from tml.model.heads import OutputHead, head_classes
 from tml.model.mlp import SwiGLU
 from tml.model.moe import MoE, GroupedExperts
-from tml.streams.batch import IGNORE_INDEX, Batch
-from tml.streams.modalities import Kind
+from tml.streams.batch import Batch
 
 
 @dataclass
 class ModelOutput:
-    """What one forward returns. ``N_text`` / ``N_audio`` count positions whose target_kind is TEXT / AUDIO,
-    in row-major order (the order of ``Batch.target_audio`` and of ``target_text[target_kind == TEXT]``).
-    ``*_loss``: each head's ``loss`` per target (``tml.model.heads``), which ``compute_losses`` averages."""
+    """What one forward returns: the hidden states, the router's statistics, and for each of the model's heads (by
+    name, ``tml.model.config.HEADS``) its logits, its targets and its loss per target (``OutputHead.targets`` /
+    ``forward`` / ``loss``; ``compute_losses`` averages the losses). A head's N counts its query positions in
+    row-major order: for the text head the positions whose target_kind is TEXT (the order of
+    ``target_text[target_kind == TEXT]``), for an audio head those whose target_kind is AUDIO (the order of
+    ``Batch.target_audio``), for the floor head each micro-turn's last input position.
+
+    ``out.<head>_logits`` / ``out.<head>_loss`` / ``out.<head>_targets`` read those dicts (``out.text_logits`` is
+    ``out.logits["text"]``); a head the model does not have, or one without labels in the batch, reads None."""
 
     hidden: torch.Tensor  # [B, L, dim] final-norm hidden states
-    text_logits: torch.Tensor  # [N_text, vocab]
-    audio_logits: Optional[torch.Tensor]  # dmel head: [N_audio, frames, n_mels, bins]; None with the flow head
     aux_loss: torch.Tensor  # scalar: router losses summed over MoE layers (already times their coefficients)
     expert_counts: torch.Tensor  # long [n_moe_layers, E]: tokens routed to each expert in this forward
     router_terms: torch.Tensor  # fp32 [n_moe_layers, 3]: balancing terms before coefficients (MoE.ROUTER_TERMS)
-    text_loss: torch.Tensor  # fp32 [N_text]: cross-entropy per text target
-    # fp32 [N_audio, ...]: dmel head [N_audio, frames, n_mels] CE per bin; flow head [N_audio] velocity error
-    audio_loss: torch.Tensor
-    # floor head: logits [Q] at each micro-turn's last input position, the reference's decision there [Q] and the
-    # BCE per decision [Q]; None without one
-    floor_logits: Optional[torch.Tensor] = None
-    floor_targets: Optional[torch.Tensor] = None
-    floor_loss: Optional[torch.Tensor] = None
-    # listen head (batches with ``heard_text``): logits [H, vocab] at the labelled user audio positions, their
-    # tokens [H] and the cross-entropy per token [H]; None without one
-    listen_logits: Optional[torch.Tensor] = None
-    listen_targets: Optional[torch.Tensor] = None
-    listen_loss: Optional[torch.Tensor] = None
+    heads: dict[str, OutputHead]  # the model's heads by name, in build order (the dicts below: those with targets)
+    # by head name: logits [N, ...] or None (a head without logits: the flow head); e.g. text [N_text, vocab], dmel
+    # [N_audio, frames, n_mels, bins], floor [Q]
+    logits: dict[str, Optional[torch.Tensor]]
+    targets: dict[str, torch.Tensor]  # by head name: what it predicts at its N queries, e.g. floor: 1 = speak [Q]
+    # by head name: fp32 loss per target [N, ...]: text CE [N_text]; dmel CE per bin [N_audio, frames, n_mels];
+    # flow velocity error [N_audio]; floor BCE per decision [Q]
+    losses: dict[str, torch.Tensor]
 
-    @property
-    def audio_flow_mse(self) -> Optional[torch.Tensor]:
-        """A head without logits (the flow head): its loss, the velocity regression error [N_audio]; else None."""
-        return self.audio_loss if self.audio_logits is None else None
+    def __getattr__(self, name: str):
+        """``<head>_logits``, ``<head>_loss``, ``<head>_targets``: that head's entry (None without the head)."""
+        head, _, field_ = name.rpartition("_")
+        table = {"logits": "logits", "loss": "losses", "targets": "targets"}.get(field_)
+        if table is None or head not in HEADS or table not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return self.__dict__[table].get(head)
 
 
 class Block(nn.Module):
@@ -101,11 +102,12 @@ class InteractionModel(nn.Module):
         self.embed = MultimodalEmbedding(cfg)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.text_head = TextHead(cfg.dim, cfg.vocab_size,
-                                  self.embed.text.weight if cfg.heads.text == "tied" else None)
-        self.audio_head = AUDIO_HEADS[cfg.heads.audio].from_config(cfg)
-        self.floor_head = FloorHead(cfg.dim) if cfg.heads.floor else None
-        self.listen_head = ListenHead(cfg.dim, cfg.vocab_size) if cfg.heads.listen else None
+        # The heads cfg.heads selects, each the module <name>_head (checkpoint keys text_head.*, audio_head.*, ...);
+        # a head switched off reads None (model.floor_head).
+        classes = head_classes(cfg)
+        for name in HEADS:
+            setattr(self, f"{name}_head", classes[name].from_config(cfg, self.embed) if name in classes else None)
+        self.head_names = tuple(classes)
         self.init_weights()
 
     @torch.no_grad()
@@ -128,10 +130,18 @@ class InteractionModel(nn.Module):
         for m in self.embed.children():
             if hasattr(m, "init_weights"):
                 m.init_weights(std)
-        for head in (self.text_head, self.audio_head, self.floor_head, self.listen_head):
-            if head is not None:
-                head.init_weights()  # a head's own start (e.g. the flow head's adaLN-zero)
+        for head in self.output_heads().values():
+            head.init_weights()  # a head's own start (e.g. the flow head's adaLN-zero)
         nn.init.normal_(self.embed.pad, std=std)
+
+    def output_heads(self) -> dict[str, OutputHead]:
+        """The model's heads by name, in build order (``tml.model.config.HEADS``)."""
+        return {name: getattr(self, f"{name}_head") for name in self.head_names}
+
+    def loss_names(self) -> list[str]:
+        """What ``compute_losses`` reports per head, in its order: ``loss/<head>``, then the head's metrics
+        (``loss/<metric>``; those that need ``text_pad_id`` only with it). ``loss`` and ``loss/aux`` come on top."""
+        return [f"loss/{n}" for name, head in self.output_heads().items() for n in (name, *head.metric_names)]
 
     def moe_layers(self) -> list[MoE]:
         return [layer.moe[0] for layer in self.layers if layer.moe]
@@ -152,8 +162,7 @@ class InteractionModel(nn.Module):
         keeps its layout (embedding lookups read its rows). Idempotent; returns the model."""
         tied = self.embed.text.weight
         weights = []
-        for m in [*self.layers.modules(), *self.text_head.modules(), *self.audio_head.modules(),
-                  *(self.floor_head.modules() if self.floor_head is not None else [])]:
+        for m in [*self.layers.modules(), *(m for head in self.output_heads().values() for m in head.modules())]:
             if isinstance(m, nn.Linear) and m.weight is not tied:
                 weights.append(m.weight)
             elif isinstance(m, GroupedExperts):
@@ -192,28 +201,19 @@ class InteractionModel(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, real)
         h = self.norm(x)
-        # Each head's logits (kept for inspection) and its loss per target (some heads' losses need noise, so
-        # every loss is computed here, where the head is; ``compute_losses`` averages them).
-        is_text = batch.target_kind == Kind.TEXT
-        h_text, h_audio = h[is_text], h[batch.target_kind == Kind.AUDIO]
-        text_logits = self.text_head(h_text)
-        text_loss = self.text_head.loss(h_text, batch.target_text[is_text], text_logits)
-        audio_logits = self.audio_head(h_audio)
-        audio_loss = self.audio_head.loss(h_audio, batch.target_audio, audio_logits)
-        floor_logits = floor_target = floor_loss = None
-        if self.floor_head is not None:
-            query, floor_target = floor_targets(batch)
-            floor_logits = self.floor_head(h[query])
-            floor_loss = self.floor_head.loss(h[query], floor_target, floor_logits)
-        listen_logits = heard = listen_loss = None
-        if self.listen_head is not None and "heard_text" in batch.payload:  # live batches carry no labels
-            where = batch.heard_text != IGNORE_INDEX
-            heard = batch.heard_text[where]
-            listen_logits = self.listen_head(h[where])
-            listen_loss = self.listen_head.loss(h[where], heard, listen_logits)
+        # Each head's logits (kept for inspection) and its loss per target at its own queries (some heads' losses
+        # need noise, so every loss is computed here, where the head is; ``compute_losses`` averages them).
+        logits, targets, losses = {}, {}, {}
+        for name, head in self.output_heads().items():
+            where = head.targets(batch)
+            if where is None:  # no labels for this head in this batch
+                continue
+            query, targets[name] = where
+            hq = h[query]
+            logits[name] = head(hq)
+            losses[name] = head.loss(hq, targets[name], logits[name])
         aux_loss, expert_counts, router_terms = self._router_stats(h)
-        return ModelOutput(h, text_logits, audio_logits, aux_loss, expert_counts, router_terms, text_loss,
-                           audio_loss, floor_logits, floor_target, floor_loss, listen_logits, heard, listen_loss)
+        return ModelOutput(h, aux_loss, expert_counts, router_terms, self.output_heads(), logits, targets, losses)
 
     def _router_stats(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(aux loss summed over MoE layers, expert counts [n_moe_layers, E], router terms [n_moe_layers, 3])."""

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from tml.errors import ConfigError
+from tml.model.config import HEADS
 
 log = logging.getLogger(__name__)
 
@@ -398,9 +399,9 @@ def checkpoint_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
     """``trainer.init_from``: copy the weights of an export (a dir with ``model.safetensors``) or of a checkpoint
     (RUN_DIR, RUN_DIR/checkpoints or a step dir) into ``model``; nothing else (optimizer, step, data) carries over.
-    Raises ConfigError naming every tensor that is missing, unexpected or of another shape, except a floor or listen
-    head missing from weights trained without one (``model.heads.floor`` / ``listen``): it starts fresh. Returns the
-    file or step dir read."""
+    Raises ConfigError naming every tensor that is missing, unexpected or of another shape, except a head that a
+    config can switch off (``None`` among its choices in ``tml.model.config.HEADS``, e.g. ``model.heads.floor``)
+    missing from weights trained without it: it starts fresh. Returns the file or step dir read."""
     path = Path(source)
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
@@ -414,9 +415,10 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
                               f"{e}") from e
         state = checkpoint_state_dict(where)
     want = model.state_dict()
-    fresh = sorted(k for k in want.keys() - state.keys() if k.startswith(("floor_head.", "listen_head.")))
+    optional = tuple(f"{name}_head." for name, choices in HEADS.items() if None in choices.values())
+    fresh = sorted(k for k in want.keys() - state.keys() if k.startswith(optional))
     if fresh:
-        log.info("trainer.init_from=%s has no such head: %s start from their initialisation", source, fresh)
+        log.info("trainer.init_from=%s lacks heads this model has: %s start from their initialisation", source, fresh)
     missing = sorted(want.keys() - state.keys() - set(fresh))
     unexpected = sorted(state.keys() - want.keys())
     differ = [f"{k} {list(state[k].shape)} there vs {list(v.shape)} here" for k, v in want.items()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from tml.audio.dmel import DMelConfig
 from tml.data.loader import LoaderConfig
 from tml.errors import ConfigError
-from tml.model.config import ModelConfig
+from tml.model.config import HEADS, ModelConfig
 from tml.parallel.engine import ParallelConfig
 from tml.streams.layout import LayoutConfig, MicroTurnLayout
 
@@ -53,6 +53,7 @@ class TrainerConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16
+    # <head>_loss_weight: that head's loss in the backpropagated sum (a head without a field here weighs 1)
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
     floor_loss_weight: float = 1.0  # the floor head's speak / stay-silent cross-entropy (model.heads.floor)
@@ -79,6 +80,12 @@ class TrainerConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     seed: int = 0
     threads: int = 0  # torch intra-op threads per process on CPU; 0 = leave torch's default
+
+    def loss_weights(self) -> dict[str, float]:
+        """``{"<head>_weight": trainer.<head>_loss_weight}`` for every head of ``HEADS`` with such a field, as
+        ``compute_losses`` takes them."""
+        return {f"{name}_weight": getattr(self, f"{name}_loss_weight") for name in HEADS
+                if hasattr(self, f"{name}_loss_weight")}
 
 
 @dataclass

@@ -54,9 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# those the model has
-LOGGED = ("loss", "loss/text", "loss/audio", "loss/aux", "loss/text_words", "loss/floor", "loss/listen",
-          "loss/listen_words")
 
 
 class NonFiniteError(RuntimeError):
@@ -213,9 +210,7 @@ def forward_backward(tr: Trainer, batch: Batch) -> tuple[ModelOutput, dict[str, 
     t = tr.cfg.trainer
     t0 = time.perf_counter()
     out = tr.engine(batch)
-    losses = compute_losses(out, batch, text_weight=t.text_loss_weight, audio_weight=t.audio_loss_weight,
-                            text_pad_id=tr.text.pad_id, floor_weight=t.floor_loss_weight,
-                            listen_weight=t.listen_loss_weight)
+    losses = compute_losses(out, batch, text_pad_id=tr.text.pad_id, **t.loss_weights())
     forward_s = time.perf_counter() - t0
     if t.fault.nan_at_step == tr.step + 1:
         losses["loss"] = losses["loss"] * float("nan")
@@ -255,7 +250,8 @@ def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
     expert load). Returns (metrics record, last micro-batch's output, that batch) and advances ``tr.step``."""
     cfg, t, dist, engine = tr.cfg, tr.cfg.trainer, tr.dist, tr.engine
     t0 = time.perf_counter()
-    sums = torch.zeros(len(LOGGED) + 1, dtype=torch.float64)  # losses..., tokens
+    logged = ["loss", *engine.module.loss_names(), "loss/aux"]  # compute_losses' scalars (the same on every rank)
+    sums = torch.zeros(len(logged) + 1, dtype=torch.float64)  # losses..., tokens
     lr = tr.optimizer.param_groups[0]["lr"]
     expert_counts = router_terms = grad_norm = None
     nonfinite = False
@@ -276,7 +272,7 @@ def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
         out, losses, forward_s = forward_backward(tr, batch)
         busy += data_s + forward_s
         sums[:-1] += torch.stack([losses[k].detach().double().cpu() if k in losses else torch.zeros((), dtype=torch.float64)
-                                  for k in LOGGED])
+                                  for k in logged])
         sums[-1] += batch.num_tokens()
         counts, terms = out.expert_counts.detach(), out.router_terms.detach().double()
         expert_counts = counts if expert_counts is None else expert_counts + counts
@@ -300,7 +296,7 @@ def train_step(tr: Trainer) -> tuple[dict, ModelOutput, Batch]:
     n_micro = t.grad_accum_steps * dist.world_size
     if not nonfinite and (cfg.parallel.zero_stage > 0 or t.precision == "bf16"):
         grad_norm = engine.get_global_grad_norm()
-    record = {"step": tr.step, **{k: float(v) / n_micro for k, v in zip(LOGGED, sums[:-1]) if k in losses},
+    record = {"step": tr.step, **{k: float(v) / n_micro for k, v in zip(logged, sums[:-1]) if k in losses},
               "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
               "tokens_per_s": float(sums[-1]) / elapsed, "tokens": int(sums[-1]), "step_time_s": elapsed,
               "mfu": tr.flops_per_step / elapsed / (tr.peak * dist.world_size), "nonfinite_skipped": tr.skipped,
@@ -352,11 +348,8 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path) -> dict:
         if t.val_every and (step % t.val_every == 0 or step == t.max_steps):
             record.update(validation_losses(tr.engine, tr.val_batches, tr.dist.device, tr.text.pad_id))
             if tr.is_main:
-                print(f"step {step}: held-out loss text {record['val/loss/text']:.4f} (words "
-                      f"{record['val/loss/text_words']:.3f}) audio {record['val/loss/audio']:.4f}"
-                      + (f" floor {record['val/loss/floor']:.3f}" if "val/loss/floor" in record else "")
-                      + (f" heard words {record['val/loss/listen_words']:.3f}" if "val/loss/listen_words" in record
-                         else ""), flush=True)
+                print(f"step {step}: held-out loss " + " ".join(f"{k.removeprefix('val/loss/')} {v:.4f}"
+                      for k, v in record.items() if k.startswith("val/loss/")), flush=True)
         if step % t.log_every == 0 or step == t.max_steps or "val/loss" in record:
             tr.logger.log(record)
             if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:

@@ -16,18 +16,12 @@ import torch
 
 from tml.audio.dmel import DMelTokenizer
 from tml.data.loader import LoaderConfig, PackedBatchLoader, read_manifest
-from tml.model import compute_losses
+from tml.model.losses import compute_losses, per_target_losses
 from tml.streams.batch import Batch
 from tml.streams.layout import MicroTurnLayout
-from tml.streams.modalities import Kind
 from tml.text.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
-
-# Logged as val/<name>: the losses of tml.model.losses.compute_losses, each averaged over its own targets.
-# loss/floor, loss/listen*: models with that head
-VAL_LOSSES = ("loss/text", "loss/audio", "loss/text_words", "loss/floor", "loss/listen", "loss/listen_words")
-
 
 def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layout: MicroTurnLayout,
                        dmel: DMelTokenizer, text: TextTokenizer, rank: int = 0, world_size: int = 1) -> list[Batch]:
@@ -57,13 +51,14 @@ def validation_batches(path: str, n_batches: int, loader_cfg: LoaderConfig, layo
 @torch.no_grad()
 def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) -> dict[str, float]:
     """Teacher-forced losses of ``engine`` (a DeepSpeed engine or the model itself) over ``batches`` (this rank's)
-    summed over ranks: ``val/loss/text``,
-    ``val/loss/audio``, ``val/loss/text_words``, ``val/loss/floor`` with a floor head, ``val/loss/listen`` and
-    ``val/loss/listen_words`` with a listen head (each a mean over its targets: text slots, audio channel bins, non-pad
-    text slots, micro-turns, labelled user audio positions, those with a word due), ``val/loss`` (their text + audio sum) and ``val/positions``."""
-    names = VAL_LOSSES
-    sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (loss * count, count) per name, positions
+    summed over ranks: ``val/<name>`` for each per-head loss ``compute_losses`` reports
+    (``InteractionModel.loss_names``: ``val/loss/text``, ``val/loss/text_words``, ``val/loss/audio``,
+    ``val/loss/floor`` with a floor head, ...; each a mean over its own targets: text slots, non-pad text slots, audio
+    channel bins, micro-turns; a content head's NaN with none, another head's left out), ``val/loss`` (the sum of
+    the content heads' losses, text + audio) and ``val/positions``."""
     module = getattr(engine, "module", engine)
+    names = module.loss_names()  # the same on every rank, also on one with no batches
+    sums = torch.zeros(2 * len(names) + 1, dtype=torch.float64)  # (loss * count, count) per name, positions
     was_training = module.training
     module.eval()
     try:
@@ -72,15 +67,9 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
             out = engine(batch)
             losses = compute_losses(out, batch, text_pad_id=text_pad_id)
             # Each loss is a mean over its head's targets (the first dim of its per-target loss): weight it by them.
-            text = batch.target_text[batch.target_kind == Kind.TEXT]
-            counts = {"loss/text": out.text_loss.shape[0], "loss/text_words": int((text != text_pad_id).sum()),
-                      "loss/audio": out.audio_loss.shape[0],
-                      "loss/floor": 0 if out.floor_loss is None else out.floor_loss.shape[0],
-                      "loss/listen": 0 if out.listen_loss is None else out.listen_loss.shape[0],
-                      "loss/listen_words": 0 if out.listen_loss is None else
-                      int((out.listen_targets != text_pad_id).sum())}
+            counts = {k: v.shape[0] for k, v in per_target_losses(out, text_pad_id).items()}
             for i, k in enumerate(names):
-                if counts[k]:
+                if counts.get(k):
                     sums[2 * i] += float(losses[k]) * counts[k]
                     sums[2 * i + 1] += counts[k]
             sums[-1] += batch.num_tokens()
@@ -88,8 +77,11 @@ def validation_losses(engine, batches: list[Batch], device, text_pad_id: int) ->
         module.train(was_training)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
+    # A content head's losses are always reported (NaN without targets); another head's only where it had some.
+    heads = module.output_heads()
+    content = {f"loss/{n}" for name, head in heads.items() if head.kind is not None for n in (name, *head.metric_names)}
     out = {f"val/{k}": float(sums[2 * i] / sums[2 * i + 1]) if sums[2 * i + 1] else math.nan
-           for i, k in enumerate(names) if sums[2 * i + 1] or k in ("loss/text", "loss/audio", "loss/text_words")}
-    out["val/loss"] = out["val/loss/text"] + out["val/loss/audio"]
+           for i, k in enumerate(names) if sums[2 * i + 1] or k in content}
+    out["val/loss"] = sum(out[f"val/loss/{name}"] for name, head in heads.items() if head.kind is not None)
     out["val/positions"] = int(sums[-1])
     return out
