@@ -312,9 +312,10 @@ def conversation(voices, dur=3.0, sr=24000):
 
 # --- a scratch copy of tml with edits: what adding a modality or a head touches ---
 
-def run_in_scratch(tmp_path, edits: dict, script: str) -> set[str]:
+def run_in_scratch(tmp_path, edits: dict, script: str, timeout: int = 600) -> set[str]:
     """Copy ``tml`` to ``tmp_path``, apply ``edits`` (path -> new text from the old, "" for a new file), run
-    ``script`` with the copy first on the path; returns the files that differ from the repository's."""
+    ``script`` with the copy first on the path (within ``timeout`` seconds); returns the files that differ from the
+    repository's."""
     tml = tmp_path / "tml"
     shutil.copytree(ROOT / "tml", tml, ignore=shutil.ignore_patterns("__pycache__"))
     for rel, edit in edits.items():
@@ -322,7 +323,7 @@ def run_in_scratch(tmp_path, edits: dict, script: str) -> set[str]:
         path.write_text(edit(path.read_text() if path.exists() else ""))
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return {str(p.relative_to(tmp_path)) for p in tml.rglob("*.py")
             if not (ROOT / p.relative_to(tmp_path)).exists()

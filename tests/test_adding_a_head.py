@@ -142,7 +142,8 @@ def test_a_new_head_is_one_file_and_its_config_entry(tmp_path):
     loss adds it, its gradient flows, validation reports it, and the recipe trains a step with
     ``model.heads.user_speech=true`` and logs ``loss/user_speech`` and ``val/loss/user_speech``."""
     changed = run_in_scratch(tmp_path, {"tml/model/heads/user_speech.py": lambda _: USER_SPEECH_MODULE,
-                                        "tml/model/config.py": add_config_entry}, SCRIPT.format(root=ROOT))
+                                        "tml/model/config.py": add_config_entry}, SCRIPT.format(root=ROOT),
+                             timeout=1800)  # a recipe run inside: DeepSpeed's start-up is slow on a loaded machine
     assert changed == {"tml/model/heads/user_speech.py", "tml/model/config.py"}
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1

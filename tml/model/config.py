@@ -67,12 +67,13 @@ HEADS: dict[str, dict] = {
 
 @dataclass
 class HeadsConfig:
-    """Output heads: one switch per entry of ``HEADS``, plus a head's own settings (``flow``). ``audio``: ``dmel`` (per-channel ``dmel_bins``-way
-    classification, exact likelihood) or ``flow`` (flow matching over continuous log-mel); ``text``: ``untied`` or
-    ``tied`` to the text embedding; ``floor``: a ``FloorHead`` that decides speak / stay silent once per micro-turn
-    (``tml.model.heads``). Runs saved before it existed load with ``floor: false`` and decide per output slot from the
-    content heads. ``listen``: a ``ListenHead`` trained on the user's transcript where it is heard
-    (``Batch.heard_text``), a training signal for recognising the user's words; nothing samples it."""
+    """Output heads: one switch per entry of ``HEADS``, plus a head's own settings (``flow``). ``audio``: ``dmel``
+    (per-channel ``dmel_bins``-way classification, exact likelihood) or ``flow`` (flow matching over continuous
+    log-mel); ``text``: ``untied`` or ``tied`` to the text embedding; ``floor``: a ``FloorHead`` that decides speak /
+    stay silent once per micro-turn (``tml.model.heads``). Runs saved before it existed load with ``floor: false``
+    and decide per output slot from the content heads. ``listen``: a ``ListenHead`` trained on the user's transcript
+    where it is heard (``Batch.heard_text``), a training signal for recognising the user's words; nothing samples
+    it."""
 
     audio: str = "dmel"
     text: str = "untied"
