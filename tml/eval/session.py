@@ -329,10 +329,13 @@ class StreamingSession:
             h_chunk = self._forward([chunks[b] for b in rows], rows)
             h[rows] = h_chunk[:, -1]
             if listen_head is not None:  # what it heard: the readout of its user audio positions (ListenHead)
-                for i, b in enumerate(rows):
-                    user = [j for j, (k, st) in enumerate(zip(chunks[b].kind, chunks[b].stream))
-                            if k == Kind.AUDIO and st == Stream.USER]
-                    heard[b] = listen_head(h_chunk[i, user]).argmax(-1).tolist()
+                # Chunks of one length hold the same slots in the same places, so the first one's user audio
+                # positions are every row's: one head call for the group.
+                first = chunks[rows[0]]
+                user = [j for j, (k, st) in enumerate(zip(first.kind, first.stream))
+                        if k == Kind.AUDIO and st == Stream.USER]
+                for b, ids in zip(rows, listen_head(h_chunk[:, user]).argmax(-1).tolist()):
+                    heard[b] = ids
 
         # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.

@@ -119,14 +119,13 @@ class Batch(PayloadFields):
             missing, extra = sorted(want - set(self.payload)), sorted(set(self.payload) - want - set(LABEL_FIELDS))
             raise BatchError(f"Batch.payload has fields {sorted(self.payload)}: missing {missing}, unknown {extra} "
                              f"(the modalities in tml.streams.modalities.MODALITIES name its fields)")
-        dense = [f for m in MODALITIES if m.dense for f in m.batch_fields]
-        dense += [f for f in LABEL_FIELDS if f in self.payload]
+        labels = [f for f in LABEL_FIELDS if f in self.payload]
+        dense = [f for m in MODALITIES if m.dense for f in m.batch_fields] + labels
         for name in ("stream", "micro_turn", "position_ids", "doc_ids", "target_kind", *dense):
             t = getattr(self, name)
             if t.shape != (B, L):
                 raise BatchError(f"Batch.{name} has shape {tuple(t.shape)}, expected {(B, L)}")
-        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind",
-                     *(f for f in LABEL_FIELDS if f in self.payload)):
+        for name in ("kind", "stream", "micro_turn", "position_ids", "doc_ids", "target_kind", *labels):
             if getattr(self, name).dtype != torch.int64:
                 raise BatchError(f"Batch.{name} has dtype {getattr(self, name).dtype}, expected torch.int64")
         if not ((self.kind >= 0) & (self.kind <= max(Kind))).all():
@@ -149,8 +148,8 @@ class Batch(PayloadFields):
         pad = self.doc_ids < 0
         if (self.kind[pad] != Kind.PAD).any():
             raise BatchError("Batch.kind: padding positions (doc_ids == -1) must have kind PAD")
-        for f in LABEL_FIELDS:
-            if f in self.payload and (self.payload[f][pad] != IGNORE_INDEX).any():
+        for f in labels:
+            if (self.payload[f][pad] != IGNORE_INDEX).any():
                 raise BatchError(f"Batch.{f}: padding positions (doc_ids == -1) must hold {IGNORE_INDEX} (no label)")
         if (self.target_kind[:, -1] != Kind.PAD).any():
             raise BatchError("Batch.target_kind: the last position of a row has nothing to predict")

@@ -43,8 +43,8 @@ class EpisodeTokens(PayloadFields):
 
     kind, stream, micro_turn: int64 [n]; ``payload``: each modality's payload fields and labels by name
     (``tml.streams.modalities``), read as attributes too: text_ids int64 [n]; audio_bins int64 [n_audio, S, C];
-    patches uint8 [n_patch, P, P, 3]; patch_rc int64 [n_patch, 2]; heard_text int64 [n]. ``dropped_text`` counts payload items (text
-    tokens) that did not fit before the episode ended.
+    patches uint8 [n_patch, P, P, 3]; patch_rc int64 [n_patch, 2]; heard_text int64 [n]. ``dropped_text`` counts
+    payload items (text tokens) that did not fit before the episode ended.
     """
 
     key: str

@@ -39,4 +39,5 @@ ROW_FIELDS = tuple(f for m in MODALITIES if not m.dense for f in m.fields)
 LABEL_FIELDS = tuple(f for m in MODALITIES for f in m.labels)  # dense, IGNORE_INDEX off their positions; optional
 OUTPUTS = tuple(m for m in MODALITIES if m.target is not None)  # the modalities the model writes (with targets)
 
-__all__ = ["DENSE_FIELDS", "IGNORE_INDEX", "Kind", "LABEL_FIELDS", "MODALITIES", "Modality", "OUTPUTS", "PAD", "ROW_FIELDS", "SPEC", "TurnPositions"]
+__all__ = ["DENSE_FIELDS", "IGNORE_INDEX", "Kind", "LABEL_FIELDS", "MODALITIES", "Modality", "OUTPUTS", "PAD",
+           "ROW_FIELDS", "SPEC", "TurnPositions"]
