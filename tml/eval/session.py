@@ -29,7 +29,7 @@ from tml.audio.dmel import DMelTokenizer
 from tml.eval.background import DelegationBridge
 from tml.model import InteractionModel
 from tml.model.attention import ContextFullError, KVCache, RopeTable
-from tml.model.heads import bins_to_unit, unit_to_bins
+from tml.model.heads import OutputHead, bins_to_unit, unit_to_bins
 from tml.model.sampling import SamplingConfig
 from tml.streams.batch import Batch
 from tml.streams.layout import MicroTurnLayout, Stream
@@ -103,6 +103,11 @@ class MicroTurnOutputs:
     # what the listen head reads off this micro-turn's user audio positions (the likeliest transcript token of each,
     # pad id where no word is due; a readout for traces, nothing is sampled from it). None: a model without one
     heard_ids: list[int] | None = None
+    # every modality the model writes, by name ("text", "audio", ...): the micro-turn's values as its head wrote
+    # them (``OutputHead.write``, forced ones included) [its output slots, ...], and the logits they were drawn from
+    # (None: a head without logits). The fields above are the text and audio ones, as a listener reads them.
+    written: dict = field(default_factory=dict)
+    logits: dict = field(default_factory=dict)
 
 
 def listening_mel(dmel: DMelTokenizer, unit: torch.Tensor) -> torch.Tensor:
@@ -182,10 +187,27 @@ class StreamingSession:
                              else min(self.cfg.max_context, 64 * layout.length))
         self.rope = RopeTable(mcfg.head_dim, mcfg.rope_theta, next(model.parameters()).dtype)
         self.input_slots = [s for s in layout.slots if s.stream != Stream.MODEL]  # inputs come first (layout)
-        self.outputs = [(s.kind, s.stream) for s in layout.slots if s.stream == Stream.MODEL for _ in range(s.count)]
+        self.outputs = [s.kind for s in layout.slots if s.stream == Stream.MODEL for _ in range(s.count)]
+        self.writers = self._writers(model)
         self.rows: list[_Row] = []
         self.add_sessions(seeds if seeds is not None else [self.cfg.sampling.seed] * sessions,
                           background if isinstance(background, list) else [background] * sessions)
+
+    def _writers(self, model: InteractionModel) -> dict[Kind, OutputHead]:
+        """The content head that writes each kind of the layout's output slots (``OutputHead.kind``), in the order
+        the kinds first appear in a micro-turn."""
+        heads: dict[Kind, OutputHead] = {}
+        for name, head in model.output_heads().items():
+            if head.kind is not None and head.kind in heads:
+                raise ValueError(f"two heads write {head.kind.name} positions ({name} and another, model.heads): "
+                                 f"the session needs one per output modality")
+            if head.kind is not None:
+                heads[head.kind] = head
+        missing = [k.name for k in dict.fromkeys(self.outputs) if k not in heads]
+        if missing:
+            raise ValueError(f"the layout has model output slots of kind {', '.join(missing)} "
+                             f"({self.layout.describe()}) but the model has no head that writes them (model.heads)")
+        return {k: heads[k] for k in dict.fromkeys(self.outputs)}
 
     # -- sessions ----------------------------------------------------------------------------------------------
     def add_sessions(self, seeds: list[int], backgrounds: list | None = None) -> None:
@@ -291,13 +313,27 @@ class StreamingSession:
                 chunk.background_ids += payload["text_ids"].tolist()
         return chunk
 
+    def _forced(self, head: OutputHead, kind: Kind, j: int, value: torch.Tensor, force: list[dict | None]
+                ) -> torch.Tensor:
+        """``value`` [B, ...], the j-th output slot of ``kind`` this micro-turn, with the rows ``force`` gives
+        replaced by what their forced payload stands for (``OutputHead.from_payload``): ``force[b][<modality
+        name>]`` holds the micro-turn's payload of that kind's slots in slot order (text: ids [slots]; audio: bins
+        [frames_per_turn, n_mels])."""
+        spec, value = SPEC[kind], value.clone()
+        shape = head.to_payload(value)[spec.fields[0]].shape[1:]  # one position's payload
+        for b, f in enumerate(force):
+            if f is not None:
+                value[b] = head.from_payload(torch.as_tensor(f[spec.name]).reshape(-1, *shape)[j].to(value.device))
+        return value
+
     # -- one micro-turn ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, inputs: MicroTurnInputs, force: dict | None = None) -> MicroTurnOutputs:
         """Read one micro-turn of input and write one micro-turn of output (a session of one).
 
-        ``force`` (teacher forcing, for evaluation and tests): {"text": [ids per model text slot], "audio": long
-        [frames_per_turn, n_mels]} fed back instead of the sampled payloads; logits are still returned.
+        ``force`` (teacher forcing, for evaluation and tests): per modality the model writes, by name, the payload
+        its output slots are fed back with instead of the sampled ones, in slot order ({"text": [ids per model text
+        slot], "audio": long [frames_per_turn, n_mels]}); logits are still returned.
         """
         if self.sessions != 1:
             raise ValueError(f"step() advances one session; this one runs {self.sessions}: use step_many")
@@ -319,7 +355,7 @@ class StreamingSession:
             raise ValueError(f"step_many: {B} sessions, got {len(inputs)} inputs"
                              + ("" if force is None else f" and {len(force)} forced outputs"))
         cfg = self.layout.cfg
-        S, C = cfg.frames_per_audio_position, cfg.n_mels
+        C = cfg.n_mels
         chunks = [self._input_chunk(b, x) for b, x in enumerate(inputs)]
         h = torch.empty(B, self.model.cfg.dim, device=self.device)
         heard: list[list[int] | None] = [None] * B
@@ -341,65 +377,57 @@ class StreamingSession:
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
         # Every head samples all sessions in one call, each row drawing from its session's generator exactly what it
         # draws alone (``tml.model.sampling.Generators``).
-        sc, text_head, audio_head, pad = self.cfg.sampling, self.model.text_head, self.model.audio_head, self.pad_id
-        gens = [r.generator for r in self.rows]
+        sc, gens = self.cfg.sampling, [r.generator for r in self.rows]
         speak = p_speak = None
         if self.model.floor_head is not None and sc.floor != "none":
             speak, p_speak = self.model.floor_head.sample(h, sc, gens)
 
-        # Output slots, one position at a time: predict from h [B, dim], feed the payload back, get the next h.
-        # Every draw is the head's own ``sample`` (floor decision, then content) on each session's generator, given
-        # the micro-turn's decision ``speak`` when there is one.
-        forced_audio = [f["audio"].view(-1, S, C) if f else None for f in (force or [None] * B)]
-        texts, audios, units, mels, text_logits, audio_logits = [], [], [], [], [], []
-        for i, (k, st) in enumerate(self.outputs):
-            if k == Kind.TEXT:
-                logits = text_head(h)  # [B, vocab]
-                tid = text_head.sample(h, sc, gens, pad, logits, speak, p_speak)
-                if force is not None:
-                    tid = torch.tensor([f["text"][len(texts)] if f else int(t) for f, t in zip(force, tid)])
-                text_logits.append(logits)
-                texts.append(tid)
-                payload = {"text_ids": tid}
-            else:
-                logits = audio_head(h)  # [B, S, C, bins]; None for a head without logits (flow)
-                unit = audio_head.sample(h, sc, gens, logits, speak)
-                # It feeds back quantised, like real audio; the listener hears the sample itself.
-                bins, mel = unit_to_bins(unit, audio_head.bins), list(listening_mel(self.dmel, unit))  # elementwise
-                if logits is not None:
-                    audio_logits.append(logits)
-                for b, fa in enumerate(forced_audio):
-                    if fa is not None:
-                        bins[b] = fa[len(audios)]
-                        mel[b] = self.dmel.decode(bins[b])
-                        unit[b] = bins_to_unit(bins[b], audio_head.bins)
-                audios.append(bins)
-                units.append(unit)
-                mels.append(mel)
-                payload = {"audio_bins": bins}
+        # Output slots, one position at a time: the head that writes the slot's kind draws it for every session from
+        # h [B, dim] (``OutputHead.write``, given the micro-turn's decision), ``force`` replaces rows' draws, and
+        # the payload it becomes (``OutputHead.to_payload``) is fed back; that position's hidden state is the next h.
+        values = {k: [] for k in self.writers}  # per kind: one [B, ...] per output slot of it
+        payloads = {k: [] for k in self.writers}
+        logits = {k: [] for k in self.writers}
+        for i, k in enumerate(self.outputs):
+            head = self.writers[k]
+            value, lg = head.write(h, sc, gens, speak, p_speak, self.pad_id)
+            if force is not None:
+                value = self._forced(head, k, len(values[k]), value, force)
+            payload = head.to_payload(value)
+            values[k].append(value)
+            payloads[k].append(payload)
+            logits[k].append(lg)
             if i + 1 < len(self.outputs):
                 h = self._run(self._embed_output(k, payload))[:, -1]
             else:  # held back: fed with the next micro-turn's inputs
                 for b, r in enumerate(self.rows):
                     r.pending = (k, {f: v[b : b + 1] for f, v in payload.items()})
 
+        # Per modality, every session's micro-turn at once: values [B, slots, ...], logits [B, slots, ...] or None.
+        written = {SPEC[k].name: torch.stack(v, 1) for k, v in values.items()}
+        drawn_from = {SPEC[k].name: None if v[0] is None else torch.stack(v, 1) for k, v in logits.items()}
+        fed = {SPEC[k].name: torch.stack([p[SPEC[k].fields[0]] for p in v], 1) for k, v in payloads.items()}
+        # What a listener hears: the audio head's samples as log-mel (one elementwise call for all sessions).
+        mels = listening_mel(self.dmel, written["audio"]) if "audio" in written else None
         compute_s = time.perf_counter() - t0
         results = []
         for b, r in enumerate(self.rows):
-            out_text = [int(t[b]) for t in texts]
+            out_text = fed["text"][b].tolist() if "text" in fed else []
             if r.background is not None:
                 r.background.observe(out_text, chunks[b].now + cfg.micro_turn_ms / 1000)
-            bins = torch.stack([a[b] for a in audios]).reshape(-1, C) if audios else torch.zeros(0, C, dtype=torch.long)
-            mel = torch.stack([m[b] for m in mels]).reshape(-1, C) if mels else torch.zeros(0, C)
-            unit = torch.stack([u[b] for u in units]).reshape(-1, C).float() if units else torch.zeros(0, C)
+            empty = torch.zeros(0, C)  # a layout without model audio slots
+            mel = mels[b].reshape(-1, C) if mels is not None else empty
             results.append(MicroTurnOutputs(
-                turn=r.turn, text_ids=out_text, audio_bins=bins, mel=mel,
+                turn=r.turn, text_ids=out_text,
+                audio_bins=fed["audio"][b].reshape(-1, C) if "audio" in fed else empty.long(), mel=mel,
                 wave=self.vocoder(mel) if self.vocoder is not None else None,
-                text_logits=torch.stack([t[b] for t in text_logits]) if text_logits else torch.zeros(0),
-                audio_logits=torch.stack([a[b] for a in audio_logits]) if audio_logits else None,
+                text_logits=drawn_from["text"][b] if "text" in drawn_from else torch.zeros(0),
+                audio_logits=drawn_from["audio"][b] if drawn_from.get("audio") is not None else None,
                 background_ids=chunks[b].background_ids, compute_s=compute_s,
                 speaks=None if speak is None else bool(speak[b]), p_speak=None if p_speak is None else float(p_speak[b]),
-                audio_unit=unit, heard_ids=heard[b]))
+                audio_unit=written["audio"][b].reshape(-1, C).float() if "audio" in written else empty,
+                heard_ids=heard[b], written={n: v[b] for n, v in written.items()},
+                logits={n: None if v is None else v[b] for n, v in drawn_from.items()}))
             r.turn += 1
         return results
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from tml.model.sampling import Generators, SamplingConfig
 from tml.streams.batch import Batch
 from tml.streams.modalities import SPEC, Kind
 
@@ -60,6 +61,11 @@ class OutputHead(nn.Module):
     - ``sample(h, cfg, generator, ...)`` (``tml.model.sampling.SamplingConfig``): a draw for inference. Content heads
       take the micro-turn's floor decision ``speak`` (from the floor head) when there is one; audio heads return unit
       coordinates. ``generator``: one for all rows, or one per row (``tml.model.sampling.Generators``).
+    - A content head in the streaming session (``tml.eval.session``), which loops over the model's output slots and
+      asks the head of each slot's ``kind``: ``write(h, cfg, generator, speak, p_speak, pad_id)`` (one position's
+      draw and the logits it came from), ``to_payload(value)`` (the payload that position is fed back with, the
+      modality's payload field) and ``from_payload(given)`` (the value a forced payload stands for). The defaults
+      serve a head whose sample is its modality's payload (the text head); the audio heads share ``AudioHead``'s.
     """
 
     kind: ClassVar[Kind | None] = None
@@ -84,3 +90,42 @@ class OutputHead(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """None unless the head overrides it."""
         return {}
+
+    @torch.no_grad()
+    def write(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
+              speak: torch.Tensor | None = None, p_speak: torch.Tensor | None = None, pad_id: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A content head's draw at one output position of its kind, for hidden states h [B, dim] -> (value [B, ...]
+        as ``sample`` returns it, the logits ``forward(h)`` it was drawn from or None). ``speak`` bool [B] and
+        ``p_speak`` float [B]: the micro-turn's floor decision and the floor head's P(speak) behind it (None without
+        one); ``pad_id``: the text tokenizer's empty-slot token. A head whose ``sample`` takes more of these
+        (the text head: ``pad_id``, ``p_speak``) passes them on in its own ``write``."""
+        logits = self(h)
+        return self.sample(h, cfg, generator, logits=logits, speak=speak), logits
+
+    def to_payload(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Written values [B, ...] -> the payload the positions are fed back with, ``{field: [B, ...]}`` (its
+        modality's payload field, as ``MultimodalEmbedding`` reads it): by default the value itself."""
+        return {SPEC[self.kind].fields[0]: value}
+
+    def from_payload(self, given: torch.Tensor) -> torch.Tensor:
+        """A payload one position is forced to (teacher forcing, ``StreamingSession.step``'s ``force``) -> the
+        value [...] whose ``to_payload`` it is: by default the payload itself."""
+        return given
+
+
+class AudioHead(OutputHead):
+    """What the two audio heads (dMel, flow) share: they write ``Kind.AUDIO`` positions as unit coordinates over
+    ``bins`` dMel bins [B, frames, n_mels]. A written position is fed back quantised, as its dMel bins (like real
+    audio); a forced position's bins stand for their centres."""
+
+    kind = Kind.AUDIO
+    bins: int
+
+    def to_payload(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unit coordinates [B, frames, n_mels] -> ``{"audio_bins": long [B, frames, n_mels]}``."""
+        return {SPEC[self.kind].fields[0]: unit_to_bins(value, self.bins)}
+
+    def from_payload(self, given: torch.Tensor) -> torch.Tensor:
+        """Bins long [frames, n_mels] -> their centres' unit coordinates."""
+        return bins_to_unit(given, self.bins)

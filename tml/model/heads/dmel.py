@@ -9,20 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tml.model.heads.base import SILENT_BIN, OutputHead, bins_to_unit
+from tml.model.heads.base import SILENT_BIN, AudioHead, bins_to_unit
 from tml.model.sampling import Generators, SamplingConfig, decide_floor, sample_logits
-from tml.streams.modalities import Kind
 
 if TYPE_CHECKING:
     from tml.model.config import ModelConfig
     from tml.model.embed import MultimodalEmbedding
 
 
-class DMelHead(OutputHead):
+class DMelHead(AudioHead):
     """Hidden [N, dim] -> dMel logits [N, frames, n_mels, bins]: an independent ``bins``-way classification per
     (stacked frame, mel channel) of the next audio position."""
-
-    kind = Kind.AUDIO
 
     def __init__(self, dim: int, frames: int, n_mels: int, bins: int):
         super().__init__()

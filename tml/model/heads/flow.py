@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tml.model.heads.base import SILENT_BIN, OutputHead, bins_to_unit
+from tml.model.heads.base import SILENT_BIN, AudioHead, bins_to_unit
 from tml.model.sampling import Generators, SamplingConfig, normal
-from tml.streams.modalities import Kind
 
 if TYPE_CHECKING:
     from tml.model.config import FlowHeadConfig, ModelConfig
@@ -41,7 +40,7 @@ class _AdaLNBlock(nn.Module):
         return x + gate * self.mlp(self.norm(x) * (1 + scale) + shift)
 
 
-class FlowHead(OutputHead):
+class FlowHead(AudioHead):
     """Flow-matching audio head (rectified flow / conditional flow matching, Lipman et al. 2022).
 
     Models the next audio position's ``frames x n_mels`` unit coordinates ``x1`` (see module docstring) given the
@@ -51,7 +50,6 @@ class FlowHead(OutputHead):
     ``cond_dropout``, so sampling can use classifier-free guidance ``v_u + w * (v_c - v_u)``.
     """
 
-    kind = Kind.AUDIO
     metric_names = ("audio_flow",)  # loss/audio_flow: the velocity error, named so a dashboard tells it from a CE
 
     def __init__(self, dim: int, frames: int, n_mels: int, bins: int, cfg: FlowHeadConfig):

@@ -55,6 +55,14 @@ class TextHead(OutputHead):
         return {} if pad_id is None else {"text_words": per_target[target != pad_id]}
 
     @torch.no_grad()
+    def write(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
+              speak: torch.Tensor | None = None, p_speak: torch.Tensor | None = None, pad_id: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``OutputHead.write``: the token ids long [B] ``sample`` draws, and the logits [B, vocab] they came from."""
+        logits = self(h)
+        return self.sample(h, cfg, generator, pad_id, logits, speak, p_speak), logits
+
+    @torch.no_grad()
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
                pad_id: int = 0, logits: torch.Tensor | None = None, speak: torch.Tensor | None = None,
                p_speak: torch.Tensor | None = None) -> torch.Tensor:
