@@ -200,6 +200,195 @@ def test_a_second_user_audio_channel_is_one_stream_member(tmp_path):
     assert changed == {"tml/streams/layout.py"}
 
 
+# A modality the model *writes*: one spec file, one head file, the head's config entry; the session untouched.
+GESTURE_MODULE = '''
+"""Gesture: what an avatar does with its head in a micro-turn (0 = nothing, 1 = nod, 2 = shake, ...), one position
+per micro-turn on the model stream; the model writes it. Episodes carry it as ``arrays["gesture"]``: int64 [micro-turns]
+(``KEY.gesture.npy``)."""
+
+import torch
+from torch import nn
+
+from tml.errors import ConfigError
+from tml.streams.modalities.base import Modality
+
+GESTURES = 8
+
+
+class GestureModality(Modality):
+    def check_slot(self, cfg, slot, where):
+        if slot.kind == self.name and (slot.stream != "model" or slot.count != 1):
+            raise ConfigError(f"{where}: a gesture run is one model slot per micro-turn")
+
+    def encode(self, episode, slot, layout, dmel, text, num_turns):
+        ids = torch.zeros(num_turns, dtype=torch.long)  # nothing where the episode has no gestures
+        given = episode.arrays.get("gesture")
+        if given is not None:  # the model's streams lead (tml.streams.interleave)
+            given = given[layout.cfg.model_lead_turns :][:num_turns]
+            ids[: len(given)] = given
+        return [(self.kind, {"gesture_ids": ids[t : t + 1]}) for t in range(num_turns)], 0
+
+    def embedder(self, cfg):
+        return nn.Embedding(GESTURES, cfg.dim)
+
+    def num_params(self, cfg):
+        return GESTURES * cfg.dim
+
+
+GESTURE = GestureModality(kind=4, name="gesture", fields=("gesture_ids",), dense=True, target="target_gesture")
+'''
+
+GESTURE_HEAD = '''
+"""The gesture head: hidden state -> which gesture the next model gesture slot holds."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tml.model.heads.base import OutputHead
+from tml.model.sampling import sample_logits
+from tml.streams.modalities import Kind
+from tml.streams.modalities.gesture import GESTURES
+
+
+class GestureHead(OutputHead):
+    """Hidden [N, dim] -> gesture logits [N, GESTURES]."""
+
+    kind = Kind.GESTURE
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, GESTURES)
+
+    @classmethod
+    def from_config(cls, cfg, embed):
+        return cls(cfg.dim)
+
+    @staticmethod
+    def num_params(cfg):
+        return cfg.dim * GESTURES + GESTURES
+
+    def forward(self, h):
+        return self.proj(h)
+
+    def loss(self, h, target, logits=None):
+        return F.cross_entropy((self(h) if logits is None else logits).float(), target, reduction="none")
+
+    @torch.no_grad()
+    def sample(self, h, cfg, generator=None, logits=None, speak=None):
+        """Gesture ids long [N], drawn at ``text_temperature``; none (0) where the floor decision is silent."""
+        g = sample_logits(self(h) if logits is None else logits, cfg.text_temperature, cfg.text_top_p, generator)
+        return g if speak is None else torch.where(speak, g, torch.zeros_like(g))
+'''
+
+GESTURE_SCRIPT = """
+import math, tempfile
+import torch
+from tml.audio.dmel import DMelTokenizer
+from tml.eval.generate import generate_model_side, turn_positions
+from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession
+from tml.model import InteractionModel, ModelConfig, MoEConfig, compute_losses, param_counts
+from tml.model.counts import count_params
+from tml.model.sampling import SamplingConfig
+from tml.streams import Episode, Kind, LayoutConfig, MicroTurnLayout, SlotConfig, Stream, Word
+from tml.streams.interleave import interleave
+from tml.streams.pack import collate
+from tml.text.tokenizer import train_bpe
+
+torch.manual_seed(0)
+sr, turns = 16000, 4
+t = torch.arange(int(turns * 0.2 * sr)) / sr
+gesture = torch.tensor([0, 1, 2, 1])
+episode = Episode(key="ep", duration=turns * 0.2, sample_rate=sr,
+                  audio={"user": 0.3 * torch.sin(2 * math.pi * 300 * t), "model": 0.05 * torch.randn(t.numel())},
+                  words={"model": [Word("hello", 0.25, 0.4)]}, arrays={"gesture": gesture})
+episode = Episode.from_sample(episode.to_sample())  # KEY.gesture.npy in the shard
+slots = [SlotConfig("user", "audio", 5), SlotConfig("model", "text", 4), SlotConfig("model", "audio", 5),
+         SlotConfig("model", "gesture", 1)]
+layout = MicroTurnLayout(LayoutConfig(slots=slots))
+text = train_bpe(["hello there"] * 20, 300, tempfile.mkdtemp() + "/tokenizer.json")
+dmel = DMelTokenizer()
+tok = interleave(episode, layout, dmel, text)
+where = tok.kind == Kind.GESTURE
+assert where.sum() == turns and Kind.GESTURE == 4
+assert tok.gesture_ids[where].tolist() == [1, 2, 1, 0]  # the model's stream leads by one micro-turn
+
+batch = collate([[tok]], turns * layout.length)  # validates; gesture targets where the next position is one
+assert batch.target_gesture[batch.target_kind == Kind.GESTURE].tolist() == [1, 2, 1, 0]
+cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=text.vocab_size, dense_layers=1,
+                  dense_hidden_dim=64, moe=MoEConfig(hidden_dim=32, num_experts=2, top_k=1))
+cfg.heads.gesture = True
+model = InteractionModel(cfg)
+assert "gesture_head.proj.weight" in model.state_dict() and "embed.gesture.weight" in model.state_dict()
+assert param_counts(model)["total"] == count_params(model.cfg).total  # the planner counts embedder and head
+out = model(batch)
+losses = compute_losses(out, batch)
+want = torch.nn.functional.cross_entropy(out.hidden[batch.target_kind == Kind.GESTURE] @ model.gesture_head.proj.weight.T
+                                         + model.gesture_head.proj.bias, torch.tensor([1, 2, 1, 0]))
+assert torch.allclose(losses["loss/gesture"], want, atol=1e-6), (losses["loss/gesture"], want)
+losses["loss"].backward()
+assert model.gesture_head.proj.weight.grad.abs().sum() > 0 and model.embed.gesture.weight.grad.abs().sum() > 0
+
+# The streaming session writes it with no edit: teacher-forced on the recording, its gesture logits are the
+# training forward's; free, it writes the head's draw and feeds it back.
+model.eval()
+with torch.no_grad():
+    ref = model(batch)
+n = layout.length
+def forced(k):
+    sl = slice(k * n, (k + 1) * n)
+    kind, stream = tok.kind[sl], tok.stream[sl]
+    model_audio = ((tok.stream == Stream.MODEL) & (tok.kind == Kind.AUDIO))[tok.kind == Kind.AUDIO]
+    audio = tok.audio_bins[model_audio].view(turns, -1, 80)[k]
+    return {"text": tok.text_ids[sl][(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(), "audio": audio,
+            "gesture": tok.gesture_ids[sl][kind == Kind.GESTURE]}
+session = StreamingSession(model, layout, dmel, SessionConfig(cache_window=0), text.pad_id)
+outs = [session.step(MicroTurnInputs(positions=turn_positions(tok, layout, k)), force=forced(k)) for k in range(turns)]
+assert [int(g) for o in outs for g in o.written["gesture"]] == [1, 2, 1, 0]  # forced: the recording's
+streamed = torch.cat([o.logits["gesture"] for o in outs])
+assert torch.allclose(streamed, ref.gesture_logits, atol=1e-5), (streamed - ref.gesture_logits).abs().max()
+assert torch.allclose(torch.cat([o.text_logits for o in outs]), ref.text_logits, atol=1e-5)
+free = StreamingSession(model, layout, dmel, SessionConfig(cache_window=0, sampling=SamplingConfig(floor="none")),
+                        text.pad_id)
+drawn = []
+for k in range(turns):
+    o = free.step(MicroTurnInputs(positions=turn_positions(tok, layout, k)))
+    assert o.written["gesture"].tolist() == o.logits["gesture"].argmax(-1).tolist()  # greedy: the argmax
+    drawn += o.written["gesture"].tolist()
+generated = generate_model_side(model, tok, layout, dmel, SamplingConfig(floor="none"), text.pad_id)
+assert generated.payload["gesture_ids"][where].tolist() == drawn  # free generation writes it into the episode
+print("gesture ok")
+"""
+
+
+def register_gesture(src: str) -> str:
+    entry = "MODALITIES: tuple[Modality, ...] = (TEXT, AUDIO, PATCH)"
+    assert entry in src
+    return src.replace(entry, "from tml.streams.modalities.gesture import GESTURE  # noqa: E402\n"
+                       + entry.replace("PATCH)", "PATCH, GESTURE)"))
+
+
+def add_gesture_head(src: str) -> str:
+    line, switch = '    "listen": {True: "tml.model.heads.listen:ListenHead", False: None},\n', "    listen: bool = False\n"
+    assert line in src and switch in src
+    return src.replace(line, line + '    "gesture": {True: "tml.model.heads.gesture:GestureHead", False: None},\n') \
+        .replace(switch, switch + "    gesture: bool = False\n")
+
+
+def test_a_modality_the_model_writes_is_its_spec_its_head_and_their_entries(tmp_path):
+    """A gesture stream the model writes: ``modalities/gesture.py`` and its line in ``MODALITIES``,
+    ``heads/gesture.py`` and its entry in ``tml/model/config.py`` (``HEADS`` line, ``HeadsConfig`` switch) added to a
+    copy of ``tml``, nothing else (not the session): shards, interleave (the model's lead), collate's targets, the
+    planner's count, the loss by hand and its gradient, and the streaming session, whose teacher-forced gesture
+    logits equal the training forward's and whose free draw is fed back and lands in free generation's episode."""
+    changed = run_in_scratch(tmp_path, {"tml/streams/modalities/gesture.py": lambda _: GESTURE_MODULE,
+                                        "tml/streams/modalities/__init__.py": register_gesture,
+                                        "tml/model/heads/gesture.py": lambda _: GESTURE_HEAD,
+                                        "tml/model/config.py": add_gesture_head}, GESTURE_SCRIPT)
+    assert changed == {"tml/streams/modalities/gesture.py", "tml/streams/modalities/__init__.py",
+                       "tml/model/heads/gesture.py", "tml/model/config.py"}
+
+
 def test_streams_never_imports_a_higher_package():
     """``tml.streams`` (and the modality specs in it, embedders included) sits below model, data, train, eval:
     no module of it imports one of those (DESIGN: data flows one way)."""

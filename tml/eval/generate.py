@@ -27,19 +27,27 @@ from tml.streams.modalities import MODALITIES, SPEC, Kind, TurnPositions
 class Generation:
     """What the model wrote, per position of the episode (n = num_turns * turn length).
 
-    text_ids: long [n] (generated at MODEL text positions, the recording's elsewhere); audio_bins: long [n_audio,
-    S, C] in row-major order of the AUDIO positions (generated at MODEL ones); model_audio_unit: float
-    [num_turns * audio slots, S, C] the model's continuous audio in time order (the audio head's samples, unit
-    coordinates); model_mel: float [num_turns * frames_per_turn, n_mels] the log-mel a listener hears
-    (``MicroTurnOutputs.mel``); model_text: long [num_turns, text slots] the model's tokens (``<pad>`` = wrote
-    nothing).
+    payload: every payload field of the episode's tokens, with the MODEL positions of each modality the model writes
+    holding what it wrote there (as fed back: text ids, audio quantised to dMel bins, any further output modality's
+    field), the recording's elsewhere; read as ``text_ids`` long [n] and ``audio_bins`` long [n_audio, S, C] (row-major
+    order of the AUDIO positions). model_audio_unit: float [num_turns * audio slots, S, C] the model's continuous
+    audio in time order (the audio head's samples, unit coordinates); model_mel: float [num_turns * frames_per_turn,
+    n_mels] the log-mel a listener hears (``MicroTurnOutputs.mel``); model_text: long [num_turns, text slots] the
+    model's tokens (``<pad>`` = wrote nothing).
     """
 
-    text_ids: torch.Tensor
-    audio_bins: torch.Tensor
+    payload: dict[str, torch.Tensor]
     model_audio_unit: torch.Tensor
     model_mel: torch.Tensor
     model_text: torch.Tensor
+
+    @property
+    def text_ids(self) -> torch.Tensor:
+        return self.payload["text_ids"]
+
+    @property
+    def audio_bins(self) -> torch.Tensor:
+        return self.payload["audio_bins"]
 
 
 def turn_positions(tok: EpisodeTokens, layout: MicroTurnLayout, t: int) -> list[TurnPositions]:
@@ -76,19 +84,24 @@ def turn_positions(tok: EpisodeTokens, layout: MicroTurnLayout, t: int) -> list[
 @torch.no_grad()
 def generate_model_side(model: InteractionModel, tok: EpisodeTokens, layout: MicroTurnLayout, dmel: DMelTokenizer,
                         cfg: SamplingConfig, text_pad_id: int = 0) -> Generation:
-    """Generate every MODEL text/audio position of ``tok`` (see module docstring) with a session seeded by
-    ``cfg.seed``. The model is put in eval mode."""
+    """Generate every MODEL position of ``tok`` (text, audio, any modality the model writes; see module docstring)
+    with a session seeded by ``cfg.seed``. The model is put in eval mode."""
     n = tok.kind.numel()
     session = StreamingSession(model, layout, dmel, SessionConfig(cache_window=0, max_context=max(n, 1),
                                                                   sampling=cfg), text_pad_id)
     outs = [session.step(MicroTurnInputs(positions=turn_positions(tok, layout, t))) for t in range(tok.num_turns)]
     S, C = layout.cfg.frames_per_audio_position, layout.cfg.n_mels
-    is_model = tok.stream == Stream.MODEL
-    text_ids, audio_bins = tok.text_ids.clone(), tok.audio_bins.clone()
+    is_model, payload = tok.stream == Stream.MODEL, dict(tok.payload)
+    for kind, head in session.writers.items():  # each modality the model writes: its positions get what it fed back
+        spec = SPEC[kind]
+        f = spec.fields[0]
+        at = is_model & (tok.kind == kind)
+        at = at if spec.dense else at[tok.kind == kind]  # a row field has one row per position of its kind
+        payload[f] = payload[f].clone()
+        if outs:
+            payload[f][at] = torch.cat([head.to_payload(o.written[spec.name])[f].cpu() for o in outs]) \
+                .view_as(payload[f][at])
     model_text = torch.tensor([o.text_ids for o in outs], dtype=torch.long).view(tok.num_turns, -1)
-    text_ids[is_model & (tok.kind == Kind.TEXT)] = model_text.flatten()
     unit = torch.cat([o.audio_unit.cpu() for o in outs]).view(-1, S, C) if outs else torch.zeros(0, S, C)
-    audio_bins[is_model[tok.kind == Kind.AUDIO]] = torch.cat([o.audio_bins.cpu() for o in outs]).view(-1, S, C) \
-        if outs else audio_bins[:0]
     mel = torch.cat([o.mel.cpu() for o in outs]) if outs else torch.zeros(0, C)
-    return Generation(text_ids, audio_bins, unit, mel, model_text)
+    return Generation(payload, unit, mel, model_text)
