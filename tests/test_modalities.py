@@ -173,11 +173,15 @@ print("user2 ok")
 '''
 
 
-def register_imu(src: str) -> str:
-    entry = "MODALITIES: tuple[Modality, ...] = (TEXT, AUDIO, PATCH)"
-    assert entry in src
-    return src.replace(entry, "from tml.streams.modalities.imu import IMU  # noqa: E402\n"
-                       + entry.replace("PATCH)", "PATCH, IMU)"))
+def register(module: str, spec: str):
+    """The edit of ``tml/streams/modalities/__init__.py`` that adds ``spec`` (from ``modalities/<module>.py``) to
+    ``MODALITIES``."""
+    def edit(src: str) -> str:
+        entry = "MODALITIES: tuple[Modality, ...] = (TEXT, AUDIO, PATCH)"
+        assert entry in src
+        return src.replace(entry, f"from tml.streams.modalities.{module} import {spec}  # noqa: E402\n"
+                           + entry.replace("PATCH)", f"PATCH, {spec})"))
+    return edit
 
 
 def test_a_new_modality_is_one_file_and_its_entry_in_modalities(tmp_path):
@@ -185,7 +189,7 @@ def test_a_new_modality_is_one_file_and_its_entry_in_modalities(tmp_path):
     else; shards, interleave, collate/validate, embedding (checked by hand), loss and the streaming session (live
     input == the recording's positions) all run with it."""
     changed = run_in_scratch(tmp_path, {"tml/streams/modalities/imu.py": lambda _: IMU_MODULE,
-                                        "tml/streams/modalities/__init__.py": register_imu}, SCRIPT)
+                                        "tml/streams/modalities/__init__.py": register("imu", "IMU")}, SCRIPT)
     assert changed == {"tml/streams/modalities/imu.py", "tml/streams/modalities/__init__.py"}
 
 
@@ -361,13 +365,6 @@ print("gesture ok")
 """
 
 
-def register_gesture(src: str) -> str:
-    entry = "MODALITIES: tuple[Modality, ...] = (TEXT, AUDIO, PATCH)"
-    assert entry in src
-    return src.replace(entry, "from tml.streams.modalities.gesture import GESTURE  # noqa: E402\n"
-                       + entry.replace("PATCH)", "PATCH, GESTURE)"))
-
-
 def add_gesture_head(src: str) -> str:
     line, switch = '    "listen": {True: "tml.model.heads.listen:ListenHead", False: None},\n', "    listen: bool = False\n"
     assert line in src and switch in src
@@ -382,7 +379,7 @@ def test_a_modality_the_model_writes_is_its_spec_its_head_and_their_entries(tmp_
     planner's count, the loss by hand and its gradient, and the streaming session, whose teacher-forced gesture
     logits equal the training forward's and whose free draw is fed back and lands in free generation's episode."""
     changed = run_in_scratch(tmp_path, {"tml/streams/modalities/gesture.py": lambda _: GESTURE_MODULE,
-                                        "tml/streams/modalities/__init__.py": register_gesture,
+                                        "tml/streams/modalities/__init__.py": register("gesture", "GESTURE"),
                                         "tml/model/heads/gesture.py": lambda _: GESTURE_HEAD,
                                         "tml/model/config.py": add_gesture_head}, GESTURE_SCRIPT)
     assert changed == {"tml/streams/modalities/gesture.py", "tml/streams/modalities/__init__.py",
