@@ -59,7 +59,7 @@ class TextEmbedding(nn.Module):
 
 class LiveText(LiveInput):
     """Token ids arriving in a micro-turn (a list, or None) queue up and fill the run's ``count`` slots, spilling
-    into later micro-turns, ``<pad>`` where the queue is empty: ``place_text`` one micro-turn at a time."""
+    into later micro-turns, ``<pad>`` where the queue is empty (``place_text`` feeds it a recording's words)."""
 
     def __init__(self, count: int, pad_id: int):
         self.count, self.pad_id = count, pad_id
@@ -80,17 +80,14 @@ def place_text(words: list[tuple[float, list[int]]], num_turns: int, slots: int,
     Returns:
         ids: int64 [num_turns, slots]; dropped: tokens still queued when the episode ended.
     """
-    ids = torch.full((num_turns, slots), pad_id, dtype=torch.int64)
     by_turn: dict[int, list[int]] = {}
     for start, toks in sorted(words, key=lambda w: w[0]):
         t = max(0, int(round(start * 1000, 6) // round(turn_s * 1000, 6)))
         by_turn.setdefault(t, []).extend(toks)
-    queue: list[int] = []
-    for t in range(num_turns):
-        queue.extend(by_turn.pop(t, []))
-        take, queue = queue[:slots], queue[slots:]
-        ids[t, : len(take)] = torch.tensor(take, dtype=torch.int64)
-    dropped = len(queue) + sum(len(v) for v in by_turn.values())
+    live = LiveText(slots, pad_id)  # the spill queue, fed each micro-turn's tokens as a live stream is
+    ids = torch.stack([live(by_turn.pop(t, []), t)[1]["text_ids"] for t in range(num_turns)]) if num_turns \
+        else torch.full((0, slots), pad_id, dtype=torch.int64)
+    dropped = len(live.queue) + sum(len(v) for v in by_turn.values())
     return ids, dropped
 
 
