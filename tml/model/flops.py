@@ -26,7 +26,8 @@ def active_matmul_params(cfg: ModelConfig) -> int:
         model = InteractionModel(cfg)
     lookups = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
     lookups |= {id(p) for n, p in model.named_parameters() if n.startswith("embed.") and p.ndim < 2}
-    tied_heads = {id(p) for p in model.text_head.parameters()}
+    # an embedding weight a head shares (the tied text head) is a matmul there
+    tied_heads = {id(p) for head in model.output_heads().values() for p in head.parameters()}
     lookup_params = sum(p.numel() for p in model.parameters() if id(p) in lookups and id(p) not in tied_heads)
     return param_counts(model)["active"] - lookup_params
 
