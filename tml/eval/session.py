@@ -108,6 +108,9 @@ class MicroTurnOutputs:
     # (None: a head without logits). The fields above are the text and audio ones, as a listener reads them.
     written: dict = field(default_factory=dict)
     logits: dict = field(default_factory=dict)
+    # every head the session reads out at input positions (``OutputHead.reads``), by name: its readout of this
+    # micro-turn's positions (``heard_ids`` is the listen head's)
+    readouts: dict = field(default_factory=dict)
 
 
 def listening_mel(dmel: DMelTokenizer, unit: torch.Tensor) -> torch.Tensor:
@@ -189,6 +192,7 @@ class StreamingSession:
         self.input_slots = [s for s in layout.slots if s.stream != Stream.MODEL]  # inputs come first (layout)
         self.outputs = [s.kind for s in layout.slots if s.stream == Stream.MODEL for _ in range(s.count)]
         self.writers = self._writers(model)
+        self.readers = {name: head for name, head in model.output_heads().items() if head.reads is not None}
         self.rows: list[_Row] = []
         self.add_sessions(seeds if seeds is not None else [self.cfg.sampling.seed] * sessions,
                           background if isinstance(background, list) else [background] * sessions)
@@ -358,20 +362,20 @@ class StreamingSession:
         C = cfg.n_mels
         chunks = [self._input_chunk(b, x) for b, x in enumerate(inputs)]
         h = torch.empty(B, self.model.cfg.dim, device=self.device)
-        heard: list[list[int] | None] = [None] * B
-        listen_head = self.model.listen_head
+        readouts: list[dict] = [{} for _ in range(B)]
         for n in sorted({len(c.kind) for c in chunks}):  # one group unless sessions just started beside running ones
             rows = [b for b in range(B) if len(chunks[b].kind) == n]
             h_chunk = self._forward([chunks[b] for b in rows], rows)
             h[rows] = h_chunk[:, -1]
-            if listen_head is not None:  # what it heard: the readout of its user audio positions (ListenHead)
-                # Chunks of one length hold the same slots in the same places, so the first one's user audio
-                # positions are every row's: one head call for the group.
-                first = chunks[rows[0]]
-                user = [j for j, (k, st) in enumerate(zip(first.kind, first.stream))
-                        if k == Kind.AUDIO and st == Stream.USER]
-                for b, ids in zip(rows, listen_head(h_chunk[:, user]).argmax(-1).tolist()):
-                    heard[b] = ids
+            # Heads read out at input positions (``OutputHead.reads``; the listen head: what it heard of the user's
+            # audio). Chunks of one length hold the same slots in the same places, so the first one's positions are
+            # every row's: one head call for the group.
+            first = chunks[rows[0]]
+            for name, head in self.readers.items():
+                stream, kind = head.reads
+                at = [j for j, (k, st) in enumerate(zip(first.kind, first.stream)) if k == kind and st == stream]
+                for b, value in zip(rows, head.readout(h_chunk[:, at]).tolist()):
+                    readouts[b][name] = value
 
         # The floor decision, once per micro-turn from its last input position (tml.model.heads.FloorHead); every
         # output slot follows it. Without a floor head (or sampling.floor="none") each slot decides for itself.
@@ -426,7 +430,8 @@ class StreamingSession:
                 background_ids=chunks[b].background_ids, compute_s=compute_s,
                 speaks=None if speak is None else bool(speak[b]), p_speak=None if p_speak is None else float(p_speak[b]),
                 audio_unit=written["audio"][b].reshape(-1, C).float() if "audio" in written else empty,
-                heard_ids=heard[b], written={n: v[b] for n, v in written.items()},
+                heard_ids=readouts[b].get("listen"), readouts=readouts[b],
+                written={n: v[b] for n, v in written.items()},
                 logits={n: None if v is None else v[b] for n, v in drawn_from.items()}))
             r.turn += 1
         return results

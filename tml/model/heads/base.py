@@ -15,6 +15,7 @@ from torch import nn
 
 from tml.model.sampling import Generators, SamplingConfig
 from tml.streams.batch import Batch
+from tml.streams.layout import Stream
 from tml.streams.modalities import SPEC, Kind
 
 if TYPE_CHECKING:  # the config imports nothing of the heads; the heads need it only for annotations
@@ -66,10 +67,13 @@ class OutputHead(nn.Module):
       draw and the logits it came from), ``to_payload(value)`` (the payload that position is fed back with, the
       modality's payload field) and ``from_payload(given)`` (the value a forced payload stands for). The defaults
       serve a head whose sample is its modality's payload (the text head); the audio heads share ``AudioHead``'s.
+    - ``reads``: (stream, kind) of the input positions the streaming session reads this head out at, every
+      micro-turn (the listen head: the user's audio), with ``readout(h)``; None (default): it reads out nothing.
     """
 
     kind: ClassVar[Kind | None] = None
     metric_names: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[Stream, Kind] | None] = None
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, embed: MultimodalEmbedding) -> OutputHead:
@@ -90,6 +94,12 @@ class OutputHead(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """None unless the head overrides it."""
         return {}
+
+    @torch.no_grad()
+    def readout(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden [B, N, dim] at the ``reads`` positions -> what the session reports there: by default the likeliest
+        class of ``forward(h)``, long [B, N]."""
+        return self(h).argmax(-1)
 
     @torch.no_grad()
     def write(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,

@@ -10,7 +10,8 @@ from torch import nn
 
 from tml.model.heads.base import OutputHead
 from tml.streams.batch import Batch
-from tml.streams.modalities import IGNORE_INDEX
+from tml.streams.layout import Stream
+from tml.streams.modalities import IGNORE_INDEX, Kind
 
 if TYPE_CHECKING:
     from tml.model.config import ModelConfig
@@ -29,6 +30,7 @@ class ListenHead(OutputHead):
     """
 
     kind = None  # it writes no modality into the model's output slots
+    reads = (Stream.USER, Kind.AUDIO)  # the streaming session's readout: its argmax at the user's audio
     # loss/listen_words: the CE at the positions where a word is due (not the empty-slot token): how well the model
     # recognises what the user said
     metric_names = ("listen_words",)
