@@ -196,20 +196,35 @@ def test_word_text_loss_skips_empty_slots_by_hand():
 def test_decode_layout_changes_strides_not_values():
     """``decode_layout`` stores the blocks' and heads' weights column-major (experts per expert), leaves a weight
     tied to the text embedding and the embeddings alone, keeps every value, and the forward stays the same function
-    (equal up to float rounding; gradients flow as before)."""
+    (equal up to float rounding; gradients flow as before). An MoE that decodes dense keeps its experts' w1 and w3
+    row-major (all experts one matrix for ``MoE._decode_dense``), and its decode is the same function as well."""
     model = InteractionModel(tiny_cfg(heads=HeadsConfig(text="tied")))
+    moe = model.layers[1].mlp
+    assert moe.decodes_dense(1)  # the test config's layer is small
     batch = make_batch([[2]], 2 * TURN, 128)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(3, 64)
     with torch.no_grad():
         ref = model(batch)
+        ref_decode = moe.decode(x)
     assert model.decode_layout() is model
     model.decode_layout()  # idempotent
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-        transposed = p.ndim >= 2 and n.startswith(("layers.", "audio_head.")) and min(p.shape[-2:]) > 1
+        rows = n.endswith(("experts.w1", "experts.w3"))  # the dense-decoding layer's, see below
+        transposed = p.ndim >= 2 and n.startswith(("layers.", "audio_head.")) and min(p.shape[-2:]) > 1 and not rows
         assert p.is_contiguous() != transposed and (not transposed or p.mT.is_contiguous()), n
     assert model.text_head.proj.weight is model.embed.text.weight and model.embed.text.weight.is_contiguous()
-    assert model.layers[1].mlp.experts.w1[0].mT.is_contiguous()  # each expert's matrix column-major
+    assert moe.experts.w2[0].mT.is_contiguous() and moe.experts.w1.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(moe.decode(x), ref_decode, atol=1e-6, rtol=1e-5)
+    # A layer too large to decode dense: every expert's matrix column-major (its decode loops over its experts).
+    moe.DECODE_DENSE_MAX = 0
+    model.decode_layout()
+    assert all(w[0].mT.is_contiguous() for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3))
+    del moe.DECODE_DENSE_MAX
+    model.decode_layout()
+    assert moe.experts.w1.is_contiguous() and moe.experts.w3.is_contiguous()
     out = model(batch)
     torch.testing.assert_close(out.text_logits, ref.text_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.audio_logits, ref.audio_logits, atol=1e-5, rtol=1e-5)

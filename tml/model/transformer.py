@@ -159,17 +159,24 @@ class InteractionModel(nn.Module):
         (training's too) computes the same function. Why: a session's output positions are matrix-vector products
         bound by reading the weights, and x @ W.T with W.T row-major streams them ~1.4x faster on CPU BLAS than with
         W row-major (bench/streaming.py); matmuls over many rows are indifferent. A weight tied to the text embedding
-        keeps its layout (embedding lookups read its rows). Idempotent; returns the model."""
+        keeps its layout (embedding lookups read its rows). The experts of an MoE that decodes one token dense
+        (``MoE.decodes_dense``: every expert side by side in one matmul) keep w1 and w3 row-major, so all experts
+        read as one [E * hidden, dim] matrix; their w2 goes column-major as the rest. Idempotent; returns the
+        model."""
         tied = self.embed.text.weight
+        dense = [moe.experts for moe in self.moe_layers() if moe.decodes_dense(1)]
         weights = []
         for m in [*self.layers.modules(), *(m for head in self.output_heads().values() for m in head.modules())]:
             if isinstance(m, nn.Linear) and m.weight is not tied:
                 weights.append(m.weight)
             elif isinstance(m, GroupedExperts):
-                weights += [m.w1, m.w2, m.w3]
+                weights += [m.w2] if any(m is e for e in dense) else [m.w1, m.w2, m.w3]
         for w in weights:
             if w.is_contiguous() and w.shape[-1] > 1 and w.shape[-2] > 1:
                 w.data = w.data.mT.contiguous().mT
+        for experts in dense:  # row-major again, if an earlier call (or a larger DECODE_DENSE_MAX) transposed them
+            for w in (experts.w1, experts.w3):
+                w.data = w.data.contiguous()
         return self
 
     def forward_embedded(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
