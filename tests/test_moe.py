@@ -320,3 +320,20 @@ def test_decode_equals_forward_and_reference_on_all_paths(shared, dense):
         assert moe.last_expert_counts is stats
         torch.testing.assert_close(got, full, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_of_one_token_is_the_expert_loop_bit_for_bit():
+    """One session's output position skips the loop's sort, gathers and scatter (``MoE._decode_one``) and sums its
+    experts in the loop's order: the same bits as ``_decode_loop``, with and without a shared expert."""
+    for shared in (0, 1):
+        moe = make_moe(top_k=3, num_shared_experts=shared).eval()
+        moe.DECODE_DENSE_MAX = 0
+        for seed in range(5):
+            x = torch.randn(1, DIM, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                weights, experts, _, _ = moe.route(x)
+                flat = experts.reshape(-1)
+                loop = moe._decode_loop(x, weights, flat, flat.argsort(stable=True))
+                assert torch.equal(moe._decode_one(x, weights, experts), loop)
+                got = moe.decode(x[None])[0]
+            assert torch.equal(got, loop if not shared else loop + moe.shared_experts(x))

@@ -367,6 +367,9 @@ class MoE(nn.Module):
         if cpu and self.decodes_dense(x.shape[0]):
             out = self._decode_dense(x, weights, experts)
             return (out if self.shared_experts is None else out + self.shared_experts(x)).view(shape)
+        if cpu and x.shape[0] == 1:  # one session's output position
+            out = self._decode_one(x, weights, experts)
+            return (out if self.shared_experts is None else out + self.shared_experts(x)).view(shape)
         flat = experts.reshape(-1)
         order = flat.argsort(stable=True)  # assignments (token * top_k + k) in expert order, as in forward
         if cpu and x.shape[0] <= self.DECODE_LOOP_MAX:
@@ -400,6 +403,18 @@ class MoE(nn.Module):
         h = F.silu(F.linear(x, w.w1.reshape(-1, self.dim))) * F.linear(x, w.w3.reshape(-1, self.dim))
         h = (h.view(N, E, -1) * gate[:, :, None]).view(N, -1)  # [N, E * hidden]
         return h @ w.w2.mT.reshape(-1, self.dim)
+
+    def _decode_one(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """``_decode_loop`` for a single token, without its sort, gathers and scatter: x [1, dim]; weights fp32 and
+        experts long [1, top_k]. Its chosen experts run in ascending id order and their outputs are summed in that
+        order, as the loop's ``index_add`` sums them, so the result [1, dim] is the loop's bit for bit."""
+        w, ids, scale = self.experts, experts[0].tolist(), weights[0].tolist()
+        out = None
+        for k in sorted(range(len(ids)), key=ids.__getitem__):
+            e = ids[k]
+            y = F.linear((F.silu(F.linear(x, w.w1[e])) * F.linear(x, w.w3[e])).mul_(scale[k]), w.w2[e])
+            out = y if out is None else out.add_(y)
+        return out
 
     def _decode_loop(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
                      order: torch.Tensor) -> torch.Tensor:
