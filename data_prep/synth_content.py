@@ -263,7 +263,9 @@ def topic_wait(rng: random.Random, video: VideoSpec) -> list[Line]:
     q = rng.choice([topic_capital, topic_days, topic_arithmetic])(rng, video)[:2]
     return [Line("user", pick(rng, ["hold on, let me think.", "please wait a moment.", "be quiet for a second.",
                                      "just a moment, please."]), "wait"),
-            Line("model", pick(rng, ["sure, take your time.", "okay.", "no problem."])),
+            # No acknowledgement opens like an answer that goes on talking ("sure. the story begins ...", "okay."
+            # before a paced count): its first word must not be what decides between waiting and talking.
+            Line("model", pick(rng, ["take your time.", "no problem, I'll wait.", "of course, I'll wait."])),
             Line("user", "okay, I'm back. " + q[0].text, gap=round(rng.uniform(2.0, 4.0), 3)), q[1]]
 
 

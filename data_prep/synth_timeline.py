@@ -214,7 +214,7 @@ def label_events(turns: list[Spoken], background: list[BackgroundEvent], video: 
             ev.append({"type": "delegate", "time": r(s.end), "speaker": who, "query": s.line.query})
         if k == "wait":
             back = next((t for t in main if t.start > s.end and t.line.speaker == "user"), None)
-            # The model acknowledges ("okay, take your time") and is quiet from the end of that until the go-ahead.
+            # The model acknowledges ("take your time") and is quiet from the end of that until the go-ahead.
             ack = next((t for t in main if t.start > s.start and t.line.speaker == "model"), None)
             quiet = r(ack.end) if ack is not None and (back is None or ack.end < back.start) else r(s.end)
             ev.append({"type": "wait_request", "time": r(s.end), "quiet_from": quiet,

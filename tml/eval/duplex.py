@@ -17,7 +17,7 @@ Definitions (all times in seconds):
 * backchannel rate: share of long user turns during which the model produced speech shorter than
   ``max_backchannel_s``;
 * silence compliance: share of "wait / be quiet" windows in which the model spoke less than ``quiet_tolerance`` of
-  the window. A window opens when the reference speaker's acknowledgement ("okay, take your time") ends; the first
+  the window. A window opens when the reference speaker's acknowledgement ("take your time") ends; the first
   ``quiet_grace_s`` of it are not counted, so an acknowledgement heard up to that much later than the reference's
   (the latency a reply is allowed) is not taken for speaking through the wait;
 * on-time rate: share of timed cues (time-aware or visual tasks) with a model onset within ``on_time_tol_s``;
