@@ -135,7 +135,7 @@ def topic_counting(rng: random.Random, video: VideoSpec) -> list[Line]:
     b = a + rng.randint(3, 5)
     seq = ", ".join(num_words(i) for i in range(a, b + 1))
     return [Line("user", f"can you count from {num_words(a)} to {num_words(b)}?"),
-            Line("model", f"sure. {seq}.")]
+            Line("model", f"{seq}.")]
 
 
 def topic_days(rng: random.Random, video: VideoSpec) -> list[Line]:
@@ -220,7 +220,7 @@ LONG_TALK = [
     "of course on how much time you have.",
     "let me explain. you mix the flour with the water, then you add a little salt, and after that you leave the "
     "dough to rest for about an hour.",
-    "sure. the story begins in a small village by the sea, where an old fisherman lived with his daughter and "
+    "the story begins in a small village by the sea, where an old fisherman lived with his daughter and "
     "their very lazy cat.",
 ]
 
@@ -230,7 +230,7 @@ def topic_interrupt(rng: random.Random, video: VideoSpec) -> list[Line]:
     if rng.random() < 0.5:
         a = rng.randint(1, 8)
         ask, talk = f"can you count from {num_words(a)} to {num_words(a + 12)}?", \
-            "sure. " + ", ".join(num_words(i) for i in range(a, a + 13)) + "."
+            ", ".join(num_words(i) for i in range(a, a + 13)) + "."
     else:
         ask, talk = pick(rng, ["can you tell me something?", "what do you think about that?",
                                 "can you explain it to me?"]), rng.choice(LONG_TALK)
@@ -249,7 +249,7 @@ def topic_long_talk(rng: random.Random, video: VideoSpec) -> list[Line]:
     if rng.random() < 0.4:
         a = rng.randint(1, 8)
         ask, talk = f"can you count from {num_words(a)} to {num_words(a + 10)}?", \
-            "sure. " + ", ".join(num_words(i) for i in range(a, a + 11)) + "."
+            ", ".join(num_words(i) for i in range(a, a + 11)) + "."
     else:
         ask, talk = pick(rng, ["can you tell me something?", "can you explain it to me?", "tell me a story."]), \
             rng.choice(LONG_TALK)
@@ -263,9 +263,9 @@ def topic_wait(rng: random.Random, video: VideoSpec) -> list[Line]:
     q = rng.choice([topic_capital, topic_days, topic_arithmetic])(rng, video)[:2]
     return [Line("user", pick(rng, ["hold on, let me think.", "please wait a moment.", "be quiet for a second.",
                                      "just a moment, please."]), "wait"),
-            # No acknowledgement opens like an answer that goes on talking ("sure. the story begins ...", "okay."
-            # before a paced count): its first word must not be what decides between waiting and talking.
-            Line("model", pick(rng, ["take your time.", "no problem, I'll wait.", "of course, I'll wait."])),
+            # One acknowledgement, and no long answer opens like it: the tiny model, unsure which request it heard,
+            # took the most common opening ("sure." before every count and story) and talked through the wait.
+            Line("model", "take your time."),
             Line("user", "okay, I'm back. " + q[0].text, gap=round(rng.uniform(2.0, 4.0), 3)), q[1]]
 
 
