@@ -16,12 +16,16 @@ def track(duration, spans):
 
 def test_wait_window_grace_by_hand():
     """Window 2.0-6.0 (opens when the reference's acknowledgement ended). An acknowledgement 2.2-2.5 is inside the
-    0.5 s grace (counted span 2.5-6.0: no speech); one of 2.3-2.7 puts 0.2 s in 3.5 s = 5.7% > 5% into it; a late
-    one 2.2-2.5 plus a new utterance 4.0-4.2 (0.2 s, 5.7%) speaks in the window too."""
+    0.5 s grace (counted span 2.5-6.0: no speech); a late one 2.2-2.5 plus a new utterance 4.0-4.2 (0.2 s of 3.5 s
+    = 5.7% > 5%) speaks in the window. A longer-worded acknowledgement still going at 2.5 is excused if it ends by
+    2.5 + 1.0 (ack_overrun_s): 2.3-3.4 is; 2.3-3.6 is not and counts whole (1.1 s of 3.5 s); 2.3-3.4 followed by
+    3.7-3.9 (0.2 s) speaks in the window again. Without the overrun, 2.3-2.7 puts 0.2 s (5.7%) into it."""
     labels = DuplexLabels(duration=8.0, quiet_windows=[(2.0, 6.0)])
-    ok = lambda spans: episode_metrics(labels, track(8.0, spans), [], MetricConfig())["quiet_ok"]  # noqa: E731
-    assert ok([(2.2, 2.5)]) == [1] and ok([(2.3, 2.7)]) == [0] and ok([(2.2, 2.5), (4.0, 4.2)]) == [0]
+    ok = lambda spans, **kw: episode_metrics(labels, track(8.0, spans), [], MetricConfig(**kw))["quiet_ok"]  # noqa: E731
+    assert ok([(2.2, 2.5)]) == [1] and ok([(2.2, 2.5), (4.0, 4.2)]) == [0]
     assert ok([(2.2, 2.5), (4.0, 4.15)]) == [1]  # 0.15 s of 3.5 s = 4.3%: within the tolerance
+    assert ok([(2.3, 3.4)]) == [1] and ok([(2.3, 3.6)]) == [0] and ok([(2.3, 3.4), (3.7, 3.9)]) == [0]
+    assert ok([(2.3, 2.7)]) == [1] and ok([(2.3, 2.7)], ack_overrun_s=0.0) == [0]
 
 
 def test_latencies_stops_and_rates_by_hand():

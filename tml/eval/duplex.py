@@ -19,7 +19,10 @@ Definitions (all times in seconds):
 * silence compliance: share of "wait / be quiet" windows in which the model spoke less than ``quiet_tolerance`` of
   the window. A window opens when the reference speaker's acknowledgement ("take your time") ends; the first
   ``quiet_grace_s`` of it are not counted, so an acknowledgement heard up to that much later than the reference's
-  (the latency a reply is allowed) is not taken for speaking through the wait;
+  (the latency a reply is allowed) is not taken for speaking through the wait; a speech run still going when the
+  counted span starts is the model's own acknowledgement, worded longer than the reference's ("of course, I'll
+  wait." for "take your time."), if it ends within ``ack_overrun_s``, and is not counted either; one that goes on
+  is talking through the wait and counts whole;
 * on-time rate: share of timed cues (time-aware or visual tasks) with a model onset within ``on_time_tol_s``;
 * text accuracy: share of expected answers whose words appear in the model's text written after the question;
 * delegation rate: share of expected delegations (time, query) for which the model's text holds a closed
@@ -63,6 +66,7 @@ class MetricConfig:
     max_backchannel_s: float = 1.0
     quiet_tolerance: float = 0.05
     quiet_grace_s: float = 0.5  # a late acknowledgement may run this far into a wait window
+    ack_overrun_s: float = 1.0  # ... and a longer-worded one this much further (a run going on at the counted start)
     on_time_tol_s: float = 0.5
     delegate_tol_s: float = 2.0
 
@@ -160,7 +164,12 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
         out["backchannel"].append(int(bool(runs)))
     for s, e in labels.quiet_windows:
         a, b = round((s + cfg.quiet_grace_s) / cfg.frame_s), round(e / cfg.frame_s)
-        out["quiet_ok"].append(int(active[a:b].float().mean().item() <= cfg.quiet_tolerance if b > a else 1))
+        spoken = active[a:b].clone()
+        if len(spoken) and spoken[0]:  # the acknowledgement still going: excused if it ends within ack_overrun_s
+            ack = int(spoken.logical_not().int().argmax()) if not spoken.all() else len(spoken)
+            if ack * cfg.frame_s <= cfg.ack_overrun_s + 1e-9:
+                spoken[:ack] = False
+        out["quiet_ok"].append(int(spoken.float().mean().item() <= cfg.quiet_tolerance if b > a else 1))
     for t in labels.timed_cues:
         out["on_time"].append(int(any(abs(o - t) <= cfg.on_time_tol_s for o in on)))
     for after, expected in labels.answers:
