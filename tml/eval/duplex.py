@@ -20,9 +20,9 @@ Definitions (all times in seconds):
   the window. A window opens when the reference speaker's acknowledgement ("take your time") ends; the first
   ``quiet_grace_s`` of it are not counted, so an acknowledgement heard up to that much later than the reference's
   (the latency a reply is allowed) is not taken for speaking through the wait; a speech run still going when the
-  counted span starts is the model's own acknowledgement, worded longer than the reference's ("of course, I'll
-  wait." for "take your time."), if it ends within ``ack_overrun_s``, and is not counted either; one that goes on
-  is talking through the wait and counts whole;
+  counted span starts is the model's own acknowledgement, heard later or rendered longer than the reference's, if
+  it ends within ``ack_overrun_s``, and is not counted either; one that goes on is talking through the wait and
+  counts whole;
 * on-time rate: share of timed cues (time-aware or visual tasks) with a model onset within ``on_time_tol_s``;
 * text accuracy: share of expected answers whose words appear in the model's text written after the question;
 * delegation rate: share of expected delegations (time, query) for which the model's text holds a closed
@@ -165,8 +165,9 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
     for s, e in labels.quiet_windows:
         a, b = round((s + cfg.quiet_grace_s) / cfg.frame_s), round(e / cfg.frame_s)
         spoken = active[a:b].clone()
-        if len(spoken) and spoken[0]:  # the acknowledgement still going: excused if it ends within ack_overrun_s
-            ack = int(spoken.logical_not().int().argmax()) if not spoken.all() else len(spoken)
+        runs = _runs(spoken)
+        if runs and runs[0][0] == 0:  # the acknowledgement still going: excused if it ends within ack_overrun_s
+            ack = runs[0][1]
             if ack * cfg.frame_s <= cfg.ack_overrun_s + 1e-9:
                 spoken[:ack] = False
         out["quiet_ok"].append(int(spoken.float().mean().item() <= cfg.quiet_tolerance if b > a else 1))
