@@ -317,6 +317,12 @@ def best_alignment(segment: torch.Tensor, reference: torch.Tensor) -> float:
     return float((num.double() / den).max())
 
 
+def heard_micro_turns(heard: torch.Tensor, reference: torch.Tensor, n: int = 3200) -> tuple[int, int]:
+    """Of the loud ``n``-sample stretches of ``heard`` [T], how many match some stretch of ``reference`` (> 0.9)."""
+    chunks = [c for c in heard[: heard.numel() // n * n].view(-1, n) if c.square().mean().sqrt() > 0.01]
+    return sum(best_alignment(c, reference) > 0.9 for c in chunks), len(chunks)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium); "
                                              "the browser test drives it headless")
 def test_the_page_talks_to_the_server_in_a_real_browser(server, tmp_path):
@@ -379,9 +385,11 @@ def test_the_page_talks_to_the_server_in_a_real_browser(server, tmp_path):
     # The server heard the microphone: its recording of the user lines up with the wav the fake device played.
     heard, _ = read_wav(record / "user.wav")
     assert heard.shape[1] >= 15 * 3200
-    loud = heard[0, 3200 : 3200 + SR]  # 1 s, past the start-up
-    assert loud.square().mean().sqrt() > 0.01
-    assert best_alignment(loud, torch.cat([speech] * 3)) > 0.9
+    aligned, loud = heard_micro_turns(heard[0, 3200:], torch.cat([speech] * 4))  # past the start-up
+    print(f"micro-turns of the mic heard sample for sample: {aligned}/{loud}")
+    # A loaded CI machine made Chromium's audio thread drop a buffer once (1 s aligned at 0.67): a glitch spoils the
+    # micro-turns it falls in, not the others; a wrong rate, garbled or missing audio spoils every one.
+    assert loud >= 10 and aligned >= 0.75 * loud
 
     # The page received the model's audio and text, micro-turn by micro-turn, as the server sent them.
     k = state["turns"]
