@@ -64,23 +64,24 @@ IHELDOUT  ?= data/interaction_heldout
 IRUN      ?= outputs/interaction/main
 # the decoder's floor temperature (sampling.floor_temperature), chosen on a development set (README)
 IFLOOR_T  ?= 0.7
-IMIX_TRAIN := --scenario-weights dialogue=0.2,interrupt=0.3,wait=0.2,long_talk=0.2,timer=0.025,count_pace=0.025,wall=0.025,squares=0.025 \
-	--background-prob 0.1 --listener-sound-prob 0.8
-IMIX_HELDOUT := --scenario-weights dialogue=0.1,interrupt=0.35,wait=0.35,long_talk=0.2 --background-prob 0.0 \
+# long_talk holds most of the lines long enough for a listener sound 1.5 s before their end (data_prep.synth_timeline)
+IMIX_TRAIN := --scenario-weights dialogue=0.1,interrupt=0.3,wait=0.2,long_talk=0.3,timer=0.025,count_pace=0.025,wall=0.025,squares=0.025 \
+	--background-prob 0.1 --listener-sound-prob 1.0
+IMIX_HELDOUT := --scenario-weights dialogue=0.05,interrupt=0.3,wait=0.3,long_talk=0.35 --background-prob 0.0 \
 	--listener-sound-prob 0.9 --require barge_in=30,listener_sound=30,wait_window=30,reply_gap=40
 
 $(ITRAIN)/manifest.json: | $(BIN)/.installed
 	$(BIN)/python -m data_prep.synth_dialogues --out $(ITRAIN) --episodes 1440 --seed 0 $(IMIX_TRAIN)
 
 $(IHELDOUT)/manifest.json: | $(BIN)/.installed
-	$(BIN)/python -m data_prep.synth_dialogues --out $(IHELDOUT) --episodes 150 --seed 1 $(IMIX_HELDOUT)
+	$(BIN)/python -m data_prep.synth_dialogues --out $(IHELDOUT) --episodes 160 --seed 1 $(IMIX_HELDOUT)
 
 interaction-data: $(ITRAIN)/manifest.json $(IHELDOUT)/manifest.json
 
 interaction: setup interaction-data
 	$(BIN)/python recipes/pretrain.py +experiment=interaction_cpu data.path=$(ITRAIN) data.val_path=$(IHELDOUT) \
 		hydra.run.dir=$(IRUN)
-	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 120 --steps 3000 \
+	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 160 --steps 3000 \
 		--seeds 0,1,2 --vad silero --floor-temperature $(IFLOOR_T) --out $(IRUN)/eval/final.png
 	$(BIN)/python -m tml.tools.interaction_curves table $(IRUN)/eval/final.json
 	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \

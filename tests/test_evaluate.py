@@ -52,6 +52,24 @@ def test_labels_from_events():
     assert labels.delegations == [(3.4, "12 * 7")]
 
 
+def test_a_listener_sound_near_the_line_end_is_not_a_cough_test():
+    # The model's line runs 1.0-5.0 s. A cough at 2.0 s leaves 3 s of it: a stop within 0.5 s is a false stop. One
+    # at 4.4 s comes 0.6 s before the line ends, where the reference stops too: measured apart. The model (10 ms
+    # frames) speaks 1.0-2.3 s and 2.6-4.6 s: it stops 0.3 s after the first cough and 0.2 s after the second.
+    from tml.eval.duplex import episode_metrics
+
+    events = [{"type": "utterance_start", "time": 1.0, "speaker": "model", "kind": "long_talk"},
+              {"type": "non_interruption", "time": 2.0, "speaker": "user", "what": "cough"},
+              {"type": "non_interruption", "time": 4.4, "speaker": "user", "what": "backchannel"},
+              {"type": "utterance_end", "time": 5.0, "speaker": "model", "kind": "long_talk"}]
+    labels = labels_from_events(events, 6.0)
+    assert labels.false_barge_ins == [2.0] and labels.sounds_at_line_end == [4.4]
+    active = torch.zeros(600, dtype=torch.bool)
+    active[100:230] = active[260:460] = True
+    m = episode_metrics(labels, active, [])
+    assert m["false_stop"] == [1] and m["stop_at_line_end"] == [1]
+
+
 def test_silence_rule_latencies_equal_the_hand_computation(tmp_path):
     # A 10 ms frame is speech while its 25 ms window overlaps the noise, so after noise ending at e the first silent
     # frame is ceil((e + 0.0125) / 0.01): 102 for e = 1.0, 262 for e = 2.6. With a 0.3 s gap (30 frames) the rule

@@ -55,16 +55,18 @@ def test_barge_in_model_stops_within_a_few_hundred_ms(i):
 
 
 def test_listener_sounds_do_not_stop_the_model():
-    found = set()
+    found = []
     for i in range(12):
-        ep = make_episode(i, SynthConfig(seed=5, scenario="interrupt", listener_sound_prob=1.0, noise_prob=0.0))
+        ep = make_episode(i, SynthConfig(seed=5, scenario="long_talk" if i % 2 else "interrupt",
+                                         listener_sound_prob=1.0, noise_prob=0.0))
         for e in events(ep, "non_interruption"):
-            found.add(e["what"])
+            found.append(e["what"])
             turn = next(t for t in ep.meta["turns"] if t["speaker"] == "model" and t["start"] < e["time"] < t["end"])
             assert not turn.get("interrupted")
+            assert turn["end"] - e["time"] >= 1.5  # far from the line's end: going on is the model's choice there
             assert rms(ep.audio["model"], e["end"], e["end"] + 0.2) > 0.005  # still talking after the sound
             assert rms(ep.audio["user"], e["time"], e["end"]) > 0.01  # the sound is there
-    assert found >= {"cough", "backchannel"} or len(found) >= 2
+    assert len(found) >= 6 and len(set(found)) >= 2
 
 
 def test_wait_request_keeps_the_model_quiet_until_the_go_ahead():

@@ -47,6 +47,8 @@ class DuplexLabels:
     response_turns: list[tuple[float, float]] = field(default_factory=list)  # user turns that expect an answer
     interruptions: list[float] = field(default_factory=list)  # barge-in onsets: the model should stop
     false_barge_ins: list[float] = field(default_factory=list)  # coughs / backchannels: it should not stop
+    # listener sounds the reference's line ends soon after (it stops anyway): measured apart, not as coughs
+    sounds_at_line_end: list[float] = field(default_factory=list)
     long_user_turns: list[tuple[float, float]] = field(default_factory=list)  # where a backchannel fits
     quiet_windows: list[tuple[float, float]] = field(default_factory=list)  # asked to wait: stay silent
     timed_cues: list[float] = field(default_factory=list)  # act ("now!", count) at these times
@@ -138,7 +140,8 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
     cfg = cfg or MetricConfig()
     on = onsets(active, cfg)
     out: dict[str, list] = {k: [] for k in ("latency", "missed_turns", "stop_latency", "stopped", "false_stop",
-                                            "backchannel", "quiet_ok", "on_time", "answer_ok", "delegated")}
+                                            "backchannel", "quiet_ok", "on_time", "answer_ok", "delegated",
+                                            "stop_at_line_end")}
     for start, end in labels.response_turns:
         nxt = [o for o in on if max(start, end - cfg.overlap_s) <= o <= end + cfg.max_latency_s]
         if nxt:
@@ -157,6 +160,10 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
         if _speaking_at(active, c, cfg):
             stop = _stop_time(active, c, cfg)
             out["false_stop"].append(int(stop is not None and stop - c <= cfg.false_stop_s))
+    for c in labels.sounds_at_line_end:
+        if _speaking_at(active, c, cfg):
+            stop = _stop_time(active, c, cfg)
+            out["stop_at_line_end"].append(int(stop is not None and stop - c <= cfg.false_stop_s))
     for s, e in labels.long_user_turns:
         a, b = round(s / cfg.frame_s), round(e / cfg.frame_s)
         runs = [(x, y) for x, y in _runs(active[a:b]) if (y - x) * cfg.frame_s <= cfg.max_backchannel_s

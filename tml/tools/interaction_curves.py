@@ -52,6 +52,8 @@ def curve_metrics(per_episode: list[dict], stop_s: float = 0.5) -> dict:
         "barge_in_stop_rate": rate(sum(stops), len(pool["stopped"])), "n_barge_in_stop_rate": len(pool["stopped"]),
         "cough_stop_rate": rate(sum(pool["false_stop"]), len(pool["false_stop"])),
         "n_cough_stop_rate": len(pool["false_stop"]),
+        # listener sounds < LISTENER_SOUND_CLEAR_S before the reference's line ends: not a test of going on
+        "n_sounds_at_line_end": len(pool.get("stop_at_line_end", [])),
         "wait_speak_rate": rate(len(pool["quiet_ok"]) - sum(pool["quiet_ok"]), len(pool["quiet_ok"])),
         "n_wait_speak_rate": len(pool["quiet_ok"]),
     }
@@ -85,6 +87,9 @@ def summary(per_seed: list[list[dict]], min_events: int = 10, resamples: int = 1
             lo, hi = boots[int((1 - confidence) / 2 * len(boots))], boots[int((1 + confidence) / 2 * len(boots)) - 1]
             entry.update(value=value(key, range(E)), ci=[lo, hi])
         out[key] = entry
+    at_end = [[x for ep in eps for x in ep.get("stop_at_line_end", [])] for eps in per_seed]
+    out["sounds_at_line_end"] = {"events_per_seed": [len(x) for x in at_end],
+                                 "stop_rate": sum(map(sum, at_end)) / max(1, sum(map(len, at_end)))}
     return out
 
 
@@ -99,6 +104,13 @@ def table(model: dict, baseline: dict | None = None) -> str:
     for key, title, target, higher in CURVES:
         rows.append(f"| {title} | {'>=' if higher else '<='} {target} | {cell(model[key])} | "
                     f"{cell(baseline[key]) if baseline else '-'} |")
+    if model.get("sounds_at_line_end", {}).get("events_per_seed"):
+        from tml.eval.evaluate import LISTENER_SOUND_CLEAR_S
+
+        e = model["sounds_at_line_end"]
+        rows.append(f"\nNot counted as coughs: listener sounds under {LISTENER_SOUND_CLEAR_S:g} s before the reference's "
+                    f"line ends (it stops too), n={'/'.join(map(str, e['events_per_seed']))}, stopped within 0.5 s "
+                    f"at {e['stop_rate']:.2f}.")
     return "\n".join(rows)
 
 
