@@ -156,14 +156,11 @@ def episode_metrics(labels: DuplexLabels, active: torch.Tensor, text_by_time: li
         out["stopped"].append(int(ok))
         if ok:
             out["stop_latency"].append(stop - i)
-    for c in labels.false_barge_ins:
-        if _speaking_at(active, c, cfg):
-            stop = _stop_time(active, c, cfg)
-            out["false_stop"].append(int(stop is not None and stop - c <= cfg.false_stop_s))
-    for c in labels.sounds_at_line_end:
-        if _speaking_at(active, c, cfg):
-            stop = _stop_time(active, c, cfg)
-            out["stop_at_line_end"].append(int(stop is not None and stop - c <= cfg.false_stop_s))
+    for key, sounds in (("false_stop", labels.false_barge_ins), ("stop_at_line_end", labels.sounds_at_line_end)):
+        for c in sounds:
+            if _speaking_at(active, c, cfg):
+                stop = _stop_time(active, c, cfg)
+                out[key].append(int(stop is not None and stop - c <= cfg.false_stop_s))
     for s, e in labels.long_user_turns:
         a, b = round(s / cfg.frame_s), round(e / cfg.frame_s)
         runs = [(x, y) for x, y in _runs(active[a:b]) if (y - x) * cfg.frame_s <= cfg.max_backchannel_s

@@ -52,8 +52,6 @@ def curve_metrics(per_episode: list[dict], stop_s: float = 0.5) -> dict:
         "barge_in_stop_rate": rate(sum(stops), len(pool["stopped"])), "n_barge_in_stop_rate": len(pool["stopped"]),
         "cough_stop_rate": rate(sum(pool["false_stop"]), len(pool["false_stop"])),
         "n_cough_stop_rate": len(pool["false_stop"]),
-        # listener sounds < LISTENER_SOUND_CLEAR_S before the reference's line ends: not a test of going on
-        "n_sounds_at_line_end": len(pool.get("stop_at_line_end", [])),
         "wait_speak_rate": rate(len(pool["quiet_ok"]) - sum(pool["quiet_ok"]), len(pool["quiet_ok"])),
         "n_wait_speak_rate": len(pool["quiet_ok"]),
     }
