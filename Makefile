@@ -55,10 +55,12 @@ serve: setup $(if $(CHECKPOINT),,$(TINY)/checkpoints/latest)
 	$(BIN)/python recipes/serve.py checkpoint=$(or $(CHECKPOINT),$(TINY)) port=$(PORT)
 
 # A model that takes turns (README, "Interaction: a model that takes turns"): a training set rich in barge-ins,
-# listener sounds and wait requests (seed 0, 1,440 episodes, 4.3 h: ~9 min), a held-out set from another seed with
-# enough of each event to measure (--require), ~25 min of training on 2 CPU cores (configs/experiment/
+# listener sounds and wait requests (seed 0, 1,440 episodes, 4.5 h: ~3 min), a held-out set from another seed with
+# enough of each event to measure (--require), ~24-42 min of training on 2 CPU cores (by load) (configs/experiment/
 # interaction_cpu.yaml, a checkpoint every 250 steps), then the duplex evaluation of the last checkpoint (3 sampling
-# seeds, bootstrap CIs, ~8 min) beside the silence-rule baseline, and the metric-vs-step curves of the kept checkpoints.
+# seeds, bootstrap CIs, ~5-7 min) beside the silence-rule baseline, and the metric-vs-step curves of the kept checkpoints.
+# Evaluations run at one OpenMP thread: the README's table was measured so (another thread count can round a sampled
+# trajectory differently), and on a busy 2-core machine two threads spin in OpenMP barriers.
 ITRAIN    ?= data/interaction_train
 IHELDOUT  ?= data/interaction_heldout
 IRUN      ?= outputs/interaction/main
@@ -81,10 +83,10 @@ interaction-data: $(ITRAIN)/manifest.json $(IHELDOUT)/manifest.json
 interaction: setup interaction-data
 	$(BIN)/python recipes/pretrain.py +experiment=interaction_cpu data.path=$(ITRAIN) data.val_path=$(IHELDOUT) \
 		hydra.run.dir=$(IRUN)
-	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 160 --steps 3000 \
+	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 160 --steps 3000 \
 		--seeds 0,1,2 --vad silero --floor-temperature $(IFLOOR_T) --out $(IRUN)/eval/final.png
 	$(BIN)/python -m tml.tools.interaction_curves table $(IRUN)/eval/final.json
-	$(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \
+	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \
 		--floor-temperature $(IFLOOR_T) \
 		--steps 500,1000,1500,2000,2500,3000 --out $(IRUN)/eval/curves.png
 
