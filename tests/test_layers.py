@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from conftest import ROOT
+
 # Lowest first; a package may import any package of an earlier layer. Modules at tml/ top level (errors.py,
 # checksum.py, environment.py) are the base every package may use; cli.py sits on top with the tools.
 LAYERS = [
@@ -34,10 +36,14 @@ def layering_violations(root: Path) -> list[str]:
         pkg = parts[0]
         here = f.relative_to(root.parent)
         for node in ast.walk(ast.parse(f.read_text(), filename=str(f))):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == top:
-                imported = [(f"{top}.{a.name}", []) for a in node.names]  # from tml import model
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported = [(node.module, [a.name for a in node.names])]
+            if isinstance(node, ast.ImportFrom):
+                # a relative import names the same module an absolute one would: resolve it from this file's package
+                base = [top, *parts[:-1]][: len(parts) + 1 - node.level] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                if module == top:  # from tml import model / from .. import model
+                    imported = [(f"{top}.{a.name}", []) for a in node.names]
+                else:
+                    imported = [(module, [a.name for a in node.names])]
             elif isinstance(node, ast.Import):
                 imported = [(a.name, []) for a in node.names]
             else:
@@ -61,7 +67,7 @@ def layering_violations(root: Path) -> list[str]:
 
 
 def test_tml_imports_follow_the_layers():
-    root = Path(__file__).resolve().parents[1] / "tml"
+    root = ROOT / "tml"
     assert layering_violations(root) == []
     # every package is placed, so a new one has to be put somewhere deliberately
     packages = {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
@@ -84,7 +90,9 @@ def test_the_checker_finds_each_kind_of_break(tmp_path):
         "from tml.train.loop import pretrain\n"        # higher layer
         "from tml.streams._pack import x\n"            # private module of another package
         "from tml.streams.batch import _helper\n"      # private name of another package
-        "from recipes.pretrain import main\n")         # outside the package
+        "from recipes.pretrain import main\n"          # outside the package
+        "from ..train import loop\n"                   # higher layer, relative
+        "from . import moe\n")                         # own package, relative: fine
     (root / "streams" / "batch.py").write_text("import tml.model\nfrom tml import train\n")  # higher layers
     found = layering_violations(root)
     assert found == [
@@ -92,6 +100,7 @@ def test_the_checker_finds_each_kind_of_break(tmp_path):
         "tml/model/heads.py: imports tml.streams._pack ['_pack'] (private to streams)",
         "tml/model/heads.py: imports tml.streams.batch ['_helper'] (private to streams)",
         "tml/model/heads.py: imports recipes.pretrain (outside the package)",
+        "tml/model/heads.py: imports tml.train (train is not below model)",
         "tml/streams/batch.py: imports tml.model (model is not below streams)",
         "tml/streams/batch.py: imports tml.train (train is not below streams)",
     ]
