@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--baseline-dense-max", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache-dtype", default=None, help="this side's session.cache_dtype (default: its default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sides = {"baseline": load_checkout(Path(args.baseline).resolve()), "this": load_checkout(None)}
@@ -112,7 +113,10 @@ def main() -> None:
                 mod, streams = ns.session, ns.streams
                 with ns.active():
                     layout = streams.MicroTurnLayout(streams.LayoutConfig())
-                    s = mod.StreamingSession(models[tag], layout, ns.DMelTokenizer(), mod.SessionConfig(), sessions=B)
+                    scfg = mod.SessionConfig()
+                    if tag == "this" and args.cache_dtype:
+                        scfg.cache_dtype = args.cache_dtype
+                    s = mod.StreamingSession(models[tag], layout, ns.DMelTokenizer(), scfg, sessions=B)
                 bench.fill(s, args.seconds * 1000 // layout.cfg.micro_turn_ms * layout.length)
                 silence = torch.zeros(layout.frames_per_turn, layout.cfg.n_mels, dtype=torch.long)
                 runs[tag] = (s, [mod.MicroTurnInputs(user_audio=silence) for _ in range(B)], [])

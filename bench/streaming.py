@@ -1,7 +1,7 @@
 """Per-micro-turn compute of streaming sessions next to its FLOP floor, measured in the same run.
 
     python bench/streaming.py [--configs tiny small] [--lengths 10 60 300] [--batches 1 4 16] [--window 1000]
-                              [--full-context] [--turns 10] [--threads 1] [--json]
+                              [--full-context] [--cache-dtype float32] [--turns 10] [--threads 1] [--json]
 
 For each config, session length and batch size B, every session of a batched session is placed at that length (its
 cache slots filled as a prefill would fill them, with random keys and values: a step costs what it attends to, not
@@ -19,9 +19,9 @@ what the keys hold), then ``--turns`` micro-turns are timed (median, after one w
 - ``mem ms``: the step's memory floor: the bytes it must read at this run's read bandwidth (summing a 256 MiB
   tensor, CPU time, best of 3). Each of its sequential forwards (the input chunk, then every output position but the
   held-back last) reads the backbone's weights (the experts its tokens can reach: top_k per token, at most all) and
-  every layer's cached keys and values of all B sessions; the text and dMel heads are read where they predict. A
-  one-position step cannot reuse weights or cache between positions (they do not fit the caches), so this, not
-  the FLOP floor, bounds a decode step; ``x mem``: cpu ms over mem ms.
+  every layer's cached keys and values of all B sessions (in ``--cache-dtype``); the text and dMel heads are read
+  where they predict. A one-position step cannot reuse weights or cache between positions (they do not fit the
+  caches), so this, not the FLOP floor, bounds a decode step; ``x mem``: cpu ms over mem ms.
 - ``RTF``: cpu ms / 200 ms: the batch keeps all B sessions live while it is below 1 (aggregate real-time factor);
   ``wall RTF`` the same from wall time.
 - ``full-context`` rows (``--window 0``, B = 1) show what an unbounded cache costs at each length.
@@ -91,9 +91,10 @@ def floor_flops(model: InteractionModel, layout: MicroTurnLayout, context: int) 
     return layout.length * (2 * backbone + attention) + 2 * n_text * text_head + 2 * n_audio * audio_head
 
 
-def floor_bytes(model: InteractionModel, layout: MicroTurnLayout, context: int, B: int) -> float:
-    """Bytes one step of ``B`` sessions must read (fp32): per sequential forward the backbone weights its tokens reach
-    plus every layer's cached keys and values, and each head where it predicts (see the module docstring)."""
+def floor_bytes(model: InteractionModel, layout: MicroTurnLayout, context: int, B: int, kv_bytes: int = 4) -> float:
+    """Bytes one step of ``B`` sessions must read (fp32 weights, ``kv_bytes`` per cached key or value element): per
+    sequential forward the backbone weights its tokens reach plus every layer's cached keys and values, and each
+    head where it predicts (see the module docstring)."""
     cfg = model.cfg
     S, C, NB = cfg.frames_per_audio_position, cfg.n_mels, cfg.dmel_bins
     text_head, audio_head = cfg.vocab_size * cfg.dim, cfg.dim * S * C * NB
@@ -107,7 +108,7 @@ def floor_bytes(model: InteractionModel, layout: MicroTurnLayout, context: int, 
         experts = min(cfg.moe.num_experts, tokens * cfg.moe.top_k)
         weights = backbone + moe_layers * (experts - cfg.moe.top_k) * expert
         kv = 2 * cfg.n_layers * B * cfg.num_kv_heads * context * cfg.head_dim
-        total += 4 * (weights + kv)
+        total += 4 * weights + kv_bytes * kv
     return total + 4 * (layout.count(Stream.MODEL, Kind.TEXT) * text_head + layout.count(Stream.MODEL, Kind.AUDIO)
                         * audio_head)
 
@@ -120,7 +121,9 @@ def fill(session: StreamingSession, positions: int) -> None:
     B = session.sessions
     if positions:
         cap = cache.capacity if cache.window else max(cache.capacity, 2 * positions)
-        cache._allocate(B, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu", cap)
+        # the session's cache precision (a baseline checkout's KVCache may predate KVCache.dtype: float32 then)
+        dtype = getattr(cache, "dtype", None) or torch.float32
+        cache._allocate(B, cfg.num_kv_heads, cfg.head_dim, dtype, "cpu", cap)
         held = torch.arange(max(0, positions - (cap - cache.sinks)), positions)
         if cache.sinks:
             held = torch.cat([torch.arange(min(cache.sinks, positions)), held[held >= cache.sinks]])
@@ -135,9 +138,10 @@ def fill(session: StreamingSession, positions: int) -> None:
 
 
 def measure(model: InteractionModel, name: str, seconds: int, B: int, window: int, turns: int, peak: float,
-            gbps: float) -> dict:
+            gbps: float, cache_dtype: str = "float32") -> dict:
     layout = MicroTurnLayout(LayoutConfig())
-    cfg = SessionConfig(cache_window=window, max_context=max(65536, (seconds * 5 + 10) * layout.length))
+    cfg = SessionConfig(cache_window=window, max_context=max(65536, (seconds * 5 + 10) * layout.length),
+                        cache_dtype=cache_dtype)
     session = StreamingSession(model, layout, DMelTokenizer(), cfg, sessions=B)
     past = seconds * 1000 // layout.cfg.micro_turn_ms * layout.length
     fill(session, past)
@@ -152,8 +156,10 @@ def measure(model: InteractionModel, name: str, seconds: int, B: int, window: in
     wall_ms, step_ms = 1000 * statistics.median(times), 1000 * statistics.median(cpu)
     context = min(past + layout.length, window) if window else past + layout.length
     floor_ms = 1000 * B * floor_flops(model, layout, context) / (peak * 1e9)
-    mem_ms = 1000 * floor_bytes(model, layout, context, B) / (gbps * 1e9)
-    return {"config": name, "session_s": seconds, "sessions": B, "window": window, "wall_ms": wall_ms,
+    kv_bytes = session.cache.k.element_size()
+    mem_ms = 1000 * floor_bytes(model, layout, context, B, kv_bytes) / (gbps * 1e9)
+    return {"config": name, "session_s": seconds, "sessions": B, "window": window, "cache_dtype": cache_dtype,
+            "wall_ms": wall_ms,
             "cpu_ms": step_ms, "floor_ms": floor_ms, "x_floor": step_ms / floor_ms, "mem_ms": mem_ms,
             "x_mem": step_ms / mem_ms,
             "rtf": step_ms / layout.cfg.micro_turn_ms, "wall_rtf": wall_ms / layout.cfg.micro_turn_ms}
@@ -167,6 +173,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=SessionConfig().cache_window,
                     help="session cache window in positions (the default session's)")
     ap.add_argument("--full-context", action="store_true", help="also time B = 1 without a window")
+    ap.add_argument("--cache-dtype", default=SessionConfig().cache_dtype, help="session.cache_dtype: float32, bfloat16")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
@@ -184,7 +191,7 @@ def main() -> None:
         if args.full_context:
             runs += [(s, 1, 0) for s in args.lengths]
         for seconds, B, window in runs:
-            r = measure(model, name, seconds, B, window, args.turns, peak, gbps)
+            r = measure(model, name, seconds, B, window, args.turns, peak, gbps, args.cache_dtype)
             if args.json:
                 print(json.dumps(r), flush=True)
             else:

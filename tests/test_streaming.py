@@ -5,6 +5,7 @@ import torch
 
 from conftest import STREAM_TURNS as TURNS
 from conftest import turn_inputs
+from tml.errors import ConfigError
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.model.attention import ContextFullError
 from tml.model.sampling import SamplingConfig
@@ -188,3 +189,33 @@ def test_batched_sessions_equal_separate_sessions(setup):
     # Sampling really is per session: the same input under another seed writes something else.
     other = StreamingSession(model, layout, dmel, cfg, seeds=[99]).step(feeds[1][0])
     assert other.text_ids != got[1][0].text_ids or not torch.equal(other.audio_bins, got[1][0].audio_bins)
+
+
+def test_bfloat16_cache_stays_near_the_training_forward(setup):
+    # session.cache_dtype="bfloat16": keys and values kept (and attended) in bfloat16. The logits leave the training
+    # forward's 1e-5 but stay within bfloat16 rounding of it (~2^-9 relative per key, value and attention output)
+    # with the same argmax nearly everywhere, in the full context and in a window (against the banded mask's
+    # forward); other dtypes are refused by name. (Batched sessions then equal separate ones only up to that rounding:
+    # a ~1e-7 difference between kernels for different batch sizes can round a key to the neighbouring bfloat16.)
+    model, layout, dmel, text, episode, tok = setup
+    batch = collate([[tok]], TURNS * layout.length)
+    full = Batch.attention_mask(batch)
+    i = torch.arange(full.shape[-1])
+    for window in (0, 50):
+        mask = full & ((i[:, None] - i[None, :]) < window) if window else full
+
+        class Masked(Batch):
+            def attention_mask(self, _m=mask):
+                return _m
+
+        with torch.no_grad():
+            ref = model(Masked(**batch.__dict__))
+        session, outs = run_session(setup, SessionConfig(cache_window=window, cache_dtype="bfloat16"))
+        assert session.cache.k.dtype == torch.bfloat16
+        for got, want in ((torch.cat([o.text_logits for o in outs]), ref.text_logits),
+                          (torch.cat([o.audio_logits for o in outs]), ref.audio_logits)):
+            assert got.dtype == torch.float32
+            assert 1e-5 < (got - want).abs().max() <= 2e-3 * want.abs().max()  # 4e-4 of 0.7 measured
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    with pytest.raises(ConfigError, match="session.cache_dtype"):
+        StreamingSession(model, layout, dmel, SessionConfig(cache_dtype="float16"))

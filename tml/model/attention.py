@@ -86,7 +86,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v, mask = cache.write(layer, k, v)
-        if L == 1:
+        if k.dtype != q.dtype:
+            out = half_cache_attention(q, k, v, cache.bias)
+        elif L == 1:
             out = decode_attention(q, k, v, cache.bias)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -107,6 +109,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if bias is not None:
         scores.add_(bias)
     return (scores.softmax(-1) @ v).view(B, H, 1, D)
+
+
+def half_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+                         ) -> torch.Tensor:
+    """Attention over a half-precision cache (``KVCache(dtype=torch.bfloat16)``, ``SessionConfig.cache_dtype``):
+    q [B, H, T, D] in the activations' dtype over k, v [B, H_kv, S, D] in the cache's, ``bias`` [B, 1, T, S] in the
+    cache's dtype (0 or -inf, ``KVCache.bias``) or None. Returns [B, H, T, D] in q's dtype.
+
+    The query is rounded to the cache's dtype and SDPA's flash kernel runs in it (products summed in fp32 inside,
+    the output rounded once): for one query it reads a bfloat16 cache near the read bandwidth, where two batched
+    matmuls over it (``decode_attention``'s) run at half that (bench/streaming.py, tiny at 16 sessions)."""
+    out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias, enable_gqa=k.shape[1] != q.shape[1])
+    return out.to(q.dtype)
 
 
 class RopeTable:
@@ -149,13 +164,18 @@ class KVCache:
       never reallocates or copies. A query at position p sees positions ``p - window + 1 .. p`` plus the sinks.
       The ring holds a window plus the longest chunk written at once, so a chunk never overwrites keys its own
       earlier queries still need; ``capacity`` sizes it up front (a longer chunk grows it once).
+
+    ``dtype``: what keys and values are stored in (None: the activations' dtype). A cache in another dtype than the
+    activations (bfloat16 under a float32 model) is attended by ``half_cache_attention``.
     """
 
-    def __init__(self, n_layers: int, window: int = 0, sinks: int = 0, capacity: int = 0):
+    def __init__(self, n_layers: int, window: int = 0, sinks: int = 0, capacity: int = 0,
+                 dtype: torch.dtype | None = None):
         if window < 0 or sinks < 0 or (sinks and sinks >= window):
             raise ValueError(f"KVCache: window={window}, sinks={sinks}: need window >= 0 and sinks < window "
                              f"(sinks need a window)")
         self.n_layers, self.window, self.sinks, self.capacity = n_layers, window, sinks, capacity
+        self.dtype = dtype
         self.k: torch.Tensor | None = None  # [n_layers, B, n_kv_heads, capacity, head_dim]
         self.v: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None  # long [B, capacity]: absolute position in each slot, -1 = empty
@@ -164,7 +184,9 @@ class KVCache:
         # Set by prepare() for the layers' writes: slots long [B, T] (or [T] when all rows share them), mask.
         self.slots: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None  # the mask as float 0 / -inf [B, 1, 1, S] when T == 1 (decode_attention)
+        # the mask as float 0 / -inf [B, 1, T, S]: when T == 1 (decode_attention), and in a cache of another dtype than
+        # the activations for every T, in the cache's dtype (half_cache_attention)
+        self.bias: torch.Tensor | None = None
 
     def __len__(self) -> int:
         """Most positions any row holds (what memory is spent on)."""
@@ -198,11 +220,11 @@ class KVCache:
             if self.rows and self.rows != B:
                 raise ValueError(f"KVCache holds {self.rows} rows, got {B}: use keep() / add_rows()")
             cap = max(self.capacity, need if self.window else 2 * need)
-            self._allocate(B, n_kv_heads, head_dim, dtype, positions.device, cap)
+            self._allocate(B, n_kv_heads, head_dim, self.dtype or dtype, positions.device, cap)
         elif self.rows != B:
             raise ValueError(f"KVCache holds {self.rows} rows, got {B}: use keep() / add_rows()")
         elif need > self.capacity:
-            self._allocate(B, n_kv_heads, head_dim, dtype, positions.device,
+            self._allocate(B, n_kv_heads, head_dim, self.k.dtype, positions.device,
                            need if self.window else max(need, 2 * self.capacity))
         slots = self._slots(positions, self.capacity)
         self.pos.scatter_(1, slots, positions)
@@ -214,23 +236,25 @@ class KVCache:
             mask &= (qp - kp < self.window) | (kp < self.sinks)
         self.mask = None if bool(mask.all()) else mask[:, None]
         self.bias = None
-        if self.mask is not None and T == 1:
-            self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=mask.device).masked_fill_(~self.mask,
-                                                                                                float("-inf"))
+        if self.mask is not None and (T == 1 or self.k.dtype != dtype):
+            # the mask as the scores' bias, in the cache's dtype, once per forward rather than per layer: one query's
+            # (decode_attention), and every forward's over a cache in another dtype (half_cache_attention)
+            self.bias = torch.zeros(self.mask.shape, dtype=self.k.dtype, device=mask.device).masked_fill_(
+                ~self.mask, float("-inf"))
         self.slots = slots[0] if B == 1 or bool((slots == slots[:1]).all()) else slots
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store layer ``layer``'s new keys/values [B, n_kv_heads, T, head_dim] in the prepared slots; return its
-        keys and values [B, n_kv_heads, S, head_dim] and the prepared mask."""
+        """Store layer ``layer``'s new keys/values [B, n_kv_heads, T, head_dim] in the prepared slots (rounded to the
+        cache's dtype); return its keys and values [B, n_kv_heads, S, head_dim] and the prepared mask."""
         kl, vl = self.k[layer], self.v[layer]
         if self.slots.ndim == 1:  # every row writes the same slots: one copy per tensor
-            kl.index_copy_(2, self.slots, k)
-            vl.index_copy_(2, self.slots, v)
+            kl.index_copy_(2, self.slots, k.to(kl.dtype))
+            vl.index_copy_(2, self.slots, v.to(vl.dtype))
         else:
             idx = self.slots[:, None, :, None].expand_as(k)
-            kl.scatter_(2, idx, k)
-            vl.scatter_(2, idx, v)
+            kl.scatter_(2, idx, k.to(kl.dtype))
+            vl.scatter_(2, idx, v.to(vl.dtype))
         return kl[:, :, : self.end], vl[:, :, : self.end], self.mask
 
     def keep(self, rows: list[int]) -> None:
@@ -242,7 +266,7 @@ class KVCache:
 
     def select(self, rows: list[int]) -> "KVCache":
         """A cache holding copies of these rows (write it back with ``put``)."""
-        sub = KVCache(self.n_layers, self.window, self.sinks, self.capacity)
+        sub = KVCache(self.n_layers, self.window, self.sinks, self.capacity, self.dtype)
         sub.rows = len(rows)
         if self.k is not None:
             idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
