@@ -55,20 +55,63 @@ def griffin_lim(power: torch.Tensor, gl: torchaudio.transforms.GriffinLim, gener
     """Power spectrogram [n_stft, frames] -> wave [(frames - 1) * hop], the steps of torchaudio's Griffin-Lim
     (``torchaudio.functional.griffinlim`` with ``gl``'s settings) with the random initial phase drawn from
     ``generator``: torchaudio draws it from the global RNG, which threads share, so two live sessions vocoding at
-    once would take each other's draws."""
+    once would take each other's draws. Its inverse transforms are ``InverseSTFT``'s (``torch.istft``'s values,
+    bitwise) unless ``gl.length`` trims them."""
     mag = power.pow(1 / gl.power)
     kw = dict(n_fft=gl.n_fft, hop_length=gl.hop_length, win_length=gl.win_length, window=gl.window)
+    istft = (InverseSTFT(mag.shape[-1], gl.n_fft, gl.hop_length, gl.win_length, gl.window) if gl.length is None
+             else lambda spec: torch.istft(spec, length=gl.length, **kw))
     angles = torch.rand(mag.shape, dtype=torch.complex64, generator=generator) if gl.rand_init else torch.ones_like(
         mag, dtype=torch.complex64)
     momentum = gl.momentum / (1 + gl.momentum)
     previous = torch.tensor(0.0)
     for _ in range(gl.n_iter):
-        rebuilt = torch.stft(torch.istft(mag * angles, length=gl.length, **kw), center=True, pad_mode="reflect",
-                             normalized=False, onesided=True, return_complex=True, **kw)
+        rebuilt = torch.stft(istft(mag * angles), center=True, pad_mode="reflect", normalized=False, onesided=True,
+                             return_complex=True, **kw)
         angles = rebuilt - previous * momentum if momentum else rebuilt
         angles = angles / (angles.abs() + 1e-16)
         previous = rebuilt
-    return torch.istft(mag * angles, length=gl.length, **kw)
+    return istft(mag * angles)
+
+
+class InverseSTFT:
+    """``torch.istft`` (centred, onesided, not normalized, no ``length``) of spectrograms with ``frames`` frames,
+    bitwise: the same inverse FFT and window product, the same overlap-add sums in the same order, the same division
+    by the window envelope. Griffin-Lim inverts one shape ``n_iter + 1`` times, and ``torch.istft`` spends most of
+    each call on what does not change or need a scatter: it rebuilds the window envelope (an overlap-add as costly
+    as the signal's) and overlap-adds by a scatter over every (frame, sample) pair. Here the envelope is built once,
+    and the overlap-add is K = ceil(n_fft / hop) strided adds of whole hops: hop block j of the output sums part k of
+    frame j - k over k, earliest frame first, as ``torch.istft``'s overlap-add does (tests/test_vocoder.py). 3.3 ->
+    1.2 ms per call for a 12 s wave (one thread)."""
+
+    def __init__(self, frames: int, n_fft: int, hop: int, win_length: int, window: torch.Tensor):
+        left = (n_fft - win_length) // 2  # a shorter window sits centred in the frame, as torch.istft pads it
+        self.window = torch.nn.functional.pad(window, (left, n_fft - win_length - left))
+        self.frames, self.n_fft, self.hop = frames, n_fft, hop
+        self.parts = -(-n_fft // hop)  # hop blocks a frame spans (the last one zero-padded)
+        total = n_fft + hop * (frames - 1)
+        envelope = torch.ops.aten.unfold_backward(self.window.pow(2).expand(1, frames, n_fft), [1, total], 1, n_fft,
+                                                  hop)[0, n_fft // 2 : total - n_fft // 2]
+        if bool(envelope.abs().min() < 1e-11):
+            raise ValueError(f"InverseSTFT: the window's overlap-add has zeros (n_fft={n_fft}, hop={hop}, "
+                             f"win_length={win_length}): the transform cannot be inverted")
+        self.envelope = envelope
+
+    def __call__(self, spec: torch.Tensor) -> torch.Tensor:
+        """Complex spectrogram [n_fft // 2 + 1, frames] -> wave [hop * (frames - 1)], as ``torch.istft``."""
+        F, K, hop = self.frames, self.parts, self.hop
+        if spec.shape != (self.n_fft // 2 + 1, F):
+            raise ValueError(f"InverseSTFT built for [{self.n_fft // 2 + 1}, {F}] spectrograms, got {tuple(spec.shape)}")
+        frames = torch.fft.irfft(spec.unsqueeze(0).transpose(1, 2), n=self.n_fft)[0]  # [F, n_fft], as torch.istft
+        # frame f at row f + K - 1 of K - 1 zero rows, F frames, K - 1 zero rows; each row cut into K hop blocks
+        rows = frames.new_zeros(F + 2 * (K - 1), K * hop)
+        rows[K - 1 : K - 1 + F, : self.n_fft] = frames * self.window
+        rows = rows.view(-1, K, hop)
+        blocks = rows[: F + K - 1, K - 1]  # block j: part K - 1 of frame j - K + 1, the earliest frame over it
+        for k in range(K - 2, -1, -1):
+            blocks = blocks + rows[K - 1 - k : K - 1 - k + F + K - 1, k]
+        total = self.n_fft + hop * (F - 1)
+        return blocks.reshape(-1)[self.n_fft // 2 : total - self.n_fft // 2] / self.envelope
 
 
 class StreamingVocoder:
