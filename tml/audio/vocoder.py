@@ -58,6 +58,8 @@ def griffin_lim(power: torch.Tensor, gl: torchaudio.transforms.GriffinLim, gener
     once would take each other's draws. Its inverse transforms are ``InverseSTFT``'s (``torch.istft``'s values,
     bitwise) unless ``gl.length`` trims them."""
     mag = power.pow(1 / gl.power)
+    # mag * angles promotes mag to complex in every call: once here instead (the same values, the same product)
+    mag_c = mag.to(torch.complex64)
     kw = dict(n_fft=gl.n_fft, hop_length=gl.hop_length, win_length=gl.win_length, window=gl.window)
     istft = (InverseSTFT(mag.shape[-1], gl.n_fft, gl.hop_length, gl.win_length, gl.window) if gl.length is None
              else lambda spec: torch.istft(spec, length=gl.length, **kw))
@@ -66,12 +68,12 @@ def griffin_lim(power: torch.Tensor, gl: torchaudio.transforms.GriffinLim, gener
     momentum = gl.momentum / (1 + gl.momentum)
     previous = torch.tensor(0.0)
     for _ in range(gl.n_iter):
-        rebuilt = torch.stft(istft(mag * angles), center=True, pad_mode="reflect", normalized=False, onesided=True,
+        rebuilt = torch.stft(istft(mag_c * angles), center=True, pad_mode="reflect", normalized=False, onesided=True,
                              return_complex=True, **kw)
         angles = rebuilt - previous * momentum if momentum else rebuilt
         angles = angles / (angles.abs() + 1e-16)
         previous = rebuilt
-    return istft(mag * angles)
+    return istft(mag_c * angles)
 
 
 class InverseSTFT:
@@ -96,6 +98,9 @@ class InverseSTFT:
             raise ValueError(f"InverseSTFT: the window's overlap-add has zeros (n_fft={n_fft}, hop={hop}, "
                              f"win_length={win_length}): the transform cannot be inverted")
         self.envelope = envelope
+        # frame f at row f + K - 1 between K - 1 zero rows on either side, each row cut into K hop blocks; only the
+        # frames' part is rewritten per call, the zeros stay
+        self.rows = torch.zeros(frames + 2 * (self.parts - 1), self.parts * hop)
 
     def __call__(self, spec: torch.Tensor) -> torch.Tensor:
         """Complex spectrogram [n_fft // 2 + 1, frames] -> wave [hop * (frames - 1)], as ``torch.istft``."""
@@ -103,10 +108,8 @@ class InverseSTFT:
         if spec.shape != (self.n_fft // 2 + 1, F):
             raise ValueError(f"InverseSTFT built for [{self.n_fft // 2 + 1}, {F}] spectrograms, got {tuple(spec.shape)}")
         frames = torch.fft.irfft(spec.unsqueeze(0).transpose(1, 2), n=self.n_fft)[0]  # [F, n_fft], as torch.istft
-        # frame f at row f + K - 1 of K - 1 zero rows, F frames, K - 1 zero rows; each row cut into K hop blocks
-        rows = frames.new_zeros(F + 2 * (K - 1), K * hop)
-        rows[K - 1 : K - 1 + F, : self.n_fft] = frames * self.window
-        rows = rows.view(-1, K, hop)
+        torch.mul(frames, self.window, out=self.rows[K - 1 : K - 1 + F, : self.n_fft])
+        rows = self.rows.view(-1, K, hop)
         blocks = rows[: F + K - 1, K - 1]  # block j: part K - 1 of frame j - K + 1, the earliest frame over it
         for k in range(K - 2, -1, -1):
             blocks = blocks + rows[K - 1 - k : K - 1 - k + F + K - 1, k]
