@@ -153,16 +153,19 @@ def test_flow_head_session_speaks_continuous_mel_and_keeps_text_aligned(setup):
     assert (free.mel >= lo).all() and (free.mel <= hi).all() and not torch.equal(free.mel, dmel.decode(free.audio_bins))
 
 
-def test_batched_sessions_equal_separate_sessions(setup):
+@pytest.mark.parametrize("leaver", [0, 2])
+def test_batched_sessions_equal_separate_sessions(setup, leaver):
     # Three sessions with different inputs and seeds, sampled (temperature 1): session 2 joins two micro-turns late
-    # (its own, shorter cache) and session 0 leaves after four. Each must write exactly what it writes alone.
+    # (its own, shorter cache) and session `leaver` leaves after four (session 0: the cache copies the rows it keeps;
+    # session 2, the last row: it keeps a view of the first two). Each must write exactly what it writes alone.
     model, layout, dmel, text, episode, tok = setup
     cfg = SessionConfig(sampling=SamplingConfig(text_temperature=1.0, audio_temperature=1.0, seed=0))
     feeds = [[turn_inputs(tok, layout, episode, (t + 3 * b) % TURNS)[0] for t in range(6)] for b in range(3)]
     for t in range(6):  # session 1 without video, session 2 with background text from the start
         feeds[1][t].video_frame = None
     feeds[2][0].background_text = [5, 6, 7]
-    spans = {0: (0, 4), 1: (0, 6), 2: (2, 6)}  # micro-turns each session is live (global clock)
+    spans = {0: (0, 6), 1: (0, 6), 2: (2, 6)}  # micro-turns each session is live (global clock)
+    spans[leaver] = (spans[leaver][0], 4)
     alone = {}
     for b, (a, z) in spans.items():
         s = StreamingSession(model, layout, dmel, cfg, seeds=[10 + b])
@@ -174,8 +177,8 @@ def test_batched_sessions_equal_separate_sessions(setup):
             batched.add_sessions([12])
             live.append(2)
         if t == 4:
-            batched.keep([1, 2])
-            live.remove(0)
+            batched.keep([b for b in range(3) if b != leaver])
+            live.remove(leaver)
         outs = batched.step_many([feeds[b][t - spans[b][0]] for b in live])
         for b, o in zip(live, outs):
             got[b].append(o)

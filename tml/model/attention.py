@@ -258,9 +258,14 @@ class KVCache:
         return kl[:, :, : self.end], vl[:, :, : self.end], self.mask
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only these sessions (rows), in this order."""
+        """Keep only these sessions (rows), in this order. Keeping the first rows (the sessions that end are the last
+        ones, as in an evaluation that batches its longest episodes first) is a view: no copy of the cache."""
         self.rows = len(rows)
-        if self.k is not None:
+        if self.k is None:
+            return
+        if rows == list(range(len(rows))):
+            self.k, self.v, self.pos = self.k[:, : len(rows)], self.v[:, : len(rows)], self.pos[: len(rows)]
+        else:
             idx = torch.tensor(rows, dtype=torch.long, device=self.k.device)
             self.k, self.v, self.pos = self.k[:, idx], self.v[:, idx], self.pos[idx]
 
