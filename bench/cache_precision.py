@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from context_window import chained  # noqa: E402
 from tml.eval.generate import turn_positions  # noqa: E402
-from tml.eval.loading import load_run  # noqa: E402
-from tml.eval.loading import read_episodes  # noqa: E402
+from tml.eval.loading import load_run, read_episodes  # noqa: E402
 from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession  # noqa: E402
 from tml.streams import Batch, Kind, Stream  # noqa: E402
 from tml.streams.interleave import interleave  # noqa: E402
@@ -43,8 +42,8 @@ def forced(tok, layout, t: int) -> dict:
 def session_logits(run, tok, cfg: SessionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Text logits [text targets, vocab] and audio logits [audio targets, S, C, bins] of a teacher-forced session."""
     session = StreamingSession(run.model, run.layout, run.dmel, cfg, run.text.pad_id)
-    outs = [session.step(MicroTurnInputs(positions=turn_positions(tok, run.layout, t)), force=forced(tok, run.layout, t))
-            for t in range(tok.num_turns)]
+    outs = [session.step(MicroTurnInputs(positions=turn_positions(tok, run.layout, t)),
+                         force=forced(tok, run.layout, t)) for t in range(tok.num_turns)]
     return torch.cat([o.text_logits for o in outs]), torch.cat([o.audio_logits for o in outs])
 
 

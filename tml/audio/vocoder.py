@@ -106,7 +106,8 @@ class InverseSTFT:
         """Complex spectrogram [n_fft // 2 + 1, frames] -> wave [hop * (frames - 1)], as ``torch.istft``."""
         F, K, hop = self.frames, self.parts, self.hop
         if spec.shape != (self.n_fft // 2 + 1, F):
-            raise ValueError(f"InverseSTFT built for [{self.n_fft // 2 + 1}, {F}] spectrograms, got {tuple(spec.shape)}")
+            raise ValueError(f"InverseSTFT built for [{self.n_fft // 2 + 1}, {F}] spectrograms, got "
+                             f"{tuple(spec.shape)}")
         frames = torch.fft.irfft(spec.unsqueeze(0).transpose(1, 2), n=self.n_fft)[0]  # [F, n_fft], as torch.istft
         torch.mul(frames, self.window, out=self.rows[K - 1 : K - 1 + F, : self.n_fft])
         rows = self.rows.view(-1, K, hop)
