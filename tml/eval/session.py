@@ -62,7 +62,7 @@ class SessionConfig:
     max_context: int = 65536  # full context: the longest session in positions
     # precision the keys and values are kept and attended in: "float32" (the activations', equal to the training
     # forward to ~1e-6) or "bfloat16" (half the bytes each output position reads: faster where reading the cache
-    # bounds the step, as at many batched sessions; held-out loss +0.0003 nats per word, README "Long sessions")
+    # bounds the step, as at many batched sessions; held-out loss unchanged to 1e-4 nats, README "Long sessions")
     cache_dtype: str = "float32"
     # how text and audio are drawn: by default a sampled speak/silent decision, then greedy content
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
