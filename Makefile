@@ -55,10 +55,11 @@ serve: setup $(if $(CHECKPOINT),,$(TINY)/checkpoints/latest)
 	$(BIN)/python recipes/serve.py checkpoint=$(or $(CHECKPOINT),$(TINY)) port=$(PORT)
 
 # A model that takes turns (README, "Interaction: a model that takes turns"): a training set rich in barge-ins,
-# listener sounds and wait requests (seed 0, 1,440 episodes, 4.5 h: ~3 min), a held-out set from another seed with
-# enough of each event to measure (--require), ~24-42 min of training on 2 CPU cores (by load) (configs/experiment/
-# interaction_cpu.yaml, a checkpoint every 250 steps), then the duplex evaluation of the last checkpoint (3 sampling
-# seeds, bootstrap CIs, ~5-7 min) beside the silence-rule baseline, and the metric-vs-step curves of the kept checkpoints.
+# listener sounds and wait requests (seed 0, 2,880 episodes, 8.9 h: ~3 min), a held-out set from another seed with
+# enough of each event to measure (--require), ~30 min of training on 2 CPU cores when nothing else runs (37 beside
+# another job) (configs/experiment/interaction_cpu.yaml, 6,000 steps, a checkpoint every 500), then the duplex
+# evaluation of the last checkpoint (3 sampling seeds, bootstrap CIs, ~5-7 min) beside the silence-rule baseline, and
+# the metric-vs-step curves of the kept checkpoints.
 # Evaluations run at one OpenMP thread: the README's table was measured so (another thread count can round a sampled
 # trajectory differently), and on a busy 2-core machine two threads spin in OpenMP barriers.
 ITRAIN    ?= data/interaction_train
@@ -73,7 +74,7 @@ IMIX_HELDOUT := --scenario-weights dialogue=0.05,interrupt=0.3,wait=0.3,long_tal
 	--listener-sound-prob 0.9 --require barge_in=30,listener_sound=30,wait_window=30,reply_gap=40
 
 $(ITRAIN)/manifest.json: | $(BIN)/.installed
-	$(BIN)/python -m data_prep.synth_dialogues --out $(ITRAIN) --episodes 1440 --seed 0 $(IMIX_TRAIN)
+	$(BIN)/python -m data_prep.synth_dialogues --out $(ITRAIN) --episodes 2880 --seed 0 $(IMIX_TRAIN)
 
 $(IHELDOUT)/manifest.json: | $(BIN)/.installed
 	$(BIN)/python -m data_prep.synth_dialogues --out $(IHELDOUT) --episodes 160 --seed 1 $(IMIX_HELDOUT)
@@ -83,12 +84,12 @@ interaction-data: $(ITRAIN)/manifest.json $(IHELDOUT)/manifest.json
 interaction: setup interaction-data
 	$(BIN)/python recipes/pretrain.py +experiment=interaction_cpu data.path=$(ITRAIN) data.val_path=$(IHELDOUT) \
 		hydra.run.dir=$(IRUN)
-	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 160 --steps 3000 \
+	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 160 --steps 6000 \
 		--seeds 0,1,2 --vad silero --floor-temperature $(IFLOOR_T) --out $(IRUN)/eval/final.png
 	$(BIN)/python -m tml.tools.interaction_curves table $(IRUN)/eval/final.json
 	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \
 		--floor-temperature $(IFLOOR_T) \
-		--steps 500,1000,1500,2000,2500,3000 --out $(IRUN)/eval/curves.png
+		--steps 1000,2000,3000,4000,5000,6000 --out $(IRUN)/eval/curves.png
 
 test: setup
 	$(BIN)/python -m pytest -x -q tests
