@@ -20,13 +20,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from context_window import chained  # noqa: E402
+from context_window import chained_sessions  # noqa: E402
 from tml.eval.generate import turn_positions  # noqa: E402
 from tml.eval.loading import load_run, read_episodes  # noqa: E402
 from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession  # noqa: E402
 from tml.streams import Batch, Kind, Stream  # noqa: E402
-from tml.streams.interleave import interleave  # noqa: E402
-from tml.streams.pack import collate  # noqa: E402
 
 
 def forced(tok, layout, t: int) -> dict:
@@ -56,11 +54,9 @@ def main() -> None:
     names = ["training forward", "session float32", "session bfloat16"]
     sums = {name: {} for name in names}
     lengths = []
-    for g in range(0, len(episodes) - n + 1, n):
-        tok = chained([interleave(e, run.layout, run.dmel, run.text) for e in episodes[g : g + n]])
+    for tok, batch in chained_sessions(run, episodes, n):
         L = tok.kind.numel()
         lengths.append(L)
-        batch = collate([[tok]], L)
         i = torch.arange(L)
         mask = Batch.attention_mask(batch) & ((i[:, None] - i[None, :]) < window)
 

@@ -34,6 +34,13 @@ def chained(pieces):
                    payload={f: cat(f) for f in pieces[0].payload})
 
 
+def chained_sessions(run, episodes, n: int):
+    """Held-out episodes ``n`` at a time, back to back: yields (tokens, packed batch of one row [1, L])."""
+    for g in range(0, len(episodes) - n + 1, n):
+        tok = chained([interleave(e, run.layout, run.dmel, run.text) for e in episodes[g : g + n]])
+        yield tok, collate([[tok]], tok.kind.numel())
+
+
 def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     torch.set_num_threads(int(args.get("threads", 1)))
@@ -45,11 +52,9 @@ def main() -> None:
                                                                                  windows[-1], 4)]
     sums = {c[0]: {} for c in contexts}
     lengths = []
-    for g in range(0, len(episodes) - n + 1, n):
-        tok = chained([interleave(e, run.layout, run.dmel, run.text) for e in episodes[g : g + n]])
+    for tok, batch in chained_sessions(run, episodes, n):
         L = tok.kind.numel()
         lengths.append(L)
-        batch = collate([[tok]], L)
         full = Batch.attention_mask(batch)
         i = torch.arange(L)
         # target position of each text / audio target (row-major), to split "past the last window"
