@@ -21,27 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from context_window import chained_sessions  # noqa: E402
-from tml.eval.generate import turn_positions  # noqa: E402
+from tml.eval.generate import turn_outputs, turn_positions  # noqa: E402
 from tml.eval.loading import load_run, read_episodes  # noqa: E402
 from tml.eval.session import MicroTurnInputs, SessionConfig, StreamingSession  # noqa: E402
-from tml.streams import Batch, Kind, Stream  # noqa: E402
-
-
-def forced(tok, layout, t: int) -> dict:
-    """Micro-turn t's model text ids and audio bins [frames_per_turn, n_mels] from the episode's tokens."""
-    sl = slice(t * layout.length, (t + 1) * layout.length)
-    kind, stream = tok.kind[sl], tok.stream[sl]
-    audio_row = (torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1)[sl]
-    model_audio = audio_row[(kind == Kind.AUDIO) & (stream == Stream.MODEL)]
-    return {"text": tok.payload["text_ids"][sl][(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(),
-            "audio": tok.payload["audio_bins"][model_audio].reshape(-1, layout.cfg.n_mels)}
+from tml.streams import Batch, Kind  # noqa: E402
 
 
 def session_logits(run, tok, cfg: SessionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Text logits [text targets, vocab] and audio logits [audio targets, S, C, bins] of a teacher-forced session."""
     session = StreamingSession(run.model, run.layout, run.dmel, cfg, run.text.pad_id)
     outs = [session.step(MicroTurnInputs(positions=turn_positions(tok, run.layout, t)),
-                         force=forced(tok, run.layout, t)) for t in range(tok.num_turns)]
+                         force=turn_outputs(tok, run.layout, t)) for t in range(tok.num_turns)]
     return torch.cat([o.text_logits for o in outs]), torch.cat([o.audio_logits for o in outs])
 
 

@@ -269,6 +269,7 @@ def setup(tmp_path_factory):
 def turn_inputs(tok, layout, episode, t):
     """The inputs of micro-turn t as a live stream would deliver them (payloads taken from the training tokens), and
     the model's own text ids and audio bins of that micro-turn."""
+    from tml.eval.generate import turn_outputs
     from tml.eval.session import MicroTurnInputs
 
     n = layout.length
@@ -276,12 +277,10 @@ def turn_inputs(tok, layout, episode, t):
     kind, stream, ids = tok.kind[sl], tok.stream[sl], tok.text_ids[sl]
     audio_idx = torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1
     user = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.USER)]
-    model = audio_idx[sl][(kind == Kind.AUDIO) & (stream == Stream.MODEL)]
     bg = [int(i) for i in ids[stream == Stream.BACKGROUND] if i != 0]
     return (MicroTurnInputs(user_audio=tok.audio_bins[user].reshape(-1, 80), video_frame=episode.video[t],
                             background_text=bg),
-            {"text": ids[(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(),
-             "audio": tok.audio_bins[model].reshape(-1, 80)})
+            turn_outputs(tok, layout, t))
 
 
 # --- recorded-conversation material: espeak speech at 24 kHz (tests/test_ingest.py, tests/test_word_events.py) ---

@@ -81,6 +81,17 @@ def turn_positions(tok: EpisodeTokens, layout: MicroTurnLayout, t: int) -> list[
     return out
 
 
+def turn_outputs(tok: EpisodeTokens, layout: MicroTurnLayout, t: int) -> dict:
+    """Micro-turn ``t``'s model text ids (list) and audio bins [frames_per_turn, n_mels] of ``tok``: the reference's
+    output, as ``StreamingSession.step(force=...)`` takes it for teacher forcing."""
+    sl = slice(t * layout.length, (t + 1) * layout.length)
+    kind, stream = tok.kind[sl], tok.stream[sl]
+    audio_row = (torch.cumsum(tok.kind == Kind.AUDIO, 0) - 1)[sl]  # audio_bins has one row per audio position
+    model_audio = audio_row[(kind == Kind.AUDIO) & (stream == Stream.MODEL)]
+    return {"text": tok.text_ids[sl][(stream == Stream.MODEL) & (kind == Kind.TEXT)].tolist(),
+            "audio": tok.audio_bins[model_audio].reshape(-1, layout.cfg.n_mels)}
+
+
 @torch.no_grad()
 def generate_model_side(model: InteractionModel, tok: EpisodeTokens, layout: MicroTurnLayout, dmel: DMelTokenizer,
                         cfg: SamplingConfig, text_pad_id: int = 0) -> Generation:
