@@ -73,11 +73,24 @@ IMIX_TRAIN := --scenario-weights dialogue=0.1,interrupt=0.3,wait=0.2,long_talk=0
 IMIX_HELDOUT := --scenario-weights dialogue=0.05,interrupt=0.3,wait=0.3,long_talk=0.35 --background-prob 0.0 \
 	--listener-sound-prob 0.9 --require barge_in=30,listener_sound=30,wait_window=30,reply_gap=40
 
-$(ITRAIN)/manifest.json: | $(BIN)/.installed
-	$(BIN)/python -m data_prep.synth_dialogues --out $(ITRAIN) --episodes 2880 --seed 0 $(IMIX_TRAIN)
+ITRAIN_ARGS   := --episodes 2880 --seed 0 $(IMIX_TRAIN)
+IHELDOUT_ARGS := --episodes 160 --seed 1 $(IMIX_HELDOUT)
 
-$(IHELDOUT)/manifest.json: | $(BIN)/.installed
-	$(BIN)/python -m data_prep.synth_dialogues --out $(IHELDOUT) --episodes 160 --seed 1 $(IMIX_HELDOUT)
+# Each set keeps the arguments that wrote it in .args, rewritten only when they change: a set an older recipe wrote
+# (1,440 episodes, another mix) is written again instead of being trained on because its manifest exists.
+$(ITRAIN)/.args: FORCE
+	@mkdir -p $(@D); echo '$(ITRAIN_ARGS)' | cmp -s - $@ || echo '$(ITRAIN_ARGS)' > $@
+
+$(IHELDOUT)/.args: FORCE
+	@mkdir -p $(@D); echo '$(IHELDOUT_ARGS)' | cmp -s - $@ || echo '$(IHELDOUT_ARGS)' > $@
+
+$(ITRAIN)/manifest.json: $(ITRAIN)/.args | $(BIN)/.installed
+	$(BIN)/python -m data_prep.synth_dialogues --out $(ITRAIN) $(ITRAIN_ARGS)
+
+$(IHELDOUT)/manifest.json: $(IHELDOUT)/.args | $(BIN)/.installed
+	$(BIN)/python -m data_prep.synth_dialogues --out $(IHELDOUT) $(IHELDOUT_ARGS)
+
+FORCE:
 
 interaction-data: $(ITRAIN)/manifest.json $(IHELDOUT)/manifest.json
 
