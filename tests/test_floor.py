@@ -177,7 +177,8 @@ FLOW_FIELDS = [("flow_steps", 2), ("flow_solver", "euler"), ("guidance", 2.0), (
                ("text_temperature", 0.0), ("floor", "none"), ("seed", 1)]
 # At P(speak) = 0.3 a sampled floor speaks in some of the 12 micro-turns (all silent: 1.4%, and the seed is fixed);
 # a cold floor temperature (P -> 0) and the greedy rule never do.
-FLOOR_FIELDS = [("floor_temperature", 0.05), ("floor", "greedy"), ("seed", 1)]
+# A cold temperature while speaking (P -> 0) ends every turn after one micro-turn, where the base goes on in ~30%.
+FLOOR_FIELDS = [("floor_temperature", 0.05), ("floor_temperature_speaking", 0.05), ("floor", "greedy"), ("seed", 1)]
 
 
 @pytest.mark.parametrize("head", ["dmel", "dmel_slot_floor", "flow", "floor"])
@@ -280,6 +281,41 @@ def test_a_floor_hazard_of_0_3_per_micro_turn_starts_after_a_geometric_wait():
     waits = [wait(SamplingConfig(floor_temperature=0.5), s, 400) for s in range(runs)]
     assert abs(sum(waits) / runs - 1 / q) <= 4 * math.sqrt(1 - q) / q / math.sqrt(runs)
     assert all(wait(SamplingConfig(floor="greedy"), s, 50) is None for s in range(20))
+
+
+def test_starting_and_stopping_take_their_own_floor_temperatures():
+    """P(speak) 0.7 per micro-turn, floor_temperature 1 (start) and floor_temperature_speaking 0.5 (go on / stop):
+    from silence the first speaking micro-turn is Geometric(0.7); once speaking, P(go on) = 0.7^2 / (0.7^2 + 0.3^2)
+    = 0.845, so the turn stops after Geometric(0.155) micro-turns. The walk carries its previous decision as the
+    streaming session does."""
+    from tml.model.heads import FloorHead
+
+    head = FloorHead(4)
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.fill_(math.log(0.7 / 0.3))
+    h, runs = torch.zeros(1, 4), 2000
+    cfg = SamplingConfig(floor_temperature=1.0, floor_temperature_speaking=0.5)
+
+    def walk(seed: int) -> tuple[int, int]:
+        """(micro-turns until the first speaking one, speaking micro-turns until the first silent one after it)"""
+        gen, speaking, start = torch.Generator().manual_seed(seed), torch.tensor([False]), None
+        for t in range(1, 1000):
+            speak = head.sample(h, cfg, gen, speaking)[0]
+            if start is None and bool(speak):
+                start = t
+            elif start is not None and not bool(speak):
+                return start, t - start
+            speaking = speak
+        raise AssertionError("no turn ended within 1,000 micro-turns")
+
+    starts, lengths = zip(*(walk(s) for s in range(runs)))
+    for waits, p in ((starts, 0.7), (lengths, 1 - 0.49 / 0.58)):
+        assert abs(sum(waits) / runs - 1 / p) <= 4 * math.sqrt(1 - p) / p / math.sqrt(runs), (p, sum(waits) / runs)
+    # without the speaking temperature both are the model's own 0.7: turns last Geometric(0.3)
+    cfg = SamplingConfig(floor_temperature=1.0)
+    lengths = [walk(s)[1] for s in range(runs)]
+    assert abs(sum(lengths) / runs - 1 / 0.3) <= 4 * math.sqrt(0.7) / 0.3 / math.sqrt(runs)
 
 
 @pytest.mark.parametrize("bias", [20.0, -20.0])

@@ -142,6 +142,7 @@ class _Row:
         self.turn = 0
         self.position = 0  # positions in the caches
         self.pending: TurnPositions | None = None  # the last output position, not yet fed: (kind, its payload)
+        self.speaking = False  # the floor decision of its previous micro-turn (sampling.floor_temperature_speaking)
 
 
 @dataclass
@@ -396,7 +397,10 @@ class StreamingSession:
         sc, gens = self.cfg.sampling, [r.generator for r in self.rows]
         speak = p_speak = None
         if self.model.floor_head is not None and sc.floor != "none":
-            speak, p_speak = self.model.floor_head.sample(h, sc, gens)
+            speaking = torch.tensor([r.speaking for r in self.rows])
+            speak, p_speak = self.model.floor_head.sample(h, sc, gens, speaking)
+            for r, s in zip(self.rows, speak.tolist()):
+                r.speaking = s
 
         # Output slots, one position at a time: the head that writes the slot's kind draws it for every session from
         # h [B, dim] (``OutputHead.write``, given the micro-turn's decision), ``force`` replaces rows' draws, and

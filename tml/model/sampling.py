@@ -26,6 +26,7 @@ stream exactly the values it draws alone (a row draws what a batch of one draws:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -41,6 +42,10 @@ class SamplingConfig:
     # floor head only: the decision is drawn from sigmoid(logit(P(speak)) / floor_temperature); 1 = the model's own
     # probability, < 1 sharpens it towards its more likely side (0.5: P 0.1 -> 0.012, 0.9 -> 0.988)
     floor_temperature: float = 1.0
+    # the same while the model spoke in its previous micro-turn (the decision to go on or to stop); None = as
+    # floor_temperature. Starting and stopping are different hazards: a colder stop sharpens the drop in P(speak)
+    # that a barge-in causes without delaying replies, which a colder start would (README, "Decoder")
+    floor_temperature_speaking: Optional[float] = None
     # true: text slots of a speaking micro-turn write a word with P(word | speak) = P(word) / P(speak) (a word
     # implies speech) instead of the text head's P(word). Off: on the development set it made the model write more
     # and keep talking through more wait windows (README, "Interaction: a model that takes turns")
@@ -68,9 +73,11 @@ class SamplingConfig:
         if self.flow_steps < 1 or self.flow_solver not in ("euler", "midpoint"):
             raise ValueError(f"sampling.flow_steps={self.flow_steps} must be >= 1 and sampling.flow_solver="
                              f"{self.flow_solver!r} one of euler, midpoint")
-        if self.floor_temperature <= 0:
-            raise ValueError(f"sampling.floor_temperature={self.floor_temperature}: must be > 0 (1 = the model's own "
-                             f"probability; greedy is sampling.floor=greedy)")
+        for key in ("floor_temperature", "floor_temperature_speaking"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"sampling.{key}={value}: must be > 0 (1 = the model's own probability; greedy is "
+                                 f"sampling.floor=greedy)")
         if self.flow_temperature < 0:
             raise ValueError(f"sampling.flow_temperature={self.flow_temperature}: must be >= 0")
         if self.guidance < 0:

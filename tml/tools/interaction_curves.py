@@ -133,8 +133,13 @@ def sampling_overrides(specs: list[str]) -> dict:
         if not sep or not hasattr(defaults, key):
             raise SystemExit(f"--sampling {spec!r}: expected FIELD=VALUE with FIELD one of "
                              f"{', '.join(f for f in vars(defaults))}")
-        kind = type(getattr(defaults, key))
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        default = getattr(defaults, key)
+        if default is None:  # an optional number (floor_temperature_speaking): "none" keeps it unset
+            out[key] = None if value.lower() == "none" else float(value)
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(default)(value)
     return out
 
 
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--floor-temperature", type=float, default=1.0,
                    help="floor head: draw from sigmoid(logit / T) (sampling.floor_temperature; 1 = as trained)")
     p.add_argument("--sampling", action="append", default=[], metavar="FIELD=VALUE",
-                   help="another SamplingConfig field for the model, e.g. words_given_speech=false (repeatable)")
+                   help="another SamplingConfig field for the model, e.g. floor_temperature_speaking=0.5 (repeatable)")
     p.add_argument("--out", required=True, help="PNG; the JSON goes beside it")
     a = p.parse_args(argv)
     curves = checkpoint_curves(Path(a.run), a.data, a.episodes, [int(s) for s in a.seeds.split(",")], a.vad,

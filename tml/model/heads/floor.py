@@ -70,18 +70,23 @@ class FloorHead(OutputHead):
         return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
 
     @torch.no_grad()
-    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
+               speaking: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-turn's decision for hidden states h [N, dim] -> (speak bool [N], P(speak) float [N]).
 
-        Drawn from sigmoid(logit / ``cfg.floor_temperature``) (``cfg.floor``: sample, or greedy = P > 0.5); the
-        returned P(speak) is the model's own (temperature 1). ``cfg.floor="none"`` has no micro-turn decision:
-        speak is all True (every slot decides for itself)."""
+        Drawn from sigmoid(logit / T) (``cfg.floor``: sample, or greedy = P > 0.5), T = ``cfg.floor_temperature``,
+        or ``cfg.floor_temperature_speaking`` (when set) for the rows whose previous micro-turn spoke (``speaking``
+        bool [N]; None = none did): the decision to go on or stop. The returned P(speak) is the model's own
+        (temperature 1). ``cfg.floor="none"`` has no micro-turn decision: speak is all True (every slot decides
+        for itself)."""
         logit = self(h).float()
         p = torch.sigmoid(logit)
         if cfg.floor == "none":
             return torch.ones_like(p, dtype=torch.bool), p
-        return decide_floor(torch.sigmoid(logit / cfg.floor_temperature), cfg.floor, generator), p
+        temperature = cfg.floor_temperature
+        if cfg.floor_temperature_speaking is not None and speaking is not None:
+            temperature = torch.where(speaking.to(logit.device), cfg.floor_temperature_speaking, temperature)
+        return decide_floor(torch.sigmoid(logit / temperature), cfg.floor, generator), p
 
 
 def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
