@@ -12,7 +12,9 @@ Floor decisions. Whether to write or to stay silent is a hazard: in the gap befo
 calibrated chance well below 0.5 of being the one where the reply starts, and ``<pad>`` competes with hundreds of
 separate word tokens, so an argmax over tokens never starts a reply. With ``floor="sample"`` (the default) a head
 first draws speak ~ Bernoulli(P(speak)) from the model's own probability (temperature 1: the hazard as trained),
-then chooses the content given speech with the temperature / top-p fields (0 = greedy). ``floor="greedy"`` speaks
+then chooses the content given speech with the temperature / top-p fields (0 = greedy). The floor head's draw can
+be sharpened (``floor_temperature``), and separately while the model is speaking (``floor_temperature_speaking``: the
+decision to go on or to stop, given the session's previous decision). ``floor="greedy"`` speaks
 iff P(speak) > 0.5 (the deterministic ablation), ``floor="none"`` draws each token / bin from the full
 distribution as one class among all (the decoder before floor decisions; temperature 0 is the plain argmax).
 
