@@ -55,10 +55,10 @@ serve: setup $(if $(CHECKPOINT),,$(TINY)/checkpoints/latest)
 	$(BIN)/python recipes/serve.py checkpoint=$(or $(CHECKPOINT),$(TINY)) port=$(PORT)
 
 # A model that takes turns (README, "Interaction: a model that takes turns"): a training set rich in barge-ins,
-# listener sounds and wait requests (seed 0, 2,880 episodes, 8.9 h: ~3 min), a held-out set from another seed with
-# enough of each event to measure (--require), ~30 min of training on 2 CPU cores when nothing else runs (37 beside
-# another job) (configs/experiment/interaction_cpu.yaml, 6,000 steps, a checkpoint every 500), then the duplex
-# evaluation of the last checkpoint (3 sampling seeds, bootstrap CIs, ~5-7 min) beside the silence-rule baseline, and
+# listener sounds and wait requests (seed 0, 2,880 episodes, 8.9 h: 3-6 min), a held-out set from another seed with
+# enough of each event to measure (--require), 30-60 min of training on 2 CPU cores when nothing else runs (by the
+# machine's matmul speed) (configs/experiment/interaction_cpu.yaml, 6,000 steps, a checkpoint every 500), then the duplex
+# evaluation of the last checkpoint (3 sampling seeds, bootstrap CIs, 5-11 min) beside the silence-rule baseline, and
 # the metric-vs-step curves of the kept checkpoints.
 # Evaluations run at one OpenMP thread: the README's table was measured so (another thread count can round a sampled
 # trajectory differently), and on a busy 2-core machine two threads spin in OpenMP barriers.
