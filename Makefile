@@ -80,17 +80,14 @@ IHELDOUT_ARGS := --episodes 160 --seed 1 $(IMIX_HELDOUT)
 
 # Each set keeps the arguments that wrote it in .args, rewritten only when they change: a set an older recipe wrote
 # (1,440 episodes, another mix) is written again instead of being trained on because its manifest exists.
-$(ITRAIN)/.args: FORCE
-	@mkdir -p $(@D); echo '$(ITRAIN_ARGS)' | cmp -s - $@ || echo '$(ITRAIN_ARGS)' > $@
+$(ITRAIN)/.args $(ITRAIN)/manifest.json: SET_ARGS = $(ITRAIN_ARGS)
+$(IHELDOUT)/.args $(IHELDOUT)/manifest.json: SET_ARGS = $(IHELDOUT_ARGS)
 
-$(IHELDOUT)/.args: FORCE
-	@mkdir -p $(@D); echo '$(IHELDOUT_ARGS)' | cmp -s - $@ || echo '$(IHELDOUT_ARGS)' > $@
+$(ITRAIN)/.args $(IHELDOUT)/.args: %/.args: FORCE
+	@mkdir -p $(@D); echo '$(SET_ARGS)' | cmp -s - $@ || echo '$(SET_ARGS)' > $@
 
-$(ITRAIN)/manifest.json: $(ITRAIN)/.args | $(BIN)/.installed
-	$(BIN)/python -m data_prep.synth_dialogues --out $(ITRAIN) $(ITRAIN_ARGS)
-
-$(IHELDOUT)/manifest.json: $(IHELDOUT)/.args | $(BIN)/.installed
-	$(BIN)/python -m data_prep.synth_dialogues --out $(IHELDOUT) $(IHELDOUT_ARGS)
+$(ITRAIN)/manifest.json $(IHELDOUT)/manifest.json: %/manifest.json: %/.args | $(BIN)/.installed
+	$(BIN)/python -m data_prep.synth_dialogues --out $* $(SET_ARGS)
 
 FORCE:
 
