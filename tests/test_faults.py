@@ -149,6 +149,7 @@ def test_straggler_shows_in_step_time_and_per_rank_busy_time(synth_data, tmp_pat
     run_recipe(tmp_path, f"data.path={synth_data}", "trainer.max_steps=3", "logger=none",
                "trainer.fault.slow_rank=1", "trainer.fault.slow_rank_s=0.5", nproc=2)
     for r in metrics(tmp_path):
-        assert r["slowest_rank"] == 1 and r["rank_busy_s"][1] - r["rank_busy_s"][0] > 0.45, r
+        assert r["slowest_rank"] == 1 and r["rank_busy_s"][1] - r["rank_busy_s"][0] > 0.4, r
         if r["step"] > 1:  # step 1 of rank 0 overlaps rank 1's first sleep (the ranks start apart)
-            assert r["step_time_s"] > 0.5  # rank 0 waits for it in the gradient all-reduce
+            # rank 0 waits for it in the gradient all-reduce (less what rank 0 spent logging while rank 1 slept)
+            assert r["step_time_s"] > 0.4

@@ -4,6 +4,7 @@ time limit's `--signal=B:USR1@N`) saves, exits 75, requeues itself and resumes t
 uninterrupted run; a submitit sweep job pre-empted with submitit's signal is requeued and resumes."""
 
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -128,7 +129,9 @@ def test_time_limit_warning_saves_requeues_and_resumes(slurm, synth_data, two_ra
     assert_like_reference(run, two_rank_run)
     m = metrics(run)
     assert all(r["slowest_rank"] == 1 and r["rank_busy_s"][1] > r["rank_busy_s"][0] + 2.5 for r in m)
-    assert min(r["step_time_s"] for r in m) > 2.5  # rank 0 (own work < 0.5 s) waits for it every step
+    # Rank 0 (own work < 0.5 s) waits for it in a typical step. Not in every one: rank 1 starts the next step's sleep
+    # while rank 0 still logs or saves the last, and after a resume, so on a loaded CI machine one step took 2.2 s.
+    assert statistics.median(r["step_time_s"] for r in m) > 2.5
     assert run_status(run)["slowest_rank"] == 1
 
 
