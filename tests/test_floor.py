@@ -177,8 +177,10 @@ FLOW_FIELDS = [("flow_steps", 2), ("flow_solver", "euler"), ("guidance", 2.0), (
                ("text_temperature", 0.0), ("floor", "none"), ("seed", 1)]
 # At P(speak) = 0.3 a sampled floor speaks in some of the 12 micro-turns (all silent: 1.4%, and the seed is fixed);
 # a cold floor temperature (P -> 0) and the greedy rule never do.
-# A cold temperature while speaking (P -> 0) ends every turn after one micro-turn, where the base goes on in ~30%.
-FLOOR_FIELDS = [("floor_temperature", 0.05), ("floor_temperature_speaking", 0.05), ("floor", "greedy"), ("seed", 1)]
+# A cold temperature while speaking (P -> 0) or a threshold of 0.99 (P(go on) 0.004) ends every turn after one
+# micro-turn, where the base goes on in ~30%.
+FLOOR_FIELDS = [("floor_temperature", 0.05), ("floor_temperature_speaking", 0.05), ("floor_threshold_speaking", 0.99),
+                ("floor", "greedy"), ("seed", 1)]
 
 
 @pytest.mark.parametrize("head", ["dmel", "dmel_slot_floor", "flow", "floor"])
@@ -283,7 +285,7 @@ def test_a_floor_hazard_of_0_3_per_micro_turn_starts_after_a_geometric_wait():
     assert all(wait(SamplingConfig(floor="greedy"), s, 50) is None for s in range(20))
 
 
-def test_starting_and_stopping_take_their_own_floor_temperatures():
+def test_starting_and_stopping_take_their_own_floor_temperatures_and_threshold():
     """P(speak) 0.7 per micro-turn, floor_temperature 1 (start) and floor_temperature_speaking 0.5 (go on / stop):
     from silence the first speaking micro-turn is Geometric(0.7); once speaking, P(go on) = 0.7^2 / (0.7^2 + 0.3^2)
     = 0.845, so the turn stops after Geometric(0.155) micro-turns. The walk carries its previous decision as the
@@ -316,6 +318,13 @@ def test_starting_and_stopping_take_their_own_floor_temperatures():
     cfg = SamplingConfig(floor_temperature=1.0)
     lengths = [walk(s)[1] for s in range(runs)]
     assert abs(sum(lengths) / runs - 1 / 0.3) <= 4 * math.sqrt(0.7) / 0.3 / math.sqrt(runs)
+    # a threshold of 0.8 while speaking: P(go on) = odds 7/3 against 8/2 -> (7/3) / (7/3 + 4) = 0.368, so turns stop
+    # after Geometric(0.632) micro-turns; the start stays Geometric(0.7)
+    cfg = SamplingConfig(floor_temperature=1.0, floor_threshold_speaking=0.8)
+    starts, lengths = zip(*(walk(s) for s in range(runs)))
+    p_stop = 1 - (7 / 3) / (7 / 3 + 4)
+    for waits, p in ((starts, 0.7), (lengths, p_stop)):
+        assert abs(sum(waits) / runs - 1 / p) <= 4 * math.sqrt(1 - p) / p / math.sqrt(runs), (p, sum(waits) / runs)
 
 
 @pytest.mark.parametrize("bias", [20.0, -20.0])
@@ -343,21 +352,59 @@ def test_floor_head_decides_every_slot_of_its_micro_turn(setup, bias):  # noqa: 
 def test_a_speaking_slot_writes_a_word_with_its_probability_given_speech():
     """The text head gives P(pad) 0.8, P(word) 0.2 (words 0.15 / 0.05); the floor head P(speak) 0.4 and a decision
     to speak. A word implies speech, so given that decision a slot writes with P(word | speak) = 0.2 / 0.4 = 0.5, and
-    the word is the likelier one (greedy); with ``words_given_speech=False`` it writes with the head's 0.2; where the
-    decision is silence it never writes; P(word) above P(speak) writes always."""
+    the word is the likelier one (greedy). ``words_given_speech``: ``always`` writes with 0.5 in every speaking row,
+    ``never`` with the head's 0.2, ``start`` with 0.5 in the rows whose micro-turn starts a turn and 0.2 in the rows
+    that go on speaking (without a history, every speaking row). Where the decision is silence it never writes;
+    P(word) above P(speak) writes always."""
 
     head = TextHead(dim=4, vocab_size=3)
     n = 20000
     logits = torch.tensor([0.8, 0.15, 0.05]).log().expand(n, 3)
     speak, p_speak = torch.ones(n, dtype=torch.bool), torch.full((n,), 0.4)
+    starts = torch.arange(n) % 2 == 0
     h = torch.zeros(n, 4)
-    for given, want in ((True, 0.5), (False, 0.2)):
+    for given, rows_start, want_start, want_on in (("always", starts, 0.5, 0.5), ("never", starts, 0.2, 0.2),
+                                                   ("start", starts, 0.5, 0.2), ("start", None, 0.5, 0.5)):
         cfg = SamplingConfig(words_given_speech=given)
-        tok = head.sample(h, cfg, torch.Generator().manual_seed(0), 0, logits, speak, p_speak)
+        tok = head.sample(h, cfg, torch.Generator().manual_seed(0), 0, logits, speak, p_speak, rows_start)
         assert set(tok.unique().tolist()) == {0, 1}
-        assert (tok == 1).float().mean().item() == pytest.approx(want, abs=0.015)  # binomial sd 0.0035
-    given = SamplingConfig(words_given_speech=True)
+        for rows, want in ((starts, want_start), (~starts, want_on)):  # binomial sd 0.005 over 10,000 rows
+            assert (tok[rows] == 1).float().mean().item() == pytest.approx(want, abs=0.02), (given, want)
+    given = SamplingConfig(words_given_speech="always")
     tok = head.sample(h, given, torch.Generator().manual_seed(0), 0, logits, ~speak, p_speak)
     assert (tok == 0).all()
     tok = head.sample(h, given, torch.Generator().manual_seed(0), 0, logits, speak, torch.full((n,), 0.1))
     assert (tok == 1).all()
+    with pytest.raises(ValueError, match="words_given_speech='sometimes'"):
+        SamplingConfig(words_given_speech="sometimes").validate()
+    with pytest.raises(ValueError, match="floor_threshold_speaking=1"):
+        SamplingConfig(floor_threshold_speaking=1).validate()
+
+
+def test_session_tells_the_text_head_which_micro_turns_start_a_turn(setup):  # noqa: F811
+    """P(speak) 0.5 every micro-turn: the decisions make a random walk of turns. The text head must get
+    ``starts`` = speaks now and was silent in the session's previous micro-turn (``words_given_speech="start"``),
+    in every text slot of the micro-turn, for each of two batched sessions on its own walk."""
+    _, layout, dmel, text, episode, tok = setup
+    model = copy.deepcopy(setup[0])
+    with torch.no_grad():
+        model.floor_head.proj.weight.zero_()
+        model.floor_head.proj.bias.zero_()
+    seen, write = [], model.text_head.write
+
+    def spy(*args, **kwargs):  # the real head's draw, with what the session passed it recorded
+        seen.append(args[6] if len(args) > 6 else kwargs.get("starts"))
+        return write(*args, **kwargs)
+
+    model.text_head.write = spy
+    session = StreamingSession(model, layout, dmel, SessionConfig(), text.pad_id, sessions=2)
+    previous, n_starts = torch.zeros(2, dtype=torch.bool), 0
+    for t in range(24):
+        seen.clear()
+        inputs = turn_inputs(tok, layout, episode, t % 3)[0]
+        outs = session.step_many([inputs, inputs])
+        speaks = torch.tensor([o.speaks for o in outs])
+        assert seen and all(torch.equal(s, speaks & ~previous) for s in seen), (t, seen, speaks, previous)
+        n_starts += int((speaks & ~previous).sum())
+        previous = speaks
+    assert n_starts >= 3  # the walk starts turns (expected ~12 in 48 micro-turns)

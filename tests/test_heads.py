@@ -171,7 +171,7 @@ FLOW = FlowHeadConfig(hidden_dim=8, n_layers=1, cond_dropout=0.0)
 
 @pytest.mark.parametrize("case", [
     ("text", SamplingConfig(text_temperature=1.0, text_top_p=0.9)),
-    ("text", SamplingConfig(text_temperature=1.0, words_given_speech=True)),
+    ("text", SamplingConfig(text_temperature=1.0, words_given_speech="always")),
     ("text", SamplingConfig(floor="none", text_temperature=0.8)),
     ("dmel", SamplingConfig(audio_temperature=1.0, audio_top_p=0.8)),
     ("dmel+speak", SamplingConfig(audio_temperature=1.0)),

@@ -38,8 +38,8 @@ def test_summary_averages_seeds_and_flags_too_few_events():
 def test_sampling_overrides_are_typed_like_their_fields_and_unknown_ones_refused():
     from tml.tools.interaction_curves import sampling_overrides
 
-    got = sampling_overrides(["words_given_speech=true", "text_temperature=0.7", "flow_steps=4", "floor=greedy"])
-    assert got == {"words_given_speech": True, "text_temperature": 0.7, "flow_steps": 4, "floor": "greedy"}
-    assert sampling_overrides(["words_given_speech=False"]) == {"words_given_speech": False}
+    got = sampling_overrides(["words_given_speech=never", "text_temperature=0.7", "flow_steps=4", "floor=greedy"])
+    assert got == {"words_given_speech": "never", "text_temperature": 0.7, "flow_steps": 4, "floor": "greedy"}
+    assert sampling_overrides(["floor_temperature_speaking=none"]) == {"floor_temperature_speaking": None}
     with pytest.raises(SystemExit, match="no_such_field"):
         sampling_overrides(["no_such_field=1"])

@@ -395,10 +395,11 @@ class StreamingSession:
         # Every head samples all sessions in one call, each row drawing from its session's generator exactly what it
         # draws alone (``tml.model.sampling.Generators``).
         sc, gens = self.cfg.sampling, [r.generator for r in self.rows]
-        speak = p_speak = None
+        speak = p_speak = starts = None
         if self.model.floor_head is not None and sc.floor != "none":
             speaking = torch.tensor([r.speaking for r in self.rows])
             speak, p_speak = self.model.floor_head.sample(h, sc, gens, speaking)
+            starts = speak & ~speaking.to(speak.device)  # a turn's first micro-turn (sampling.words_given_speech)
             for r, s in zip(self.rows, speak.tolist()):
                 r.speaking = s
 
@@ -410,7 +411,7 @@ class StreamingSession:
         logits = {k: [] for k in self.writers}
         for i, k in enumerate(self.outputs):
             head = self.writers[k]
-            value, lg = head.write(h, sc, gens, speak, p_speak, self.pad_id)
+            value, lg = head.write(h, sc, gens, speak, p_speak, self.pad_id, starts)
             if force is not None:
                 value = self._forced(head, k, len(values[k]), value, force)
             payload = head.to_payload(value)

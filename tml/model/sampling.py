@@ -14,7 +14,8 @@ separate word tokens, so an argmax over tokens never starts a reply. With ``floo
 first draws speak ~ Bernoulli(P(speak)) from the model's own probability (temperature 1: the hazard as trained),
 then chooses the content given speech with the temperature / top-p fields (0 = greedy). The floor head's draw can
 be sharpened (``floor_temperature``), and separately while the model is speaking (``floor_temperature_speaking``: the
-decision to go on or to stop, given the session's previous decision). ``floor="greedy"`` speaks
+decision to go on or to stop, given the session's previous decision), and that one's odds shifted
+(``floor_threshold_speaking``). ``floor="greedy"`` speaks
 iff P(speak) > 0.5 (the deterministic ablation), ``floor="none"`` draws each token / bin from the full
 distribution as one class among all (the decoder before floor decisions; temperature 0 is the plain argmax).
 
@@ -36,6 +37,7 @@ import torch
 Generators = torch.Generator | list[torch.Generator] | None
 
 FLOOR_RULES = ("sample", "greedy", "none")
+WORDS_GIVEN_SPEECH = ("never", "start", "always")
 
 
 @dataclass
@@ -48,10 +50,17 @@ class SamplingConfig:
     # floor_temperature. Starting and stopping are different hazards: a colder stop sharpens the drop in P(speak)
     # that a barge-in causes without delaying replies, which a colder start would (README, "Decoder")
     floor_temperature_speaking: Optional[float] = None
-    # true: text slots of a speaking micro-turn write a word with P(word | speak) = P(word) / P(speak) (a word
-    # implies speech) instead of the text head's P(word). Off: on the development set it made the model write more
-    # and keep talking through more wait windows (README, "Interaction: a model that takes turns")
-    words_given_speech: bool = False
+    # while speaking, the P(speak) at which going on and stopping are equally likely: the decision is drawn from
+    # sigmoid((logit P(speak) - logit threshold) / temperature). 0.5 = the model's own odds; above it a drop in
+    # P(speak) stops sooner (a barge-in's first 0.2-0.4 s leaves P(speak) at 0.6-0.9 where a cough leaves it at
+    # ~1; README, "Decoder")
+    floor_threshold_speaking: float = 0.5
+    # which speaking micro-turns' text slots write a word with P(word | speak) = P(word) / P(speak) (a word implies
+    # speech) instead of the text head's P(word): never | start (the micro-turn that starts a turn: a reply opens
+    # with its first word, as every reference onset does; drawn from P(word), half the sampled starts wrote none, and
+    # a model that hears itself speak without a word breaks off) | always (every one: on the development set the
+    # model then wrote more and talked through more wait windows). README, "Decoder"
+    words_given_speech: str = "start"
     text_temperature: float = 0.0  # the word given speech (floor="none": the token); 0 = argmax
     text_top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     audio_temperature: float = 0.0  # dmel head, the bins given speech, per channel; 0 = argmax
@@ -63,6 +72,9 @@ class SamplingConfig:
     seed: int = 0
 
     def validate(self) -> "SamplingConfig":
+        if self.words_given_speech not in WORDS_GIVEN_SPEECH:
+            raise ValueError(f"sampling.words_given_speech={self.words_given_speech!r}: choose one of "
+                             f"{', '.join(WORDS_GIVEN_SPEECH)} (start = a turn's first micro-turn, the default)")
         if self.floor not in FLOOR_RULES:
             raise ValueError(f"sampling.floor={self.floor!r}: choose one of {', '.join(FLOOR_RULES)} (sample = draw "
                              f"the speak/silent decision, the default)")
@@ -80,6 +92,9 @@ class SamplingConfig:
             if value is not None and value <= 0:
                 raise ValueError(f"sampling.{key}={value}: must be > 0 (1 = the model's own probability; greedy is "
                                  f"sampling.floor=greedy)")
+        if not 0 < self.floor_threshold_speaking < 1:
+            raise ValueError(f"sampling.floor_threshold_speaking={self.floor_threshold_speaking}: must be in (0, 1) "
+                             f"(0.5 = the model's own odds)")
         if self.flow_temperature < 0:
             raise ValueError(f"sampling.flow_temperature={self.flow_temperature}: must be >= 0")
         if self.guidance < 0:

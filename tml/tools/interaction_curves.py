@@ -124,7 +124,7 @@ def _replay(make, episodes, run, vad, out: Path, make_sessions=None) -> list[dic
 
 
 def sampling_overrides(specs: list[str]) -> dict:
-    """["words_given_speech=false", "text_temperature=0.7"] -> {field: value typed like its SamplingConfig default}."""
+    """["words_given_speech=never", "text_temperature=0.7"] -> {field: value typed like its SamplingConfig default}."""
     from tml.model.sampling import SamplingConfig
 
     defaults, out = SamplingConfig(), {}
@@ -136,8 +136,6 @@ def sampling_overrides(specs: list[str]) -> dict:
         default = getattr(defaults, key)
         if default is None:  # an optional number (floor_temperature_speaking): "none" keeps it unset
             out[key] = None if value.lower() == "none" else float(value)
-        elif isinstance(default, bool):
-            out[key] = value.lower() in ("1", "true", "yes")
         else:
             out[key] = type(default)(value)
     return out
@@ -146,7 +144,7 @@ def sampling_overrides(specs: list[str]) -> dict:
 def checkpoint_curves(run_dir: Path, data: str, episodes: int, seeds: list[int], vad_method: str,
                       steps: list[int] | None = None, baseline: bool = True, floor: str = "sample",
                       floor_temperature: float = 1.0, sampling: dict | None = None) -> dict:
-    """``sampling``: further ``SamplingConfig`` fields for the model's sessions (e.g. {"words_given_speech": False}).
+    """``sampling``: further ``SamplingConfig`` fields for the model's sessions (e.g. {"words_given_speech": "never"}).
 
     {"steps": [...], "model": [metrics per step], "raw": [per step: [per seed: [per episode measurements]]],
     "baseline": metrics, "baseline_raw": [per episode], "val": [(step, val/loss/text, ...)]}."""

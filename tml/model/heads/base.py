@@ -63,7 +63,7 @@ class OutputHead(nn.Module):
       take the micro-turn's floor decision ``speak`` (from the floor head) when there is one; audio heads return unit
       coordinates. ``generator``: one for all rows, or one per row (``tml.model.sampling.Generators``).
     - A content head in the streaming session (``tml.eval.session``), which loops over the model's output slots and
-      asks the head of each slot's ``kind``: ``write(h, cfg, generator, speak, p_speak, pad_id)`` (one position's
+      asks the head of each slot's ``kind``: ``write(h, cfg, generator, speak, p_speak, pad_id, starts)`` (one position's
       draw and the logits it came from), ``to_payload(value)`` (the payload that position is fed back with, the
       modality's payload field) and ``from_payload(given)`` (the value a forced payload stands for). The defaults
       serve a head whose sample is its modality's payload (the text head); the audio heads share ``AudioHead``'s.
@@ -103,13 +103,14 @@ class OutputHead(nn.Module):
 
     @torch.no_grad()
     def write(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
-              speak: torch.Tensor | None = None, p_speak: torch.Tensor | None = None, pad_id: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+              speak: torch.Tensor | None = None, p_speak: torch.Tensor | None = None, pad_id: int = 0,
+              starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A content head's draw at one output position of its kind, for hidden states h [B, dim] -> (value [B, ...]
         as ``sample`` returns it, the logits ``forward(h)`` it was drawn from or None). ``speak`` bool [B] and
         ``p_speak`` float [B]: the micro-turn's floor decision and the floor head's P(speak) behind it (None without
-        one); ``pad_id``: the text tokenizer's empty-slot token. A head whose ``sample`` takes more of these
-        (the text head: ``pad_id``, ``p_speak``) passes them on in its own ``write``."""
+        one); ``starts`` bool [B]: the rows whose micro-turn starts a turn (speaks after a silent one); ``pad_id``:
+        the text tokenizer's empty-slot token. A head whose ``sample`` takes more of these (the text head:
+        ``pad_id``, ``p_speak``, ``starts``) passes them on in its own ``write``."""
         logits = self(h)
         return self.sample(h, cfg, generator, logits=logits, speak=speak), logits
 

@@ -9,6 +9,7 @@ break for the end of its turn.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,19 +75,24 @@ class FloorHead(OutputHead):
                speaking: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-turn's decision for hidden states h [N, dim] -> (speak bool [N], P(speak) float [N]).
 
-        Drawn from sigmoid(logit / T) (``cfg.floor``: sample, or greedy = P > 0.5), T = ``cfg.floor_temperature``,
-        or ``cfg.floor_temperature_speaking`` (when set) for the rows whose previous micro-turn spoke (``speaking``
-        bool [N]; None = none did): the decision to go on or stop. The returned P(speak) is the model's own
+        Drawn from sigmoid((logit - shift) / T) (``cfg.floor``: sample, or greedy = that > 0.5). For the rows whose
+        previous micro-turn spoke (``speaking`` bool [N]; None = none did), the decision to go on or stop: T =
+        ``cfg.floor_temperature_speaking`` (None = as the others) and shift = logit(``cfg.floor_threshold_speaking``);
+        for the others T = ``cfg.floor_temperature`` and shift 0. The returned P(speak) is the model's own
         (temperature 1). ``cfg.floor="none"`` has no micro-turn decision: speak is all True (every slot decides
         for itself)."""
         logit = self(h).float()
         p = torch.sigmoid(logit)
         if cfg.floor == "none":
             return torch.ones_like(p, dtype=torch.bool), p
-        temperature = cfg.floor_temperature
-        if cfg.floor_temperature_speaking is not None and speaking is not None:
-            temperature = torch.where(speaking.to(logit.device), cfg.floor_temperature_speaking, temperature)
-        return decide_floor(torch.sigmoid(logit / temperature), cfg.floor, generator), p
+        temperature, shift = cfg.floor_temperature, 0.0
+        if speaking is not None:
+            speaking = speaking.to(logit.device)
+            if cfg.floor_temperature_speaking is not None:
+                temperature = torch.where(speaking, cfg.floor_temperature_speaking, temperature)
+            threshold = cfg.floor_threshold_speaking
+            shift = torch.where(speaking, math.log(threshold / (1 - threshold)), 0.0)
+        return decide_floor(torch.sigmoid((logit - shift) / temperature), cfg.floor, generator), p
 
 
 def floor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,16 +56,16 @@ class TextHead(OutputHead):
 
     @torch.no_grad()
     def write(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
-              speak: torch.Tensor | None = None, p_speak: torch.Tensor | None = None, pad_id: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              speak: torch.Tensor | None = None, p_speak: torch.Tensor | None = None, pad_id: int = 0,
+              starts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``OutputHead.write``: the token ids long [B] ``sample`` draws, and the logits [B, vocab] they came from."""
         logits = self(h)
-        return self.sample(h, cfg, generator, pad_id, logits, speak, p_speak), logits
+        return self.sample(h, cfg, generator, pad_id, logits, speak, p_speak, starts), logits
 
     @torch.no_grad()
     def sample(self, h: torch.Tensor, cfg: SamplingConfig, generator: Generators = None,
                pad_id: int = 0, logits: torch.Tensor | None = None, speak: torch.Tensor | None = None,
-               p_speak: torch.Tensor | None = None) -> torch.Tensor:
+               p_speak: torch.Tensor | None = None, starts: torch.Tensor | None = None) -> torch.Tensor:
         """Next token for hidden states h [N, dim] -> long [N] (``pad_id`` = this slot stays empty).
 
         Floor: write with probability P(not pad) = 1 - softmax(logits)[pad] (``cfg.floor``; the model's probability
@@ -74,16 +74,21 @@ class TextHead(OutputHead):
         ``self(h)`` if the caller has it already. ``speak`` bool [N]: the micro-turn's decision (``FloorHead``):
         ``pad_id`` where False; where True the slot still decides for itself whether it holds a word (a speaking
         micro-turn has empty text slots too). Every row draws either way, so the generator advances the same.
-        ``p_speak`` float [N]: the floor head's P(speak) behind ``speak``; with ``cfg.words_given_speech`` a
-        speaking slot writes with P(word | speak) = min(1, P(word) / P(speak)) instead of P(word).
+        ``p_speak`` float [N]: the floor head's P(speak) behind ``speak``; a speaking slot writes with P(word |
+        speak) = min(1, P(word) / P(speak)) instead of P(word) where ``cfg.words_given_speech`` says: ``always``, or
+        ``start``: in the rows whose micro-turn starts a turn (``starts`` bool [N]: speaks after a silent one; None =
+        every speaking row, as free text without a history).
         """
         logits = self(h) if logits is None else logits
         if cfg.floor == "none":
             token = sample_logits(logits, cfg.text_temperature, cfg.text_top_p, generator)
         else:
             p_word = 1.0 - logits.float().softmax(-1)[:, pad_id]
-            if speak is not None and p_speak is not None and cfg.words_given_speech:
-                p_word = torch.where(speak, (p_word / p_speak.float().clamp_min(1e-6)).clamp_max(1.0), p_word)
+            given = None if speak is None or p_speak is None or cfg.words_given_speech == "never" else speak
+            if given is not None and cfg.words_given_speech == "start" and starts is not None:
+                given = given & starts
+            if given is not None:
+                p_word = torch.where(given, (p_word / p_speak.float().clamp_min(1e-6)).clamp_max(1.0), p_word)
             writes = decide_floor(p_word, cfg.floor, generator)
             words = logits.float().index_fill(-1, torch.tensor([pad_id], device=logits.device), float("-inf"))
             word = sample_logits(words, cfg.text_temperature, cfg.text_top_p, generator)
