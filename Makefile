@@ -66,9 +66,13 @@ ITRAIN    ?= data/interaction_train
 IHELDOUT  ?= data/interaction_heldout
 IRUN      ?= outputs/interaction/main
 # the decoder's floor temperatures, to start (sampling.floor_temperature) and to go on or stop while speaking
-# (sampling.floor_temperature_speaking), chosen on a development set from seed 2 (README)
+# (sampling.floor_temperature_speaking), and the P(speak) at which going on and stopping are even odds while speaking
+# (sampling.floor_threshold_speaking), chosen on a development set from seed 2 (README)
 IFLOOR_T  ?= 0.7
 IFLOOR_TS ?= 0.25
+IFLOOR_TH ?= 0.9
+IDECODER = --floor-temperature $(IFLOOR_T) --sampling floor_temperature_speaking=$(IFLOOR_TS) \
+	--sampling floor_threshold_speaking=$(IFLOOR_TH)
 # long_talk holds most of the lines long enough for a listener sound 1.5 s before their end (data_prep.synth_timeline)
 IMIX_TRAIN := --scenario-weights dialogue=0.1,interrupt=0.3,wait=0.2,long_talk=0.3,timer=0.025,count_pace=0.025,wall=0.025,squares=0.025 \
 	--background-prob 0.1 --listener-sound-prob 1.0
@@ -97,12 +101,10 @@ interaction: setup interaction-data
 	$(BIN)/python recipes/pretrain.py +experiment=interaction_cpu data.path=$(ITRAIN) data.val_path=$(IHELDOUT) \
 		hydra.run.dir=$(IRUN)
 	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 160 --steps 6000 \
-		--seeds 0,1,2 --vad silero --floor-temperature $(IFLOOR_T) \
-		--sampling floor_temperature_speaking=$(IFLOOR_TS) --out $(IRUN)/eval/final.png
+		--seeds 0,1,2 --vad silero $(IDECODER) --out $(IRUN)/eval/final.png
 	$(BIN)/python -m tml.tools.interaction_curves table $(IRUN)/eval/final.json
 	OMP_NUM_THREADS=1 $(BIN)/python -m tml.tools.interaction_curves --run $(IRUN) --data $(IHELDOUT) --episodes 24 --no-baseline \
-		--floor-temperature $(IFLOOR_T) --sampling floor_temperature_speaking=$(IFLOOR_TS) \
-		--steps 1000,2000,3000,4000,5000,6000 --out $(IRUN)/eval/curves.png
+		$(IDECODER) --steps 1000,2000,3000,4000,5000,6000 --out $(IRUN)/eval/curves.png
 
 test: setup
 	$(BIN)/python -m pytest -x -q tests

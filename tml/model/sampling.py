@@ -52,8 +52,8 @@ class SamplingConfig:
     floor_temperature_speaking: Optional[float] = None
     # while speaking, the P(speak) at which going on and stopping are equally likely: the decision is drawn from
     # sigmoid((logit P(speak) - logit threshold) / temperature). 0.5 = the model's own odds; above it a drop in
-    # P(speak) stops sooner (a barge-in's first 0.2-0.4 s leaves P(speak) at 0.6-0.9 where a cough leaves it at
-    # ~1; README, "Decoder")
+    # P(speak) stops sooner (a barge-in's first 0.2-0.4 s leave P(speak) at 0.6-0.9 in a sixth of the barge-ins,
+    # where a cough leaves it at ~1; README, "Decoder")
     floor_threshold_speaking: float = 0.5
     # which speaking micro-turns' text slots write a word with P(word | speak) = P(word) / P(speak) (a word implies
     # speech) instead of the text head's P(word): never | start (the micro-turn that starts a turn: a reply opens
