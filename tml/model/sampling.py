@@ -59,7 +59,7 @@ class SamplingConfig:
     # speech) instead of the text head's P(word): never | start (the micro-turn that starts a turn: a reply opens
     # with its first word, as every reference onset does; drawn from P(word), half the sampled starts wrote none, and
     # a model that hears itself speak without a word breaks off) | always (every one: it made earlier models write
-    # more and talk through more wait windows; the 2026-12-03 recipe model not). README, "Decoder"
+    # more and talk through more wait windows, but not the 2026-12-03 recipe model). README, "Decoder"
     words_given_speech: str = "start"
     text_temperature: float = 0.0  # the word given speech (floor="none": the token); 0 = argmax
     text_top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
