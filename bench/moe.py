@@ -2,6 +2,7 @@
 
     python bench/moe.py            # table
     python bench/moe.py --json     # one JSON object per shape: shape, ms, ms_naive, ms_dense, ms_experts (+ ratios)
+    python bench/moe.py --device cuda   # bf16 on the GPU, at the ladder's layer shapes (GPU_SHAPES)
 
 For each (tokens, dim, experts, hidden, top_k) shape:
   ms          tml.model.MoE: router, dropless dispatch in expert order, grouped_mm experts, weighted combine
@@ -10,6 +11,8 @@ For each (tokens, dim, experts, hidden, top_k) shape:
   ms_dense    a dense SwiGLU of hidden width top_k * hidden: the same active FLOPs as the MoE's experts
   ms_experts  the MoE's experts alone on rows already sorted by expert and perfectly balanced (no router, no
               dispatch): the floor for any dropless MoE built on these matmul kernels
+On CUDA the layer runs its GPU dispatch (a permutation instead of index_add, no atomics) and the times come from
+CUDA events around each forward+backward.
 Goals on a 2-core CPU: ms / ms_dense <= 1.3 at every shape; ms_naive / ms >= 3 with many small experts (64, top-8).
 Times are medians over --reps rounds after warm-up (the variants interleaved in each round), on the same inputs and a
 random output gradient; ratios are medians of the per-round ratios.
@@ -40,6 +43,12 @@ SHAPES = [  # tokens, dim, experts, hidden, top_k
     (2048, 256, 64, 128, 8),  # many small experts
     (2048, 512, 16, 384, 2),  # model=small's MoE layer
 ]
+GPU_SHAPES = [  # a micro-batch of 16k tokens through the ladder's MoE layers
+    (16384, 512, 16, 384, 2),  # model=small
+    (16384, 1024, 48, 512, 4),  # model=medium
+    (16384, 2048, 96, 1024, 6),  # model=large
+    (16384, 2048, 8, 3072, 2),  # few large experts, same active FLOPs as large
+]
 
 
 def naive_mixtral(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -64,27 +73,38 @@ def fwd_bwd_seconds(fn, x: torch.Tensor, grad: torch.Tensor, params) -> float:
     for p in params:
         p.grad = None
     xi = x.detach().requires_grad_(True)
+    if x.is_cuda:  # CUDA events: kernel time on the device's own clock, launch queue included
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(xi).backward(grad)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
     t0 = time.perf_counter()
     fn(xi).backward(grad)
     return time.perf_counter() - t0
 
 
-def bench_shape(tokens: int, dim: int, experts: int, hidden: int, top_k: int, reps: int) -> dict:
+def bench_shape(tokens: int, dim: int, experts: int, hidden: int, top_k: int, reps: int,
+                device: str = "cpu") -> dict:
     """The three variants timed in turn within each repetition, so that load from other processes on a shared
-    machine hits all three alike; ratios are medians of the per-repetition ratios."""
+    machine hits all three alike; ratios are medians of the per-repetition ratios. fp32 on CPU, bf16 on CUDA."""
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     moe = MoE(dim, MoEConfig(hidden_dim=hidden, num_experts=experts, top_k=top_k, route_norm=True,
                              aux_loss_coeff=0.0))
     dense = SwiGLU(dim, top_k * hidden)
     for m in (moe, dense):
         for p in m.parameters():
             torch.nn.init.normal_(p, std=dim ** -0.5)
-    x = torch.randn(tokens, dim)
-    grad = torch.randn(tokens, dim)
+        m.to(device, dtype)
+    x = torch.randn(tokens, dim, device=device, dtype=dtype)
+    grad = torch.randn(tokens, dim, device=device, dtype=dtype)
     # The experts alone on perfectly balanced rows already sorted by expert: no router, no gather, no padding.
     rows = tokens * top_k
-    offs = (torch.arange(1, experts + 1) * rows // experts).to(torch.int32)
-    x_sorted, grad_sorted = torch.randn(rows, dim), torch.randn(rows, dim)
+    offs = (torch.arange(1, experts + 1) * rows // experts).to(device, torch.int32)
+    x_sorted = torch.randn(rows, dim, device=device, dtype=dtype)
+    grad_sorted = torch.randn(rows, dim, device=device, dtype=dtype)
     variants = {
         "ms": (lambda xi: moe(xi[None])[0], list(moe.parameters()), x, grad),
         "ms_naive": (lambda xi: naive_mixtral(moe, xi), list(moe.parameters()), x, grad),
@@ -109,15 +129,19 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object per shape instead of the table")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16 at GPU_SHAPES")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    shapes = GPU_SHAPES if args.device == "cuda" else SHAPES
     if not args.json:
-        print(f"MoE fwd+bwd, fp32, {torch.get_num_threads()} threads, median of {args.reps}")
+        where = torch.cuda.get_device_name() + ", bf16" if args.device == "cuda" else \
+            f"fp32, {torch.get_num_threads()} threads"
+        print(f"MoE fwd+bwd, {where}, median of {args.reps}")
         print(f"{'tokens':>6} {'dim':>4} {'E':>3} {'hidden':>6} {'k':>2} | {'MoE ms':>8} {'naive ms':>9} "
               f"{'dense ms':>9} {'experts ms':>10} | {'MoE/dense':>9} {'naive/MoE':>9} {'experts/dense':>13}")
-    for shape in SHAPES:
-        r = bench_shape(*shape, reps=args.reps)
+    for shape in shapes:
+        r = bench_shape(*shape, reps=args.reps, device=args.device)
         if args.json:
             print(json.dumps(r), flush=True)
         else:

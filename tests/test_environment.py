@@ -69,10 +69,10 @@ def test_doctor_passes_here_and_fails_on_another_torchaudio(tmp_path):
 
 
 def test_gpu_extras_are_checked_only_where_installed():
-    """requirements/gpu.txt (megablocks) is optional: absent is fine, installed must be the pinned version."""
-    have = installed()
-    assert not any(d.startswith("megablocks") for d in lock_differences(have=have))
+    """requirements/gpu.txt (grouped-gemm) is optional: absent is fine, installed must be the pinned version."""
+    have = {k: v for k, v in installed().items() if k != "grouped-gemm"}
+    assert not any(d.startswith("grouped-gemm") for d in lock_differences(have=have))
     gpu = {p.name: p.version for p in read_lock(LOCK_PATH.with_name("gpu.txt"))}
-    assert lock_differences(have={**have, "megablocks": gpu["megablocks"]}) == []
-    assert lock_differences(have={**have, "megablocks": "0.9.0"}) == [f"megablocks: locked {gpu['megablocks']}, "
-                                                                      "installed 0.9.0"]
+    assert gpu == {"grouped-gemm": "0.3.0"}
+    assert lock_differences(have={**have, "grouped-gemm": "0.3.0"}) == []
+    assert lock_differences(have={**have, "grouped-gemm": "0.2.0"}) == ["grouped-gemm: locked 0.3.0, installed 0.2.0"]

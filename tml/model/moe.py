@@ -70,19 +70,18 @@ def _expert_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 def _megablocks_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Same contract as ``_expert_mm`` on MegaBlocks' CUDA grouped GEMM (``grouped_gemm.ops.gmm``)."""
-    from grouped_gemm.ops import gmm  # installed with megablocks
+    from grouped_gemm.ops import gmm  # requirements/gpu.txt
 
     sizes = torch.diff(offs.long(), prepend=offs.new_zeros(1).long()).cpu()
     return gmm(x, w, sizes, trans_b=True)
 
 
 def require_megablocks() -> None:
-    """Raise ConfigError with the install hint when the optional MegaBlocks backend is missing."""
+    """Raise ConfigError with the install hint when MegaBlocks' grouped GEMM package (grouped_gemm) is missing."""
     try:
-        import megablocks  # noqa: F401
         from grouped_gemm.ops import gmm  # noqa: F401
     except ImportError as e:
-        raise ConfigError(f"model.moe.expert_backend=megablocks needs the optional MegaBlocks package ({e}); install "
+        raise ConfigError(f"model.moe.expert_backend=megablocks needs MegaBlocks' grouped GEMM package ({e}); install "
                           f"it on a CUDA machine with `make setup-gpu` (requirements/gpu.txt), or set "
                           f"model.moe.expert_backend=grouped_mm") from None
 

@@ -21,7 +21,7 @@ from tml.errors import ConfigError
 @dataclass
 class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl (CPU tensors over gloo)
     expert_parallel_size: int = 1  # ranks that share one copy of every MoE layer's experts (divides world, experts)
     moe_backend: str = "native"  # native (our all-to-all dispatch) | deepspeed (DeepSpeed AutoEP); see tml.parallel.expert
     # The process group's timeout: a collective that waits longer fails (a rank that dies is noticed at once: its
@@ -68,6 +68,8 @@ def setup_distributed(cfg: ParallelConfig) -> DistInfo:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl":  # NCCL carries CUDA tensors only; the trainer's step flags and metric sums are small CPU
+        backend = "cuda:nccl,cpu:gloo"  # tensors, which go over gloo in the same process group
     import deepspeed
 
     timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
