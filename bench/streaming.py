@@ -1,7 +1,8 @@
 """Per-micro-turn compute of streaming sessions next to its FLOP floor, measured in the same run.
 
     python bench/streaming.py [--configs tiny small] [--lengths 10 60 300] [--batches 1 4 16] [--window 1000]
-                              [--full-context] [--cache-dtype float32] [--turns 10] [--threads 1] [--json]
+                              [--full-context] [--cache-dtype float32] [--compile] [--turns 10] [--threads 1]
+                              [--json]
 
 For each config, session length and batch size B, every session of a batched session is placed at that length (its
 cache slots filled as a prefill would fill them, with random keys and values: a step costs what it attends to, not
@@ -25,6 +26,8 @@ what the keys hold), then ``--turns`` micro-turns are timed (median, after one w
 - ``RTF``: cpu ms / 200 ms: the batch keeps all B sessions live while it is below 1 (aggregate real-time factor);
   ``wall RTF`` the same from wall time.
 - ``full-context`` rows (``--window 0``, B = 1) show what an unbounded cache costs at each length.
+- ``--compile``: ``session.compile`` (output positions through the compiled one-position step, where the model's
+  experts decode dense; the warm-up step compiles, once per batch size).
 """
 
 from __future__ import annotations
@@ -138,16 +141,16 @@ def fill(session: StreamingSession, positions: int) -> None:
 
 
 def measure(model: InteractionModel, name: str, seconds: int, B: int, window: int, turns: int, peak: float,
-            gbps: float, cache_dtype: str = "float32") -> dict:
+            gbps: float, cache_dtype: str = "float32", compile: bool = False) -> dict:
     layout = MicroTurnLayout(LayoutConfig())
     cfg = SessionConfig(cache_window=window, max_context=max(65536, (seconds * 5 + 10) * layout.length),
-                        cache_dtype=cache_dtype)
+                        cache_dtype=cache_dtype, compile=compile)
     session = StreamingSession(model, layout, DMelTokenizer(), cfg, sessions=B)
     past = seconds * 1000 // layout.cfg.micro_turn_ms * layout.length
     fill(session, past)
     silence = torch.zeros(layout.frames_per_turn, layout.cfg.n_mels, dtype=torch.long)
     inputs = [MicroTurnInputs(user_audio=silence) for _ in range(B)]
-    session.step_many(inputs)  # warm-up
+    session.step_many(inputs)  # warm-up (with --compile: the compilation)
     times, cpu = [], []
     for _ in range(turns):
         c0 = time.process_time()
@@ -159,7 +162,7 @@ def measure(model: InteractionModel, name: str, seconds: int, B: int, window: in
     kv_bytes = session.cache.k.element_size()
     mem_ms = 1000 * floor_bytes(model, layout, context, B, kv_bytes) / (gbps * 1e9)
     return {"config": name, "session_s": seconds, "sessions": B, "window": window, "cache_dtype": cache_dtype,
-            "wall_ms": wall_ms,
+            "compile": compile, "wall_ms": wall_ms,
             "cpu_ms": step_ms, "floor_ms": floor_ms, "x_floor": step_ms / floor_ms, "mem_ms": mem_ms,
             "x_mem": step_ms / mem_ms,
             "rtf": step_ms / layout.cfg.micro_turn_ms, "wall_rtf": wall_ms / layout.cfg.micro_turn_ms}
@@ -174,6 +177,8 @@ def main() -> None:
                     help="session cache window in positions (the default session's)")
     ap.add_argument("--full-context", action="store_true", help="also time B = 1 without a window")
     ap.add_argument("--cache-dtype", default=SessionConfig().cache_dtype, help="session.cache_dtype: float32, bfloat16")
+    ap.add_argument("--compile", action="store_true",
+                    help="session.compile: torch.compile'd output positions (windowed rows only)")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true")
@@ -187,11 +192,16 @@ def main() -> None:
               f"{'x floor':>7} {'mem ms':>7} {'x mem':>6} {'RTF':>6} {'wall RTF':>8}")
     for name in args.configs:
         model = build(name)
+        # session.compile needs MoE layers that decode a session's token dense (the tiny config; see SessionConfig)
+        compile = args.compile and all(moe.decodes_dense(1) for moe in model.moe_layers())
+        if args.compile and not args.json:
+            print(f"# {name}: output positions {'compiled' if compile else 'eager (its experts decode one by one)'}")
         runs = [(s, B, args.window) for s in args.lengths for B in args.batches]
         if args.full_context:
             runs += [(s, 1, 0) for s in args.lengths]
         for seconds, B, window in runs:
-            r = measure(model, name, seconds, B, window, args.turns, peak, gbps, args.cache_dtype)
+            r = measure(model, name, seconds, B, window, args.turns, peak, gbps, args.cache_dtype,
+                        compile and window > 0)
             if args.json:
                 print(json.dumps(r), flush=True)
             else:

@@ -9,7 +9,7 @@ from tml.errors import ConfigError
 from tml.eval.session import SessionConfig, StreamingSession
 from tml.model.attention import ContextFullError
 from tml.model.sampling import SamplingConfig
-from tml.model import HeadsConfig, InteractionModel, ModelConfig, MoEConfig
+from tml.model import HeadsConfig, InteractionModel, ModelConfig, MoE, MoEConfig
 from tml.streams import Batch
 from tml.streams.pack import collate
 
@@ -79,6 +79,33 @@ def test_bounded_cache_equals_a_banded_training_mask(setup, sinks):
     assert (torch.cat([o.audio_logits for o in outs]) - ref.audio_logits).abs().max() <= 1e-5
     assert session.cache.capacity == sinks + window + layout.length + 1  # allocated once, never grown
     assert len(session.cache) <= session.cache.capacity
+
+
+def test_compiled_decode_step_equals_a_banded_training_mask(setup, monkeypatch):
+    """session.compile=true: output positions through torch.compile'd ``decode_position`` (the new key merged into the
+    cache's log-sum-exp, the cache written after) give the banded training forward's logits, sinks and ring wrap
+    included, as the eager step does; refused where it cannot run."""
+    model, layout, dmel, text, episode, tok = setup
+    window, sinks = 50, 4
+    batch = collate([[tok]], TURNS * layout.length)
+    i = torch.arange(TURNS * layout.length)
+    banded = Batch.attention_mask(batch) & (((i[:, None] - i[None, :]) < window) | (i[None, :] < sinks))
+
+    class BandedBatch(Batch):
+        def attention_mask(self):
+            return banded
+
+    with torch.no_grad():
+        ref = model(BandedBatch(**batch.__dict__))
+    session, outs = run_session(setup, SessionConfig(cache_window=window, attention_sinks=sinks, compile=True))
+    assert session.decode_position is not None
+    assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
+    assert (torch.cat([o.audio_logits for o in outs]) - ref.audio_logits).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match="session.cache_window"):
+        StreamingSession(model, layout, dmel, SessionConfig(cache_window=0, compile=True))
+    monkeypatch.setattr(MoE, "DECODE_DENSE_MAX", 0)  # experts decoded one by one: no single graph
+    with pytest.raises(ConfigError, match="decode a session's token dense"):
+        StreamingSession(model, layout, dmel, SessionConfig(compile=True))
 
 
 def test_static_cache_equals_growing_cache(setup):

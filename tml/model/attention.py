@@ -94,6 +94,22 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
+    def decode_position(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, bias: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled decode step's attention (``InteractionModel.decode_position``): one new position per row
+        x [B, 1, dim] against this layer's cache k_cache, v_cache [B, H_kv, S, D], which it only reads (``bias``:
+        ``attend_cache_and_new``). Returns ([B, 1, dim], the position's key and value [B, H_kv, 1, D] in the cache's
+        dtype, for the caller to store)."""
+        B = x.shape[0]
+        q = self.wq(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        out = attend_cache_and_new(q, k_cache, v_cache, bias, k, v)
+        return self.wo(out.transpose(1, 2).reshape(B, 1, -1)), k, v
+
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Attention of one query per row: q [B, H, 1, D] over k, v [B, H_kv, S, D] (grouped heads: query head h reads
@@ -122,6 +138,30 @@ def half_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     matmuls over it (``decode_attention``'s) run at half that (bench/streaming.py, tiny at 16 sessions)."""
     out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias, enable_gqa=k.shape[1] != q.shape[1])
     return out.to(q.dtype)
+
+
+def attend_cache_and_new(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bias: torch.Tensor,
+                         k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """One query per row over a cache it only reads, plus its own new key: q [B, H, 1, D] in the activations' dtype;
+    k_cache, v_cache [B, H_kv, S, D] in the cache's dtype, without the new position; ``bias`` [B, 1, 1, S] in the
+    cache's dtype (0 / -inf: the slots the query may see, its own slot excluded, ``KVCache.read_bias``); k_new, v_new
+    [B, H_kv, 1, D] as the cache will store them. Returns [B, H, 1, D] in q's dtype: attention over the cache and the
+    new key together, equal to ``decode_attention`` / ``half_cache_attention`` after the write up to float rounding.
+
+    Why: the compiled decode step (``SessionConfig.compile``) must not write the cache inside its graph (an in-place
+    write to a graph input becomes a copy of the layer's whole cache per call), so the cache's share comes from SDPA's
+    CPU flash kernel with its log-sum-exp and the new key's share is merged in. CPU only (that kernel)."""
+    B, H, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    qg = q.reshape(B, Hkv, H // Hkv, D).to(k_cache.dtype)  # a kv head's query heads as rows: each key read once
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k_cache, v_cache, attn_mask=bias)[:2]
+    lse = lse.unsqueeze(-1)  # [B, H_kv, G, 1] fp32
+    s_new = (qg.float() * k_new.float()).sum(-1, keepdim=True) * D**-0.5
+    top = torch.maximum(lse, s_new)
+    w_cache, w_new = (lse - top).exp(), (s_new - top).exp()
+    out = torch.where(w_cache > 0, out.float(), 0.0)  # nothing visible in the cache: its output is undefined
+    out = (w_cache * out + w_new * v_new.float()) / (w_cache + w_new)
+    return out.reshape(B, H, 1, D).to(q.dtype)
 
 
 class RopeTable:
@@ -256,6 +296,29 @@ class KVCache:
             kl.scatter_(2, idx, k.to(kl.dtype))
             vl.scatter_(2, idx, v.to(vl.dtype))
         return kl[:, :, : self.end], vl[:, :, : self.end], self.mask
+
+    def read_bias(self, positions: torch.Tensor) -> torch.Tensor:
+        """After ``prepare`` of one position per row (positions long [B, 1]): the bias [B, 1, 1, capacity] (0 / -inf,
+        in the cache's dtype) over every slot of the ring for ``attend_cache_and_new``: what each new query may see
+        before its own key is stored. The whole ring, not the slots written so far, so the compiled step sees one
+        shape from the session's first position on."""
+        kp, qp = self.pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, 1, 1]
+        mask = (kp >= 0) & (kp < qp)  # its own slot already holds its position (prepare): excluded
+        if self.window:
+            mask &= (qp - kp < self.window) | (kp < self.sinks)
+        return torch.zeros(mask.shape, dtype=self.k.dtype, device=mask.device).masked_fill_(
+            ~mask, float("-inf"))[:, None]
+
+    def write_layers(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store every layer's new keys and values [n_layers, B, n_kv_heads, T, head_dim] (in the cache's dtype) in the
+        prepared slots at once (the compiled decode step returns them instead of writing them)."""
+        if self.slots.ndim == 1:
+            self.k.index_copy_(3, self.slots, k)
+            self.v.index_copy_(3, self.slots, v)
+        else:
+            idx = self.slots[None, :, None, :, None].expand_as(k)
+            self.k.scatter_(3, idx, k)
+            self.v.scatter_(3, idx, v)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these sessions (rows), in this order. Keeping the first rows (the sessions that end are the last

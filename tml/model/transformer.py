@@ -82,8 +82,19 @@ class Block(nn.Module):
         """Streaming step over new positions only (see ``Attention.forward_cached``). [B, T_new, dim]; an MoE runs
         its inference path (``MoE.decode``: a few tokens by gathered matvecs, no router statistics)."""
         x = x + self.attn.forward_cached(self.attn_norm(x), cos, sin, cache, layer)
-        h = self.mlp_norm(x)
-        return x + (self.mlp.decode(h) if self.moe and self.mlp is self.moe[0] else self.mlp(h))
+        return x + self._mlp_decode(self.mlp_norm(x))
+
+    def decode_position(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, bias: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new position per row x [B, 1, dim] against this layer's cache, which it only reads
+        (``Attention.decode_position``). Returns ([B, 1, dim], the position's key and value to store)."""
+        a, k, v = self.attn.decode_position(self.attn_norm(x), cos, sin, k_cache, v_cache, bias)
+        x = x + a
+        return x + self._mlp_decode(self.mlp_norm(x)), k, v
+
+    def _mlp_decode(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.decode(h) if self.moe and self.mlp is self.moe[0] else self.mlp(h)
 
 
 class InteractionModel(nn.Module):
@@ -192,6 +203,22 @@ class InteractionModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.forward_cached(x, cos, sin, cache, i)
         return self.norm(x)
+
+    def decode_position(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                        values: torch.Tensor, bias: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward_embedded`` of one position per row as a pure function, for ``torch.compile``
+        (``SessionConfig.compile``): x [B, 1, dim]; cos, sin [B, 1, 1, head_dim]; keys, values: the whole cache
+        [n_layers, B, n_kv_heads, S, head_dim], only read; ``bias`` [B, 1, 1, S] (``KVCache.read_bias``). Returns
+        (final-norm hidden [B, 1, dim], the position's keys and values [n_layers, B, n_kv_heads, 1, head_dim], for
+        ``KVCache.write_layers``). Equal to ``forward_embedded`` up to float rounding (its attention merges the new
+        key into the cache's log-sum-exp instead of writing it first: ``attend_cache_and_new``)."""
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer.decode_position(x, cos, sin, keys[i], values[i], bias)
+            ks.append(k)
+            vs.append(v)
+        return self.norm(x), torch.stack(ks), torch.stack(vs)
 
     def forward(self, batch: Batch) -> ModelOutput:
         B, L = batch.shape
