@@ -310,9 +310,8 @@ class StreamingSession:
         compiled = self.decode_position is not None and T == 1 and self._compiles(x.shape[0])
         if compiled and (rows is None or len(rows) == self.sessions):
             mcfg = self.model.cfg
-            self.cache.prepare(positions, mcfg.num_kv_heads, mcfg.head_dim, x.dtype)
-            h, k, v = self.decode_position(x, *self.rope(positions), self.cache.k, self.cache.v,
-                                           self.cache.read_bias(positions))
+            self.cache.prepare(positions, mcfg.num_kv_heads, mcfg.head_dim, x.dtype, before_write=True)
+            h, k, v = self.decode_position(x, *self.rope(positions), self.cache.k, self.cache.v, self.cache.bias)
             self.cache.write_layers(k, v)
         elif rows is None or len(rows) == self.sessions:
             h = self.model.forward_embedded(x, positions, self.cache, self.rope)

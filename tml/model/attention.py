@@ -144,7 +144,7 @@ def attend_cache_and_new(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
     """One query per row over a cache it only reads, plus its own new key: q [B, H, 1, D] in the activations' dtype;
     k_cache, v_cache [B, H_kv, S, D] in the cache's dtype, without the new position; ``bias`` [B, 1, 1, S] in the
-    cache's dtype (0 / -inf: the slots the query may see, its own slot excluded, ``KVCache.read_bias``); k_new, v_new
+    cache's dtype (0 / -inf: the slots the query may see, its own slot excluded, ``KVCache.prepare(before_write=True)``); k_new, v_new
     [B, H_kv, 1, D] as the cache will store them. Returns [B, H, 1, D] in q's dtype: attention over the cache and the
     new key together, equal to ``decode_attention`` / ``half_cache_attention`` after the write up to float rounding.
 
@@ -251,10 +251,15 @@ class KVCache:
             self.end = int(new.max()) + 1 if new.numel() else 0
         self.k, self.v, self.pos, self.capacity, self.rows = k, v, pos, capacity, B
 
-    def prepare(self, positions: torch.Tensor, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def prepare(self, positions: torch.Tensor, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                before_write: bool = False) -> None:
         """Place new absolute ``positions`` (long [B, T]) in their slots (allocating on first use) and build the mask
         [B, 1, T, S] their queries attend with (None when every query may see every slot: the mask-free kernel is
-        faster). Every layer's ``write`` of this forward then uses them."""
+        faster). Every layer's ``write`` of this forward then uses them.
+
+        ``before_write`` (one position per row, ``attend_cache_and_new``: the cache is read before the new keys are
+        stored): only ``bias`` [B, 1, 1, capacity], over every slot of the ring (one shape from the session's first
+        position on, for a compiled step), each query's own slot excluded."""
         B, T = positions.shape
         need = self.sinks + self.window + T - 1 if self.window else int(positions.max()) + 1
         if self.k is None:
@@ -270,19 +275,30 @@ class KVCache:
         slots = self._slots(positions, self.capacity)
         self.pos.scatter_(1, slots, positions)
         self.end = max(self.end, int(slots.max()) + 1)
-        kp = self.pos[:, None, : self.end]  # [B, 1, S]
         qp = positions[:, :, None]  # [B, T, 1]
-        mask = (kp >= 0) & (kp <= qp)
-        if self.window:
-            mask &= (qp - kp < self.window) | (kp < self.sinks)
+        self.slots = slots[0] if B == 1 or bool((slots == slots[:1]).all()) else slots
+        if before_write:
+            self.mask, self.bias = None, self._bias(self._visible(self.pos[:, None, :], qp, own=False)[:, None])
+            return
+        mask = self._visible(self.pos[:, None, : self.end], qp, own=True)  # [B, T, S]
         self.mask = None if bool(mask.all()) else mask[:, None]
         self.bias = None
         if self.mask is not None and (T == 1 or self.k.dtype != dtype):
             # the mask as the scores' bias, in the cache's dtype, once per forward rather than per layer: one query's
             # (decode_attention), and every forward's over a cache in another dtype (half_cache_attention)
-            self.bias = torch.zeros(self.mask.shape, dtype=self.k.dtype, device=mask.device).masked_fill_(
-                ~self.mask, float("-inf"))
-        self.slots = slots[0] if B == 1 or bool((slots == slots[:1]).all()) else slots
+            self.bias = self._bias(self.mask)
+
+    def _visible(self, kp: torch.Tensor, qp: torch.Tensor, own: bool) -> torch.Tensor:
+        """bool [B, T, S]: which slots (holding positions kp [B, 1, S], -1 = empty) a query at qp [B, T, 1] attends:
+        earlier positions (and its own where ``own``) within the window, plus the sinks."""
+        mask = (kp >= 0) & ((kp <= qp) if own else (kp < qp))
+        if self.window:
+            mask &= (qp - kp < self.window) | (kp < self.sinks)
+        return mask
+
+    def _bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """A bool mask as the scores' additive bias in the cache's dtype: 0 where True, -inf where False."""
+        return torch.zeros(mask.shape, dtype=self.k.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -297,18 +313,6 @@ class KVCache:
             kl.scatter_(2, idx, k.to(kl.dtype))
             vl.scatter_(2, idx, v.to(vl.dtype))
         return kl[:, :, : self.end], vl[:, :, : self.end], self.mask
-
-    def read_bias(self, positions: torch.Tensor) -> torch.Tensor:
-        """After ``prepare`` of one position per row (positions long [B, 1]): the bias [B, 1, 1, capacity] (0 / -inf,
-        in the cache's dtype) over every slot of the ring for ``attend_cache_and_new``: what each new query may see
-        before its own key is stored. The whole ring, not the slots written so far, so the compiled step sees one
-        shape from the session's first position on."""
-        kp, qp = self.pos[:, None, :], positions[:, :, None]  # [B, 1, S], [B, 1, 1]
-        mask = (kp >= 0) & (kp < qp)  # its own slot already holds its position (prepare): excluded
-        if self.window:
-            mask &= (qp - kp < self.window) | (kp < self.sinks)
-        return torch.zeros(mask.shape, dtype=self.k.dtype, device=mask.device).masked_fill_(
-            ~mask, float("-inf"))[:, None]
 
     def write_layers(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store every layer's new keys and values [n_layers, B, n_kv_heads, T, head_dim] (in the cache's dtype) in the

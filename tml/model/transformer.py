@@ -209,9 +209,9 @@ class InteractionModel(nn.Module):
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward_embedded`` of one position per row as a pure function, for ``torch.compile``
         (``SessionConfig.compile``): x [B, 1, dim]; cos, sin [B, 1, 1, head_dim]; keys, values: the whole cache
-        [n_layers, B, n_kv_heads, S, head_dim], only read; ``bias`` [B, 1, 1, S] (``KVCache.read_bias``). Returns
-        (final-norm hidden [B, 1, dim], the position's keys and values [n_layers, B, n_kv_heads, 1, head_dim], for
-        ``KVCache.write_layers``). Equal to ``forward_embedded`` up to float rounding (its attention merges the new
+        [n_layers, B, n_kv_heads, S, head_dim], only read; ``bias`` [B, 1, 1, S] (``KVCache.prepare`` with
+        ``before_write``). Returns (final-norm hidden [B, 1, dim], the position's keys and values [n_layers, B,
+        n_kv_heads, 1, head_dim], for ``KVCache.write_layers``). Equal to ``forward_embedded`` up to float rounding (its attention merges the new
         key into the cache's log-sum-exp instead of writing it first: ``attend_cache_and_new``)."""
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
