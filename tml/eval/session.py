@@ -214,7 +214,7 @@ class StreamingSession:
                 raise ConfigError(f"session.compile=true runs the CPU decode step over a windowed cache; this session "
                                   f"has device {self.device.type} and session.cache_window={self.cfg.cache_window}: "
                                   f"set session.compile=false, or a window (session.cache_window > 0) on CPU")
-            if not self._compiles(1):
+            if not self.model.decodes_dense(1):
                 raise ConfigError("session.compile=true needs MoE layers that decode a session's token dense (every "
                                   "expert on it: tokens x experts x dim x hidden <= MoE.DECODE_DENSE_MAX); this "
                                   "model's experts decode one by one, branching on the chosen ones: set "
@@ -243,10 +243,6 @@ class StreamingSession:
             raise ValueError(f"the layout has model output slots of kind {', '.join(missing)} "
                              f"({self.layout.describe()}) but the model has no head that writes them (model.heads)")
         return {k: heads[k] for k in dict.fromkeys(self.outputs)}
-
-    def _compiles(self, sessions: int) -> bool:
-        """Whether one output position of ``sessions`` sessions is one graph: every MoE layer decodes it dense."""
-        return all(moe.decodes_dense(sessions) for moe in self.model.moe_layers())
 
     # -- sessions ----------------------------------------------------------------------------------------------
     def add_sessions(self, seeds: list[int], backgrounds: list | None = None) -> None:
@@ -307,7 +303,7 @@ class StreamingSession:
                 f"({self.cfg.max_context // self.layout.length * self.layout.cfg.micro_turn_ms / 1000:.0f} s): raise "
                 f"session.max_context, or bound the context with session.cache_window (see README, long sessions)")
         positions = start[:, None] + torch.arange(T, device=self.device)
-        compiled = self.decode_position is not None and T == 1 and self._compiles(x.shape[0])
+        compiled = self.decode_position is not None and T == 1 and self.model.decodes_dense(x.shape[0])
         if compiled and (rows is None or len(rows) == self.sessions):
             mcfg = self.model.cfg
             self.cache.prepare(positions, mcfg.num_kv_heads, mcfg.head_dim, x.dtype, before_write=True)

@@ -157,6 +157,12 @@ class InteractionModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.moe[0] for layer in self.layers if layer.moe]
 
+    def decodes_dense(self, tokens: int) -> bool:
+        """Whether every MoE layer decodes ``tokens`` tokens on CPU as every expert on every token
+        (``MoE.decodes_dense``): the only MoE decode without branches on the chosen experts, so the one-position step
+        is a single graph (``decode_position`` under ``SessionConfig.compile``). True without MoE layers."""
+        return all(moe.decodes_dense(tokens) for moe in self.moe_layers())
+
     def update_expert_bias(self, expert_counts: torch.Tensor) -> None:
         """Auxiliary-loss-free balancing: one bias step per MoE layer from long [n_moe_layers, E] expert counts
         (summed over the step's micro-batches and the data-parallel ranks)."""
