@@ -57,12 +57,10 @@ def test_session_reads_out_what_the_listen_head_heard_as_the_training_forward_do
     assert StreamingSession(setup[0], layout, dmel).step(turn_inputs(tok, layout, episode, 0)[0]).heard_ids is None
 
 
-@pytest.mark.parametrize("sinks", [0, 4])
-def test_bounded_cache_equals_a_banded_training_mask(setup, sinks):
-    # A window of 50 positions (2.5 micro-turns) in a ring of preallocated slots, optionally with attention sinks:
-    # the training forward under the matching mask (band, plus the first `sinks` positions) gives the same logits.
+def banded_training_forward(setup, window, sinks):
+    """The training forward over the streaming episode under the mask a windowed session attends with: causal,
+    within ``window`` positions, plus the first ``sinks`` positions."""
     model, layout, dmel, text, episode, tok = setup
-    window = 50
     batch = collate([[tok]], TURNS * layout.length)
     full = Batch.attention_mask(batch)
     i = torch.arange(full.shape[-1])
@@ -73,7 +71,16 @@ def test_bounded_cache_equals_a_banded_training_mask(setup, sinks):
             return banded
 
     with torch.no_grad():
-        ref = model(BandedBatch(**batch.__dict__))
+        return model(BandedBatch(**batch.__dict__))
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_bounded_cache_equals_a_banded_training_mask(setup, sinks):
+    # A window of 50 positions (2.5 micro-turns) in a ring of preallocated slots, optionally with attention sinks:
+    # the training forward under the matching mask (band, plus the first `sinks` positions) gives the same logits.
+    layout = setup[1]
+    window = 50
+    ref = banded_training_forward(setup, window, sinks)
     session, outs = run_session(setup, SessionConfig(cache_window=window, attention_sinks=sinks))
     assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
     assert (torch.cat([o.audio_logits for o in outs]) - ref.audio_logits).abs().max() <= 1e-5
@@ -85,18 +92,9 @@ def test_compiled_decode_step_equals_a_banded_training_mask(setup, monkeypatch):
     """session.compile=true: output positions through torch.compile'd ``decode_position`` (the new key merged into the
     cache's log-sum-exp, the cache written after) give the banded training forward's logits, sinks and ring wrap
     included, as the eager step does; refused where it cannot run."""
-    model, layout, dmel, text, episode, tok = setup
+    model, layout, dmel = setup[:3]
     window, sinks = 50, 4
-    batch = collate([[tok]], TURNS * layout.length)
-    i = torch.arange(TURNS * layout.length)
-    banded = Batch.attention_mask(batch) & (((i[:, None] - i[None, :]) < window) | (i[None, :] < sinks))
-
-    class BandedBatch(Batch):
-        def attention_mask(self):
-            return banded
-
-    with torch.no_grad():
-        ref = model(BandedBatch(**batch.__dict__))
+    ref = banded_training_forward(setup, window, sinks)
     session, outs = run_session(setup, SessionConfig(cache_window=window, attention_sinks=sinks, compile=True))
     assert session.decode_position is not None
     assert (torch.cat([o.text_logits for o in outs]) - ref.text_logits).abs().max() <= 1e-5
