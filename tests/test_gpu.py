@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, TINY, metrics
+from conftest import ROOT, metrics, recipe_cmd
 from tml.model import MoE, MoEConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -97,8 +96,8 @@ def _recipe(run_dir, accelerator: str, *overrides) -> list[dict]:
     env = {**os.environ, "DS_ACCELERATOR": accelerator, "OMP_NUM_THREADS": "1"}
     if accelerator == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "recipes/pretrain.py", *TINY, f"hydra.run.dir={run_dir}", "logger=none",
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(recipe_cmd(run_dir, ["logger=none", *overrides]), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, f"{accelerator} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return metrics(run_dir)
 
