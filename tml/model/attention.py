@@ -59,6 +59,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, dim] -> rotated queries [B, H, L, D], rotated keys and values [B, H_kv, L, D]."""
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -68,10 +77,7 @@ class Attention(nn.Module):
             [B, L, dim]
         """
         B, L, _ = x.shape
-        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(B, L, -1))
 
@@ -81,10 +87,7 @@ class Attention(nn.Module):
         ``cache.prepare``) attend to the cached past and causally to each other; their keys and values join
         ``cache`` as layer ``layer``. Returns [B, T_new, dim]."""
         B, L, _ = x.shape
-        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         k, v, mask = cache.write(layer, k, v)
         if k.dtype != q.dtype:
             out = half_cache_attention(q, k, v, cache.bias)
@@ -101,14 +104,10 @@ class Attention(nn.Module):
         x [B, 1, dim] against this layer's cache k_cache, v_cache [B, H_kv, S, D], which it only reads (``bias``:
         ``attend_cache_and_new``). Returns ([B, 1, dim], the position's key and value [B, H_kv, 1, D] in the cache's
         dtype, for the caller to store)."""
-        B = x.shape[0]
-        q = self.wq(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, 1, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._qkv(x, cos, sin)
         k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         out = attend_cache_and_new(q, k_cache, v_cache, bias, k, v)
-        return self.wo(out.transpose(1, 2).reshape(B, 1, -1)), k, v
+        return self.wo(out.transpose(1, 2).reshape(x.shape[0], 1, -1)), k, v
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
