@@ -303,13 +303,13 @@ class StreamingSession:
                 f"({self.cfg.max_context // self.layout.length * self.layout.cfg.micro_turn_ms / 1000:.0f} s): raise "
                 f"session.max_context, or bound the context with session.cache_window (see README, long sessions)")
         positions = start[:, None] + torch.arange(T, device=self.device)
-        compiled = self.decode_position is not None and T == 1 and self.model.decodes_dense(x.shape[0])
-        if compiled and (rows is None or len(rows) == self.sessions):
+        every = rows is None or len(rows) == self.sessions
+        if every and T == 1 and self.decode_position is not None and self.model.decodes_dense(x.shape[0]):
             mcfg = self.model.cfg
             self.cache.prepare(positions, mcfg.num_kv_heads, mcfg.head_dim, x.dtype, before_write=True)
             h, k, v = self.decode_position(x, *self.rope(positions), self.cache.k, self.cache.v, self.cache.bias)
             self.cache.write_layers(k, v)
-        elif rows is None or len(rows) == self.sessions:
+        elif every:
             h = self.model.forward_embedded(x, positions, self.cache, self.rope)
         else:  # a subset of the sessions: their rows of the cache, written back after (only when sessions join)
             sub = self.cache.select(rows)
